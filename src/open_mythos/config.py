@@ -1,0 +1,156 @@
+"""`MythosConfig`: every hyper-parameter of the Recurrent-Depth Transformer, validated.
+
+The field names and defaults follow the OpenMythos documents; the few extra fields (marked
+"open-mythos" below) make behaviour that the documents leave implicit explicit and switchable.
+Every impossible value raises ``ValueError`` naming the field, so a typo never turns into a
+shape error deep inside the model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTN_TYPES = ("mla", "gqa")
+LOOP_OUTPUTS = ("final", "act")
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+
+
+@dataclass
+class MythosConfig:
+    # vocabulary and width
+    vocab_size: int = 32000
+    dim: int = 2048
+    n_heads: int = 16
+    n_kv_heads: int = 4
+    max_seq_len: int = 4096
+    # recurrent depth: Prelude (run once) -> Recurrent block (looped) -> Coda (run once)
+    max_loop_iters: int = 16
+    prelude_layers: int = 2
+    coda_layers: int = 2
+    # attention: "mla" (DeepSeek-V2 multi-head latent attention) or "gqa" (grouped-query)
+    attn_type: str = "mla"
+    kv_lora_rank: int = 512
+    q_lora_rank: int = 1536
+    qk_rope_head_dim: int = 64
+    qk_nope_head_dim: int = 128
+    v_head_dim: int = 128
+    # fine-grained mixture of experts in the recurrent block
+    n_experts: int = 64
+    n_shared_experts: int = 2
+    n_experts_per_tok: int = 4
+    expert_dim: int = 512
+    # ACT halting, RoPE, depth-wise LoRA, generation limit, regularisation
+    act_threshold: float = 0.99
+    rope_theta: float = 500000.0
+    lora_rank: int = 16
+    max_output_tokens: int = 4096
+    dropout: float = 0.0
+    # open-mythos: what the recurrent block hands to the Coda. "final" = the last loop state h_T
+    # (default: extrapolates to more loops), "act" = the ACT-weighted mixture sum_t w_t h_t.
+    loop_output: str = "final"
+    # open-mythos: aux-loss-free balancing step size for the router bias (DeepSeek-V3 "gamma").
+    router_bias_update_rate: float = 1e-3
+    # open-mythos: misc.
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    tie_word_embeddings: bool = True
+    dense_ffn_dim: int | None = field(default=None)  # None: SwiGLU width 8/3*dim rounded to 64
+
+    def __post_init__(self) -> None:
+        self._check_types()
+        _positive(self, "vocab_size", "dim", "n_heads", "max_seq_len", "max_loop_iters",
+                  "n_experts", "n_experts_per_tok", "expert_dim", "max_output_tokens")
+        _non_negative(self, "prelude_layers", "coda_layers", "n_shared_experts", "lora_rank")
+        if self.attn_type not in ATTN_TYPES:
+            raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
+        if self.loop_output not in LOOP_OUTPUTS:
+            raise ValueError(f"loop_output must be one of {LOOP_OUTPUTS}, got {self.loop_output!r}")
+        if self.attn_type == "gqa":
+            _positive(self, "n_kv_heads")
+            if self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) must be divisible by n_heads ({self.n_heads})")
+            if self.n_heads % self.n_kv_heads:
+                raise ValueError(
+                    f"n_heads ({self.n_heads}) must be divisible by n_kv_heads ({self.n_kv_heads})")
+            if (self.dim // self.n_heads) % 2:
+                raise ValueError(f"head dim dim/n_heads = {self.dim // self.n_heads} must be even "
+                                 "for RoPE (check dim and n_heads)")
+        else:
+            _positive(self, "kv_lora_rank", "qk_rope_head_dim", "v_head_dim")
+            _non_negative(self, "q_lora_rank", "qk_nope_head_dim")
+            if self.qk_rope_head_dim % 2:
+                raise ValueError(f"qk_rope_head_dim must be even for RoPE, got {self.qk_rope_head_dim}")
+        if self.n_experts_per_tok > self.n_experts:
+            raise ValueError(f"n_experts_per_tok ({self.n_experts_per_tok}) must be <= "
+                             f"n_experts ({self.n_experts})")
+        if not 0.0 < self.act_threshold <= 1.0:
+            raise ValueError(f"act_threshold must be in (0, 1], got {self.act_threshold}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"rope_theta must be > 0, got {self.rope_theta}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.router_bias_update_rate >= 0:
+            raise ValueError(f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.init_std > 0:
+            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        if self.dense_ffn_dim is not None:
+            _positive(self, "dense_ffn_dim")
+
+    def _check_types(self) -> None:
+        for f in dataclasses.fields(self):
+            value, type_name = getattr(self, f.name), str(f.type)
+            if type_name.endswith(" | None") and value is None:
+                continue
+            expected = _FIELD_TYPES[type_name.removesuffix(" | None")]
+            if not isinstance(value, expected) or (isinstance(value, bool) and type_name != "bool"):
+                raise ValueError(f"{f.name} must be of type {type_name}, got {value!r}")
+
+    # derived sizes -------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        """GQA per-head width."""
+        return self.dim // self.n_heads
+
+    @property
+    def qk_head_dim(self) -> int:
+        """MLA query/key per-head width: non-rotary part + decoupled rotary part."""
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def ffn_dim(self) -> int:
+        """Hidden width of the dense SwiGLU FFN in Prelude and Coda blocks."""
+        if self.dense_ffn_dim is not None:
+            return self.dense_ffn_dim
+        return 64 * -(-int(8 * self.dim / 3) // 64)
+
+    # serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MythosConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known - {"model_type", "open_mythos_version", "architectures"})
+        if unknown:
+            raise ValueError(f"unknown MythosConfig field(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+def _positive(cfg: MythosConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(cfg, name)}")
+
+
+def _non_negative(cfg: MythosConfig, *names: str) -> None:
+    for name in names:
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"{name} must be >= 0, got {getattr(cfg, name)}")

@@ -1,0 +1,83 @@
+"""Small building blocks shared by every stage: RMSNorm, rotary embeddings, SwiGLU, sinusoids.
+
+All of them compute their sensitive parts (normalisation statistics, angles) in fp32 and return
+the input dtype, so a model cast to bf16 with ``model.to(torch.bfloat16)`` stays in bf16.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight   (statistics in fp32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+def rope_angles(positions: torch.Tensor, rot_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of angle p * theta^(-2i/d) for each position p and frequency i < d/2; fp32.
+
+    ``positions``: integer tensor of any shape S; returns two tensors of shape S + (d/2,).
+    Computed on the fly (no buffer), so no dtype cast of the module can degrade the angles.
+    """
+    inv_freq = theta ** (-torch.arange(0, rot_dim, 2, device=positions.device, dtype=torch.float32) / rot_dim)
+    angles = positions.to(torch.float32).unsqueeze(-1) * inv_freq
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (x_{2i}, x_{2i+1}) by the position angle.
+
+    ``x``: (B, T, H, d); ``cos``/``sin``: (T, d/2) or (B, T, d/2).
+    """
+    if cos.dim() == 2:
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+def sinusoid(index: torch.Tensor | int | float, dim: int, base: float = 10000.0,
+             device: torch.device | None = None) -> torch.Tensor:
+    """Transformer sinusoidal embedding of a scalar index: [sin(i w_k), cos(i w_k)], w_k = base^(-2k/d).
+
+    Used for the loop-index embedding: it is defined for every loop index, so running more loops
+    than were trained needs no extrapolated table.
+    """
+    half = dim // 2
+    freqs = base ** (-torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
+    angles = torch.as_tensor(index, dtype=torch.float32, device=device) * freqs
+    emb = torch.cat((angles.sin(), angles.cos()))
+    return F.pad(emb, (0, dim - emb.numel()))
+
+
+class SwiGLU(nn.Module):
+    """FFN(x) = W2 (silu(W1 x) * W3 x)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def scaled_init_std(base_std: float, n_residual_writes: int) -> float:
+    """GPT-2 style std for projections that write into the residual stream: std / sqrt(2 n)."""
+    return base_std / math.sqrt(2 * max(n_residual_writes, 1))

@@ -1,0 +1,184 @@
+"""`OpenMythos`: embedding -> Prelude (dense blocks, once) -> Recurrent block (looped) -> Coda
+(dense blocks, once) -> norm -> LM head.
+
+    e      = Prelude(embed(ids))
+    h_T    = RecurrentBlock(e, n_loops)        (see recurrence.py for the update rule)
+    logits = head(norm(Coda(h_T)))
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+from .blocks import TransformerBlock
+from .cache import KVCache
+from .config import MythosConfig
+from .layers import RMSNorm, rope_angles, scaled_init_std
+from .moe import MoE
+from .recurrence import RecurrentBlock
+from .sampling import SamplingParams, sample_next
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+class OpenMythos(nn.Module):
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.head.weight = self.embed.weight
+        self.reset_parameters()
+
+    # ------------------------------------------------------------------------------ init
+    def reset_parameters(self) -> None:
+        """N(0, init_std) everywhere; projections writing into the residual stream get
+        init_std / sqrt(2 * effective depth), effective depth = prelude + loops + coda."""
+        std = self.cfg.init_std
+        out_std = scaled_init_std(std, self.cfg.prelude_layers + self.cfg.max_loop_iters + self.cfg.coda_layers)
+        nn.init.normal_(self.embed.weight, std=std)
+        for block in [*self.prelude, self.recurrent.block, *self.coda]:
+            for name, p in block.named_parameters():
+                if p.dim() < 2:
+                    continue
+                residual_out = name.endswith(("wo.weight", "w2.weight", "ffn.w2"))
+                nn.init.normal_(p, std=out_std if residual_out else std)
+        if not self.cfg.tie_word_embeddings:
+            nn.init.normal_(self.head.weight, std=std)
+
+    # ------------------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, cache: KVCache | None = None,
+                *, backprop_loops: int | None = None, return_act_depth: bool = False):
+        """Logits (B, T, vocab) for token ids (B, T).
+
+        n_loops: recurrent iterations (default ``cfg.max_loop_iters``); may exceed it (depth
+        extrapolation: the loop embedding is defined for any index, LoRA reuses its last adapter).
+        cache: a :class:`KVCache` to read and extend (incremental decoding).
+        backprop_loops: truncated backpropagation through the last k loops only.
+        return_act_depth: also return the ACT halting depth per position (B, T).
+        """
+        n_loops = self._check_n_loops(n_loops)
+        start = cache.pos if cache is not None else 0
+        self._check_input(input_ids, start)
+        T = input_ids.shape[1]
+        positions = torch.arange(start, start + T, device=input_ids.device)
+        rot_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
+        rope = rope_angles(positions, rot_dim, self.cfg.rope_theta)
+
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, cache, ("prelude", i))
+        h, act_depth = self.recurrent(x, rope, n_loops, cache, backprop_loops)
+        for i, block in enumerate(self.coda):
+            h = block(h, rope, cache, ("coda", i))
+        logits = self.head(self.norm(h))
+        if cache is not None:
+            cache.advance(T)
+        return (logits, act_depth) if return_act_depth else logits
+
+    def _check_n_loops(self, n_loops: int | None) -> int:
+        if n_loops is None:
+            return self.cfg.max_loop_iters
+        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
+            raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
+        return n_loops
+
+    def _check_input(self, input_ids: torch.Tensor, start: int) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids is empty: need at least one token")
+        end = start + input_ids.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if not torch.compiler.is_compiling():
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.cfg.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+
+    # ------------------------------------------------------------------------------ router
+    def moe_layers(self) -> list[MoE]:
+        return [m for m in self.modules() if isinstance(m, MoE)]
+
+    def update_router_bias(self, rate: float | None = None) -> torch.Tensor:
+        """Aux-loss-free balancing step for every MoE layer; call after each optimizer step.
+        Returns the expert load (tokens per expert) measured since the last call, summed over layers."""
+        rate = self.cfg.router_bias_update_rate if rate is None else rate
+        return sum(m.update_router_bias(rate) for m in self.moe_layers())
+
+    # ------------------------------------------------------------------------------ generation
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int = 32, n_loops: int | None = None,
+                 temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 eos_token_id: int | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None, loop_policy: str = "per_loop") -> torch.Tensor:
+        """Autoregressive sampling with a KV cache; returns prompt + new tokens (B, T + new).
+
+        temperature=0 is greedy; top_k=0 and top_p=1 disable those filters. Rows that emit
+        ``eos_token_id`` are padded with it; generation stops when every row has. ``seed`` (or an
+        explicit ``generator``) makes sampling reproducible.
+        """
+        params = SamplingParams(temperature, top_k, top_p)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        if max_new_tokens > self.cfg.max_output_tokens:
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_output_tokens="
+                             f"{self.cfg.max_output_tokens}")
+        B, T0 = input_ids.shape if input_ids.dim() == 2 else (0, 0)
+        if T0 + max_new_tokens > self.cfg.max_seq_len:
+            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                             f"max_seq_len={self.cfg.max_seq_len}")
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        cache = KVCache(max(B, 1), T0 + max_new_tokens, loop_policy)
+        logits = self(input_ids, n_loops, cache)[:, -1]
+        tokens = [input_ids]
+        finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits, params, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(finished, torch.full_like(nxt, eos_token_id), nxt)
+                finished |= nxt == eos_token_id
+            tokens.append(nxt[:, None])
+            if step == max_new_tokens - 1 or (eos_token_id is not None and bool(finished.all())):
+                break
+            logits = self(nxt[:, None], n_loops, cache)[:, -1]
+        return torch.cat(tokens, dim=1)
+
+    # ------------------------------------------------------------------------------ weights I/O
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write ``config.json`` and ``model.safetensors`` (no pickle anywhere)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {"model_type": "open_mythos", **self.cfg.to_dict()}
+        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        save_model(self, str(directory / WEIGHTS_NAME))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype | None = None) -> "OpenMythos":
+        directory = Path(directory)
+        for name in (CONFIG_NAME, WEIGHTS_NAME):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
+        cfg = MythosConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        model = cls(cfg)
+        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
+        model.to(device)
+        if dtype is not None:
+            model.to(dtype)
+        return model.eval()

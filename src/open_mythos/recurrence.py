@@ -1,0 +1,149 @@
+"""The looped core: LTI-stable input injection, ACT halting, depth-wise LoRA, loop-index embedding,
+and the recurrent block that runs one shared transformer block ``n_loops`` times.
+
+Recurrent update, for loop t = 0 .. n_loops-1, with e the Prelude output and h_0 = 0:
+
+    x_t     = h_t + e + loop_embedding(t)
+    h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_t(x_t)
+
+A and B come from a continuous-time diagonal system dh/dτ = -exp(log_A) h + B e discretised with a
+learned step Δt = exp(log_dt):  A = exp(-Δt exp(log_A)) (zero-order hold),  B_disc = Δt B.
+Every entry of A lies in [0, 1) for every parameter value, so ρ(A) < 1 by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .blocks import TransformerBlock
+from .cache import KVCache
+from .config import MythosConfig
+from .layers import RMSNorm, sinusoid
+
+
+class LTIInjection(nn.Module):
+    """h_{t+1} = A h_t + B_disc e + transformer_out, with ρ(A) < 1 for any log_A, log_dt."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        # decay rates exp(log_A) spread over [0.1, 1] so channels start with different memories
+        self.log_A = nn.Parameter(torch.linspace(math.log(0.1), 0.0, dim))
+        self.log_dt = nn.Parameter(torch.zeros(()))
+        self.B = nn.Parameter(torch.ones(dim))
+
+    def get_A(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Diagonal of the discrete transition matrix A, shape (dim,); ρ(A) = max_i |A_ii|.
+
+        Computed in fp32 as  A = c * exp(-exp(log_dt + log_A)) with c = 1 - eps(dtype)/2, the largest
+        value below 1 that ``dtype`` can represent, so that rounding to ``dtype`` can never reach 1.
+        """
+        dtype = dtype or self.log_A.dtype
+        cap = 1.0 - torch.finfo(dtype).eps / 2
+        rate = torch.exp(self.log_dt.float() + self.log_A.float())
+        return (cap * torch.exp(-rate)).to(dtype)
+
+    def spectral_radius(self, dtype: torch.dtype | None = None) -> float:
+        return self.get_A(dtype).abs().max().item()
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        A = self.get_A(h.dtype)
+        B = (torch.exp(self.log_dt.float()) * self.B.float()).to(h.dtype)
+        return A * h + B * e + transformer_out
+
+
+class ACTHalting(nn.Module):
+    """Adaptive Computation Time (Graves 2016): p_t = sigmoid(w . h_t + b) per position.
+
+    A position halts at the first loop where its cumulative p reaches ``threshold``; its weight
+    there is the *remainder* 1 - sum of earlier p, so the weights over loops sum to exactly 1.
+    """
+
+    def __init__(self, dim: int, threshold: float):
+        super().__init__()
+        self.threshold = threshold
+        self.proj = nn.Linear(dim, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.constant_(self.proj.bias, -1.0)  # p ≈ 0.27 at init: a few loops before halting
+
+    def halting_prob(self, h: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.proj(h).squeeze(-1).float())
+
+    def step(self, h: torch.Tensor, cum: torch.Tensor, is_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight of this loop's state for every position, and the updated cumulative probability."""
+        running = cum < self.threshold
+        if is_last:
+            weight = torch.where(running, 1.0 - cum, torch.zeros_like(cum))
+        else:
+            p = self.halting_prob(h)
+            halts_now = running & (cum + p >= self.threshold)
+            weight = torch.where(halts_now, 1.0 - cum, torch.where(running, p, torch.zeros_like(p)))
+        return weight, cum + weight
+
+
+class DepthLoRA(nn.Module):
+    """Per-loop low-rank adapter (Relaxed Recursive Transformers): Δ_t(x) = U_t D_t norm(x).
+
+    One (D_t, U_t) pair per loop index up to ``max_loop_iters``; loops beyond it reuse the last
+    adapter (index clamped), so running more loops than trained is always defined. U_t starts at
+    zero: at initialisation every loop applies the same shared block.
+    """
+
+    def __init__(self, dim: int, rank: int, n_loops: int, eps: float, std: float):
+        super().__init__()
+        self.norm = RMSNorm(dim, eps)
+        self.down = nn.Parameter(torch.randn(n_loops, rank, dim) * std)
+        self.up = nn.Parameter(torch.zeros(n_loops, dim, rank))
+
+    def forward(self, x: torch.Tensor, loop_index: int) -> torch.Tensor:
+        i = min(loop_index, self.down.shape[0] - 1)
+        return (self.norm(x) @ self.down[i].T) @ self.up[i].T
+
+
+def loop_embedding(loop_index: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal embedding of the loop index on the first dim/8 channels (zeros elsewhere)."""
+    width = max(2, dim // 8)
+    emb = sinusoid(loop_index, width, device=device)
+    return torch.nn.functional.pad(emb, (0, dim - width)).to(dtype)
+
+
+class RecurrentBlock(nn.Module):
+    """One MoE transformer block looped ``n_loops`` times with LTI injection and ACT halting."""
+
+    def __init__(self, cfg: MythosConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.block = TransformerBlock(cfg, use_moe=True)
+        self.injection = LTIInjection(cfg.dim)
+        self.act = ACTHalting(cfg.dim, cfg.act_threshold)
+        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters, cfg.norm_eps, cfg.init_std) \
+            if cfg.lora_rank > 0 else None
+
+    def forward(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
+                cache: KVCache | None = None, backprop_loops: int | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the loop. Returns (output state, ACT halting depth per position (B, T), fp32).
+
+        The output state is h_T (``loop_output="final"``) or sum_t w_t h_t (``"act"``).
+        ``backprop_loops=k`` runs the first n_loops-k iterations without autograd (truncated BPTT).
+        """
+        h = torch.zeros_like(e)
+        cum = torch.zeros(e.shape[:-1], device=e.device, dtype=torch.float32)
+        depth = torch.zeros_like(cum)
+        mixture = torch.zeros_like(e, dtype=torch.float32) if self.cfg.loop_output == "act" else None
+        first_grad_loop = 0 if backprop_loops is None else max(0, n_loops - backprop_loops)
+        for t in range(n_loops):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
+                x = h + e + loop_embedding(t, e.shape[-1], e.device, e.dtype)
+                key = cache.loop_key(t) if cache is not None else None
+                out = self.block.residual(x, rope, cache, key)
+                if self.lora is not None:
+                    out = out + self.lora(x, t)
+                h = self.injection(h, e, out)
+            depth = depth + (cum < self.act.threshold).float()
+            weight, cum = self.act.step(h, cum, is_last=t == n_loops - 1)
+            if mixture is not None:
+                mixture = mixture + weight.unsqueeze(-1) * h.float()
+        return (h if mixture is None else mixture.to(e.dtype)), depth

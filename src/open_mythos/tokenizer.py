@@ -1,0 +1,103 @@
+"""Tokenizers.
+
+``MythosTokenizer``: gpt-oss-20b's ``o200k_harmony`` encoding (vocab 201,088), built offline with
+tiktoken. The o200k_base BPE ranks come from the ``bpe-openai`` package (``o200k_base.tiktoken.gz``),
+checked against the sha256 that tiktoken expects; pattern and harmony special tokens are tiktoken's
+own definitions. ``MythosTokenizer.from_hub()`` uses the Hugging Face tokenizer instead, on request.
+
+``ByteTokenizer``: UTF-8 bytes (256 ids) + ``<|endoftext|>``, for tiny models and tests.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import importlib.resources
+from functools import lru_cache
+from unittest import mock
+
+import tiktoken
+from tiktoken_ext import openai_public
+
+O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+ENDOFTEXT = "<|endoftext|>"
+
+
+def _load_shipped_o200k_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
+    """Stand-in for tiktoken's downloader: read the ranks file shipped in ``bpe-openai``."""
+    raw = gzip.decompress(
+        importlib.resources.files("bpe_openai").joinpath("data/o200k_base.tiktoken.gz").read_bytes())
+    digest = hashlib.sha256(raw).hexdigest()
+    if digest != (expected_hash or O200K_BASE_SHA256):
+        raise ValueError(f"shipped o200k_base ranks have sha256 {digest}, expected {expected_hash}")
+    ranks = {}
+    for line in raw.splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+@lru_cache(maxsize=1)
+def o200k_harmony_encoding() -> tiktoken.Encoding:
+    with mock.patch.object(openai_public, "load_tiktoken_bpe", _load_shipped_o200k_ranks):
+        spec = openai_public.o200k_harmony()
+    return tiktoken.Encoding(spec["name"], pat_str=spec["pat_str"], mergeable_ranks=spec["mergeable_ranks"],
+                             special_tokens=spec["special_tokens"])
+
+
+class MythosTokenizer:
+    """o200k_harmony via tiktoken, offline. ``encode``/``decode``/``vocab_size``/``eos_token_id``."""
+
+    def __init__(self) -> None:
+        self.encoding = o200k_harmony_encoding()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.encoding.n_vocab
+
+    @property
+    def eos_token_id(self) -> int:
+        return self.encoding.encode_single_token(ENDOFTEXT)
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        return self.encoding.encode(text, allowed_special="all" if allow_special else set(),
+                                    disallowed_special=())
+
+    def decode(self, ids: list[int]) -> str:
+        return self.encoding.decode(list(ids))
+
+    @staticmethod
+    def from_hub(name: str = "openai/gpt-oss-20b"):
+        """The Hugging Face tokenizer for ``name`` (needs ``transformers`` and network access)."""
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(name)
+
+
+class ByteTokenizer:
+    """Byte-level tokenizer: ids 0..255 are UTF-8 bytes, 256 is ``<|endoftext|>``."""
+
+    vocab_size = 257
+    eos_token_id = 256
+
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        if allow_special and ENDOFTEXT in text:
+            parts = text.split(ENDOFTEXT)
+            ids: list[int] = []
+            for i, part in enumerate(parts):
+                ids += ([self.eos_token_id] if i else []) + list(part.encode("utf-8"))
+            return ids
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: list[int]) -> str:
+        out = bytearray()
+        for i in ids:
+            if i == self.eos_token_id:
+                out += ENDOFTEXT.encode()
+            elif 0 <= i < 256:
+                out.append(i)
+            else:
+                raise ValueError(f"token id {i} is out of range for ByteTokenizer (vocab 257)")
+        return out.decode("utf-8", errors="replace")
