@@ -13,8 +13,9 @@ from __future__ import annotations
 import base64
 import gzip
 import hashlib
-import importlib.resources
+import importlib.util
 from functools import lru_cache
+from pathlib import Path
 from unittest import mock
 
 import tiktoken
@@ -26,8 +27,11 @@ ENDOFTEXT = "<|endoftext|>"
 
 def _load_shipped_o200k_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
     """Stand-in for tiktoken's downloader: read the ranks file shipped in ``bpe-openai``."""
-    raw = gzip.decompress(
-        importlib.resources.files("bpe_openai").joinpath("data/o200k_base.tiktoken.gz").read_bytes())
+    spec = importlib.util.find_spec("bpe_openai")  # locate the file without importing the package
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("the bpe-openai package (o200k_base ranks) is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "o200k_base.tiktoken.gz"
+    raw = gzip.decompress(path.read_bytes())
     digest = hashlib.sha256(raw).hexdigest()
     if digest != (expected_hash or O200K_BASE_SHA256):
         raise ValueError(f"shipped o200k_base ranks have sha256 {digest}, expected {expected_hash}")

@@ -1,0 +1,104 @@
+"""LTI injection stability, ACT halting semantics, depth-wise LoRA and truncated backprop."""
+
+import pytest
+import torch
+
+from open_mythos import OpenMythos
+from open_mythos.recurrence import ACTHalting, LTIInjection
+
+from conftest import tiny_config
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_spectral_radius_below_one_for_random_and_extreme_parameters(dtype):
+    inj = LTIInjection(256)
+    settings = [(torch.randn(256) * s, torch.randn(()) * s) for s in (0.1, 1.0, 10.0)]
+    settings += [(torch.full((256,), v), torch.tensor(w)) for v in (-80.0, -30.0, 0.0, 30.0, 80.0)
+                 for w in (-80.0, -20.0, 0.0, 20.0)]
+    for log_A, log_dt in settings:
+        with torch.no_grad():
+            inj.log_A.copy_(log_A)
+            inj.log_dt.copy_(log_dt)
+        A = inj.get_A(dtype)
+        assert A.dtype == dtype
+        rho = torch.linalg.eigvals(torch.diag(A.float())).abs().max().item()
+        assert 0.0 <= rho < 1.0, (log_A[0].item(), log_dt.item(), rho)
+    inj_bf16 = LTIInjection(8).to(torch.bfloat16)
+    with torch.no_grad():
+        inj_bf16.log_A.fill_(-60.0)
+    assert inj_bf16.get_A().max().item() < 1.0
+
+
+def test_injection_is_the_update_rule():
+    inj = LTIInjection(16)
+    h, e, out = torch.randn(3, 16), torch.randn(3, 16), torch.randn(3, 16)
+    dt = torch.exp(inj.log_dt)
+    A = torch.exp(-dt * torch.exp(inj.log_A)) * (1 - torch.finfo(torch.float32).eps / 2)
+    torch.testing.assert_close(inj(h, e, out), A * h + dt * inj.B * e + out)
+
+
+def test_act_weights_sum_to_one_with_remainder():
+    act = ACTHalting(8, threshold=0.99)
+    probs = iter([0.5, 0.3, 0.4, 0.9])  # cum: 0.5, 0.8, then 0.8 + 0.4 >= 0.99 -> remainder 0.2
+    act.halting_prob = lambda h: torch.full(h.shape[:-1], next(probs))
+    cum = torch.zeros(1)
+    weights = []
+    for t in range(4):
+        w, cum = act.step(torch.zeros(1, 8), cum, is_last=t == 3)
+        weights.append(w.item())
+    assert weights == pytest.approx([0.5, 0.3, 0.2, 0.0])
+
+
+@pytest.mark.parametrize("loop_output", ["act", "final"])
+def test_act_weights_sum_to_one_in_the_model(loop_output):
+    model = OpenMythos(tiny_config(loop_output=loop_output))
+    with torch.no_grad():
+        model.recurrent.act.proj.weight.normal_(std=0.5)
+    e = torch.randn(2, 5, 64)
+    act, cum = model.recurrent.act, torch.zeros(2, 5)
+    total = torch.zeros(2, 5)
+    for t in range(6):
+        w, cum = act.step(torch.randn(2, 5, 64), cum, is_last=t == 5)
+        assert (w >= 0).all()
+        total += w
+    torch.testing.assert_close(total, torch.ones(2, 5))
+    logits, depth = model(torch.randint(0, 97, (2, 5)), 6, return_act_depth=True)
+    assert ((depth >= 1) & (depth <= 6)).all()
+
+
+def test_final_and_act_outputs_differ_and_both_are_finite():
+    ids = torch.randint(0, 97, (2, 8))
+    torch.manual_seed(1)
+    final = OpenMythos(tiny_config(loop_output="final"))
+    act = OpenMythos(tiny_config(loop_output="act"))
+    act.load_state_dict(final.state_dict())
+    a, b = final(ids, 4), act(ids, 4)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+    assert not torch.allclose(a, b)
+
+
+def test_depth_lora_clamps_beyond_trained_loops():
+    model = OpenMythos(tiny_config(max_loop_iters=3))
+    lora = model.recurrent.lora
+    with torch.no_grad():
+        lora.up.normal_()
+    x = torch.randn(2, 4, 64)
+    torch.testing.assert_close(lora(x, 7), lora(x, 2))
+    assert not torch.allclose(lora(x, 0), lora(x, 2))
+
+
+def test_truncated_backprop_leaves_early_loops_without_graph():
+    model = OpenMythos(tiny_config())
+    ids = torch.randint(0, 97, (2, 6))
+    full = model(ids, 4)
+    truncated = model(ids, 4, backprop_loops=1)
+    torch.testing.assert_close(full, truncated)  # same values, different graph
+    truncated.square().mean().backward()
+    grads_trunc = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    full.square().mean().backward()
+    block_w = "recurrent.block.attn.wq.weight"
+    assert not torch.allclose(grads_trunc[block_w], model.get_parameter(block_w).grad)
+    assert torch.isfinite(grads_trunc[block_w]).all()
+    # the Prelude receives gradient only through e, injected in the last loop
+    assert grads_trunc["prelude.0.attn.wq.weight"].abs().sum() > 0
