@@ -10,8 +10,8 @@ expert received (``expert_load``); after every optimizer step ``update_router_bi
 bias by ``rate * sign(mean_load - load_i)``, so over-loaded experts become less likely to be picked.
 
 Dispatch has no Python loop over experts: the (token, expert) assignments are sorted by expert and
-all experts run as one grouped matmul (``F.grouped_mm``), with a batched gather fallback where the
-installed torch lacks it.
+all experts run as one grouped matmul (``F.grouped_mm``); where it is unavailable (old torch, fp32
+on GPU) a capacity-padded batched matmul does the same work.
 """
 
 from __future__ import annotations
@@ -33,11 +33,21 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     """Rows of ``x`` sorted by expert times that expert's weight: out[r] = x[r] @ weight[e_r].T.
 
     x: (N, in) sorted by expert; weight: (E, out, in); offsets: (E,) int32 cumulative row ends;
-    expert_ids: (N,) expert of each row (used only by the fallback).
+    expert_ids: (N,) expert of each row (sorted).
     """
-    if _grouped_mm_available() and x.dtype == weight.dtype:
+    if _grouped_mm_available() and x.dtype == weight.dtype and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
-    return torch.bmm(weight[expert_ids], x.unsqueeze(-1)).squeeze(-1)  # (N, out, in) gather
+    return _padded_bmm(x, weight, offsets, expert_ids)
+
+
+def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
+                expert_ids: torch.Tensor) -> torch.Tensor:
+    """Fallback: scatter rows into a zero-padded (E, capacity, in) batch, one bmm, gather back."""
+    counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
+    slot = torch.arange(x.shape[0], device=x.device) - (offsets - counts)[expert_ids]
+    capacity = int(counts.max())  # one host sync; the grouped_mm path has none
+    padded = x.new_zeros(weight.shape[0], capacity, x.shape[1]).index_put((expert_ids, slot), x)
+    return torch.bmm(padded, weight.transpose(1, 2))[expert_ids, slot]
 
 
 class MoE(nn.Module):
