@@ -65,6 +65,30 @@ def cmd_variants(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from .training.config import load_config
+    from .training.distributed import shutdown
+    from .training.loop import Trainer
+
+    cfg = load_config(args.preset, args.config, args.set)
+    try:
+        summary = Trainer(cfg, resume=args.resume, progress=not args.no_progress).train()
+    finally:
+        shutdown()
+    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}))
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    from .plot import plot_run
+
+    made = plot_run(args.run_dir)
+    if not made:
+        raise ValueError(f"nothing to plot in {args.run_dir} (no metrics.jsonl or sweep.json)")
+    print("\n".join(str(p) for p in made))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mythos", description="open-mythos: Recurrent-Depth Transformer")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -76,6 +100,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("variants", help="table of the pre-configured scales with parameter counts")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_variants)
+    p = sub.add_parser("train", help="train a model (single process or under torchrun)")
+    p.add_argument("--preset", help="a preset name (see training/presets), e.g. shakespeare-tiny")
+    p.add_argument("--config", help="a TOML file (applied after the preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a field, e.g. --set steps=100 --set optim.muon_lr=0.01")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("plot", help="PNG plots (loss curve, loop sweep) of a training run directory")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -15,7 +15,23 @@ from typing import Any
 
 ATTN_TYPES = ("mla", "gqa")
 LOOP_OUTPUTS = ("final", "act")
-_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool}
+_FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool,
+                "list[int]": list, "tuple[float, float]": (list, tuple)}
+
+
+def check_field_types(obj: Any, section: str = "") -> None:
+    """Raise ValueError naming the field when a dataclass field has the wrong type (bool is not int)."""
+    for f in dataclasses.fields(obj):
+        value, type_name = getattr(obj, f.name), str(f.type)
+        if type_name.endswith(" | None"):
+            if value is None:
+                continue
+            type_name = type_name.removesuffix(" | None")
+        expected = _FIELD_TYPES.get(type_name)
+        if expected is None:  # nested dataclass sections validate themselves
+            continue
+        if not isinstance(value, expected) or (isinstance(value, bool) and type_name != "bool"):
+            raise ValueError(f"{section}{f.name} must be of type {type_name}, got {value!r}")
 
 
 @dataclass
@@ -60,7 +76,7 @@ class MythosConfig:
     dense_ffn_dim: int | None = field(default=None)  # None: SwiGLU width 8/3*dim rounded to 64
 
     def __post_init__(self) -> None:
-        self._check_types()
+        check_field_types(self)
         _positive(self, "vocab_size", "dim", "n_heads", "max_seq_len", "max_loop_iters",
                   "n_experts", "n_experts_per_tok", "expert_dim", "max_output_tokens")
         _non_negative(self, "prelude_layers", "coda_layers", "n_shared_experts", "lora_rank")
@@ -100,15 +116,6 @@ class MythosConfig:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
         if self.dense_ffn_dim is not None:
             _positive(self, "dense_ffn_dim")
-
-    def _check_types(self) -> None:
-        for f in dataclasses.fields(self):
-            value, type_name = getattr(self, f.name), str(f.type)
-            if type_name.endswith(" | None") and value is None:
-                continue
-            expected = _FIELD_TYPES[type_name.removesuffix(" | None")]
-            if not isinstance(value, expected) or (isinstance(value, bool) and type_name != "bool"):
-                raise ValueError(f"{f.name} must be of type {type_name}, got {value!r}")
 
     # derived sizes -------------------------------------------------------------------------
     @property

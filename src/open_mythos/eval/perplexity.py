@@ -1,0 +1,51 @@
+"""Held-out loss / perplexity, and its sweep over loop counts (the depth-extrapolation curve)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy in fp32; label -100 is ignored (e.g. prompt tokens)."""
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch], n_loops: int, device: torch.device,
+                  autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
+    """Token-weighted mean loss over ``batches`` at ``n_loops`` recurrent iterations."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in batches:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x, n_loops)
+        n = int((y != -100).sum())
+        total += lm_loss(logits, y).item() * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+def loop_sweep(model: torch.nn.Module, batches: Sequence[Batch], loop_counts: Sequence[int],
+               device: torch.device, autocast=contextlib.nullcontext) -> list[dict]:
+    """[{n_loops, loss, ppl}] for every loop count: does more thinking help?"""
+    rows = []
+    for n in loop_counts:
+        loss = evaluate_loss(model, batches, n, device, autocast)
+        rows.append({"n_loops": n, "loss": loss, "ppl": math.exp(min(loss, 50.0))})
+    return rows
+
+
+def format_sweep(rows: list[dict]) -> str:
+    lines = [f"{'loops':>6} {'loss':>8} {'ppl':>9}"]
+    lines += [f"{r['n_loops']:>6} {r['loss']:>8.4f} {r['ppl']:>9.3f}" for r in rows]
+    return "\n".join(lines)

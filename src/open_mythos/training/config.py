@@ -1,0 +1,190 @@
+"""`TrainConfig`: one dataclass tree for a training run, loaded from TOML with CLI overrides.
+
+    [model]  MythosConfig fields        [data]  DataConfig        [optim]  OptimConfig
+    [loops]  LoopConfig (depth curriculum)                          top level: the run itself
+
+Presets live in ``training/presets/*.toml``. Overrides are ``section.field=value`` with TOML values
+(``steps=200``, ``optim.muon_lr=0.01``, ``model.attn_type="gqa"``; bare words are strings).
+Every field is validated; unknown keys raise ``ValueError`` naming them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..config import MythosConfig, check_field_types
+from .data import DataConfig
+from .optim import OptimConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+LOOP_SCHEDULES = ("fixed", "poisson_lognormal", "uniform")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class LoopConfig:
+    """How many recurrent iterations each training step runs.
+
+    fixed: always ``mean``. uniform: integer in [min_loops, max_loops].
+    poisson_lognormal (Huginn): n ~ 1 + Poisson(lambda), log lambda ~ N(log(mean - 1) - sigma^2/2, sigma),
+    clamped to [min_loops, max_loops]. The draw depends only on (seed, step): resume-exact and equal on
+    every rank. ``backprop``: gradient flows through the last k loops only (0 = all loops).
+    """
+
+    schedule: str = "poisson_lognormal"
+    mean: int = 4
+    sigma: float = 0.5
+    min_loops: int = 1
+    max_loops: int = 16
+    backprop: int = 0
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "loops.")
+        if self.schedule not in LOOP_SCHEDULES:
+            raise ValueError(f"loops.schedule must be one of {LOOP_SCHEDULES}, got {self.schedule!r}")
+        if not 1 <= self.min_loops <= self.mean <= self.max_loops:
+            raise ValueError(f"need 1 <= loops.min_loops <= loops.mean <= loops.max_loops, got "
+                             f"{self.min_loops}, {self.mean}, {self.max_loops}")
+        if self.sigma < 0:
+            raise ValueError(f"loops.sigma must be >= 0, got {self.sigma}")
+        if self.backprop < 0:
+            raise ValueError(f"loops.backprop must be >= 0 (0 = all loops), got {self.backprop}")
+
+    def sample(self, seed: int, step: int) -> int:
+        if self.schedule == "fixed":
+            return self.mean
+        g = torch.Generator().manual_seed(seed * 1_000_033 + step)
+        if self.schedule == "uniform":
+            return int(torch.randint(self.min_loops, self.max_loops + 1, (), generator=g))
+        mu = math.log(max(self.mean - 1, 1e-3)) - self.sigma ** 2 / 2
+        rate = math.exp(mu + self.sigma * float(torch.randn((), generator=g)))
+        n = 1 + int(torch.poisson(torch.tensor(rate), generator=g))
+        return max(self.min_loops, min(self.max_loops, n))
+
+
+@dataclass
+class TrainConfig:
+    model: MythosConfig = field(default_factory=MythosConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loops: LoopConfig = field(default_factory=LoopConfig)
+    steps: int = 1000
+    batch_size: int = 16            # global batch, in sequences, per optimizer step
+    grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum each)
+    precision: str = "auto"         # auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU
+    device: str = "auto"
+    compile: bool = False           # torch.compile the recurrent block (compiled once, reused per loop)
+    activation_checkpointing: bool = False
+    parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
+    seed: int = 0
+    out_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 0             # 0: evaluate only at the end
+    eval_batches: int = 8
+    ckpt_every: int = 0             # 0: checkpoint only at the end
+    keep_last: int = 2
+    max_bad_steps: int = 5          # consecutive non-finite steps before training stops
+    sweep_loops: list[int] = field(default_factory=list)  # loop counts for the final eval sweep
+    sample_prompt: str = ""
+    sample_tokens: int = 0
+
+    def __post_init__(self) -> None:
+        check_field_types(self)
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last", "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if any(n < 1 for n in self.sweep_loops):
+            raise ValueError(f"sweep_loops must be loop counts >= 1, got {self.sweep_loops}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": MythosConfig, "data": DataConfig, "optim": OptimConfig, "loops": LoopConfig}
+
+
+def presets_dir() -> Path:
+    return Path(str(resources.files("open_mythos.training").joinpath("presets")))
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in presets_dir().glob("*.toml"))
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        key, value = item.split("=", 1)
+        *path, last = key.strip().split(".")
+        node = tree
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = _parse_value(value.strip())
+    return tree
+
+
+def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
+    top_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(tree) - top_fields)
+    if unknown:
+        raise ValueError(f"unknown training config key(s): {', '.join(unknown)}")
+    kwargs: dict[str, Any] = {}
+    for key, value in tree.items():
+        if key in SECTIONS:
+            cls = SECTIONS[key]
+            if not isinstance(value, dict):
+                raise ValueError(f"[{key}] must be a table")
+            names = {f.name for f in dataclasses.fields(cls)}
+            bad = sorted(set(value) - names)
+            if bad:
+                raise ValueError(f"unknown field(s) in [{key}]: {', '.join(bad)}")
+            kwargs[key] = MythosConfig.from_dict(value) if cls is MythosConfig else cls(**value)
+        else:
+            kwargs[key] = value
+    return TrainConfig(**kwargs)
+
+
+def load_config(preset: str | None = None, path: str | Path | None = None,
+                overrides: list[str] | None = None) -> TrainConfig:
+    """Preset (by name) and/or TOML file (file values win), then ``overrides``."""
+    tree: dict[str, Any] = {}
+    if preset is not None:
+        file = presets_dir() / f"{preset}.toml"
+        if not file.is_file():
+            raise ValueError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
+        tree = tomllib.loads(file.read_text())
+    if path is not None:
+        for key, value in tomllib.loads(Path(path).read_text()).items():
+            if isinstance(value, dict):
+                tree.setdefault(key, {}).update(value)
+            else:
+                tree[key] = value
+    return config_from_dict(apply_overrides(tree, overrides or []))

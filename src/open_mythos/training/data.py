@@ -1,0 +1,212 @@
+"""Training data: documents -> tokens -> packed fixed-length sequences -> resumable batches.
+
+Sources
+* ``shakespeare``: the corpus shipped inside the package (no network).
+* ``files``: a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a directory of them (``text_field`` for
+  jsonl/parquet rows).
+* ``hf``: a Hugging Face dataset streamed with ``datasets`` (default FineWeb-Edu sample-10BT), split
+  by rank, resumable through the dataset's own ``state_dict``.
+* any callable registered in ``SOURCES`` returning documents (synthetic tasks plug in here).
+
+Packing: documents are tokenized, joined with the tokenizer's end-of-text id between them, and cut
+into windows of ``seq_len + 1`` tokens (inputs = window[:-1], labels = window[1:]).
+Held-out split: the last ``val_fraction`` of every document's tokens, so train and eval never overlap.
+
+Batches come from :class:`PackedLoader`: a seeded permutation per epoch over the windows, the
+global batch split across ranks, and a ``state_dict`` of (epoch, cursor) for exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import torch
+
+from ..config import check_field_types
+from ..tokenizer import ByteTokenizer, MythosTokenizer
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+@dataclass
+class DataConfig:
+    source: str = "shakespeare"           # shakespeare | files | hf | a name in SOURCES
+    path: str | None = None               # files: a file or directory
+    tokenizer: str = "byte"               # byte | o200k_harmony
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    text_field: str = "text"
+    hf_dataset: str = "HuggingFaceFW/fineweb-edu"
+    hf_name: str | None = "sample-10BT"
+    hf_split: str = "train"
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "data.")
+        if self.source not in SOURCES and self.source != "hf":
+            raise ValueError(f"data.source must be one of {sorted([*SOURCES, 'hf'])}, got {self.source!r}")
+        if self.source == "files" and not self.path:
+            raise ValueError("data.path is required when data.source = 'files'")
+        if self.tokenizer not in ("byte", "o200k_harmony"):
+            raise ValueError(f"data.tokenizer must be 'byte' or 'o200k_harmony', got {self.tokenizer!r}")
+        if self.seq_len < 1:
+            raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def build_tokenizer(name: str):
+    return ByteTokenizer() if name == "byte" else MythosTokenizer()
+
+
+# ---------------------------------------------------------------------------------- documents
+def shipped_corpus() -> Path:
+    return Path(str(resources.files("open_mythos").joinpath("data/shakespeare")))
+
+
+def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
+    """Texts of a .txt/.jsonl/.parquet file, or of every such file under a directory (sorted)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix in TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"no {'/'.join(TEXT_SUFFIXES)} files under {path}")
+        for f in files:
+            yield from read_documents(f, text_field)
+        return
+    if not path.is_file():
+        raise FileNotFoundError(f"data path {path} does not exist")
+    if path.suffix == ".txt":
+        yield path.read_text(encoding="utf-8")
+    elif path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
+                    row = json.loads(line)
+                    if text_field not in row:
+                        raise ValueError(f"{path}:{lineno}: no field {text_field!r}")
+                    yield row[text_field]
+    elif path.suffix == ".parquet":
+        import pyarrow.parquet as pq  # installed with the [data] extra
+
+        for text in pq.read_table(path, columns=[text_field]).column(text_field).to_pylist():
+            yield text
+    else:
+        raise ValueError(f"unsupported data file {path} (expected {', '.join(TEXT_SUFFIXES)})")
+
+
+SOURCES: dict[str, Callable[[DataConfig], Iterable[str]]] = {
+    "shakespeare": lambda cfg: read_documents(shipped_corpus()),
+    "files": lambda cfg: read_documents(cfg.path, cfg.text_field),
+}
+
+
+# ---------------------------------------------------------------------------------- packing
+def pack_documents(docs: Iterable[str], tokenizer, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token streams (train, val): each document's tokens split at (1 - val_fraction), then
+    concatenated with the end-of-text id after every document."""
+    train, val = [], []
+    eos = tokenizer.eos_token_id
+    for text in docs:
+        ids = tokenizer.encode(text)
+        if not ids:
+            continue
+        cut = len(ids) - max(1, int(len(ids) * val_fraction))
+        train += ids[:cut] + [eos]
+        val += ids[cut:] + [eos]
+    if not train:
+        raise ValueError("the data source produced no tokens")
+    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
+
+
+class PackedLoader:
+    """Deterministic, resumable batches of packed windows from a 1-D token stream.
+
+    Windows of ``seq_len + 1`` tokens; each epoch visits them in a permutation seeded by
+    (seed, epoch); every step takes the next ``global_batch`` windows, of which rank r gets rows
+    r, r + world, ... (same global batch for any world size).
+    """
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, global_batch: int, seed: int = 0,
+                 rank: int = 0, world_size: int = 1, shuffle: bool = True):
+        n_windows = (tokens.numel() - 1) // seq_len
+        if n_windows < global_batch:
+            raise ValueError(f"data has {n_windows} windows of {seq_len + 1} tokens, fewer than one "
+                             f"global batch of {global_batch}: use more data or a smaller seq_len/batch")
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
+        self.tokens, self.seq_len, self.global_batch = tokens, seq_len, global_batch
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.n_windows = n_windows
+        self.epoch, self.cursor = 0, 0
+
+    def _order(self) -> torch.Tensor:
+        if not self.shuffle:
+            return torch.arange(self.n_windows)
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return torch.randperm(self.n_windows, generator=g)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, labels), each (global_batch / world_size, seq_len)."""
+        if self.cursor + self.global_batch > self.n_windows:
+            self.epoch, self.cursor = self.epoch + 1, 0
+        idx = self._order()[self.cursor:self.cursor + self.global_batch][self.rank::self.world_size]
+        self.cursor += self.global_batch
+        starts = idx * self.seq_len
+        windows = self.tokens[starts.unsqueeze(1) + torch.arange(self.seq_len + 1)]
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
+
+
+class StreamingLoader:
+    """Batches packed on the fly from a streamed Hugging Face dataset (FineWeb-Edu by default).
+
+    The stream is split by rank (``split_dataset_by_node``); the position is the dataset's own
+    ``state_dict`` plus the tokens already buffered, so a resumed run continues where it stopped.
+    """
+
+    def __init__(self, cfg: DataConfig, tokenizer, batch_size: int, rank: int = 0, world_size: int = 1,
+                 data_files: str | None = None):
+        from datasets import load_dataset
+        from datasets.distributed import split_dataset_by_node
+
+        if data_files is not None:  # a local file through the same streaming code path
+            ds = load_dataset("json", data_files=data_files, split="train", streaming=True)
+        else:
+            ds = load_dataset(cfg.hf_dataset, name=cfg.hf_name, split=cfg.hf_split, streaming=True)
+        self.dataset = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+        self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
+        self.buffer: list[int] = []
+        self._iter: Iterator | None = None
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor]:
+        need = self.batch_size * (self.cfg.seq_len + 1)
+        while len(self.buffer) < need:
+            if self._iter is None:
+                self._iter = iter(self.dataset)
+            try:
+                row = next(self._iter)
+            except StopIteration:  # next epoch of the stream
+                self._iter = None
+                self.dataset.set_epoch(getattr(self.dataset, "epoch", 0) + 1)
+                continue
+            self.buffer += self.tokenizer.encode(row[self.cfg.text_field]) + [self.tokenizer.eos_token_id]
+        chunk, self.buffer = self.buffer[:need], self.buffer[need:]
+        windows = torch.tensor(chunk, dtype=torch.long).view(self.batch_size, -1)
+        return windows[:, :-1], windows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"dataset": self.dataset.state_dict(), "buffer": list(self.buffer)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.dataset.load_state_dict(state["dataset"])
+        self.buffer = list(state["buffer"])
+        self._iter = None

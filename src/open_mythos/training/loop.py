@@ -1,0 +1,257 @@
+"""The training loop: one `Trainer` for CPU, one GPU, and torchrun (DDP / FSDP2).
+
+Each optimizer step:
+  1. draw the loop count n (LoopConfig.sample(seed, step): same on every rank, resume-exact)
+  2. for each micro-batch: forward with n loops (gradient through the last ``loops.backprop``),
+     next-token loss, backward (DDP syncs gradients on the last micro-batch only)
+  3. unscale (fp16), clip, check loss and grad norm are finite — a non-finite step is skipped and
+     counted; ``max_bad_steps`` in a row stop training with a clear error
+  4. optimizer + scheduler step, then the MoE router-bias update from the expert load summed
+     over ranks (aux-loss-free balancing)
+Logged to ``metrics.jsonl``: loss, lr, grad norm, tokens/s, MFU, loops, expert-load imbalance,
+ρ(A), mean ACT depth; held-out loss at ``eval_every``; a loop sweep at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..eval.perplexity import format_sweep, lm_loss, loop_sweep
+from ..flops import flops_per_token, peak_flops
+from ..model import OpenMythos
+from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import SOURCES, PackedLoader, StreamingLoader, build_tokenizer, pack_documents
+from .distributed import all_reduce_, init_distributed, mean_across_ranks, unwrap, wrap_model
+from .optim import build_optimizers, build_schedulers
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+        self.cfg = cfg
+        self.info = init_distributed(cfg.device)
+        self.device = self.info.device
+        self.precision = resolve_precision(cfg.precision, self.device)
+        self.progress = progress
+        torch.manual_seed(cfg.seed)
+        self.run_dir = Path(cfg.out_dir)
+
+        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        if cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
+                             f"{cfg.data.tokenizer} tokenizer's vocabulary ({self.tokenizer.vocab_size})")
+        self._build_data()
+
+        model = OpenMythos(cfg.model).to(self.device)
+        model.recurrent.checkpoint_loops = cfg.activation_checkpointing
+        if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
+            model.recurrent.act.requires_grad_(False)  # every trainable parameter to receive a gradient)
+        if cfg.compile:  # the recurrent block is compiled once and reused by every loop iteration
+            model.recurrent.block.residual = torch.compile(model.recurrent.block.residual)
+        self.model = wrap_model(model, self.info, cfg.parallel)
+        self.optimizers = build_optimizers(unwrap(self.model), cfg.optim)
+        self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
+        self.step = 0
+        self.skipped_steps = 0
+        self._flops: dict[int, float] = {}
+        if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
+            self._restore(ckpt)
+
+    # ------------------------------------------------------------------ setup
+    def _build_data(self) -> None:
+        cfg, info = self.cfg, self.info
+        if cfg.data.source == "hf":  # the stream is split world+1 ways: the last shard is held out
+            self.train_loader = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size // info.world_size,
+                                                info.rank, info.world_size + 1)
+            val = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size, info.world_size, info.world_size + 1)
+        else:
+            train_tokens, val_tokens = pack_documents(SOURCES[cfg.data.source](cfg.data), self.tokenizer,
+                                                      cfg.data.val_fraction)
+            self.train_loader = PackedLoader(train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed,
+                                             info.rank, info.world_size)
+            n_val = (val_tokens.numel() - 1) // cfg.data.seq_len
+            if n_val < 1:
+                raise ValueError(f"held-out split has fewer than seq_len+1={cfg.data.seq_len + 1} tokens: "
+                                 "raise data.val_fraction or use more data")
+            val = PackedLoader(val_tokens, cfg.data.seq_len, min(cfg.batch_size, n_val), shuffle=False)
+        n_eval = cfg.eval_batches if cfg.data.source == "hf" else min(cfg.eval_batches, val.n_windows // val.global_batch)
+        self.val_batches = [val.next_batch() for _ in range(n_eval)]
+
+    def autocast(self):
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _restore(self, ckpt: Path) -> None:
+        state = load_checkpoint(ckpt, self.model, self.optimizers, self.info)
+        self.step = state["step"]
+        self.skipped_steps = state["skipped_steps"]
+        self.train_loader.load_state_dict(state["loader"])
+        for sched, s in zip(self.schedulers, state["schedulers"]):
+            sched.load_state_dict(s)
+        self.scaler.load_state_dict(state["scaler"])
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.info.is_main and metrics.is_file():  # drop records written after the checkpoint
+            keep = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) < self.step]
+            metrics.write_text("".join(l + "\n" for l in keep))
+        self._log(f"resumed from {ckpt} at step {self.step}")
+
+    # ------------------------------------------------------------------ one step
+    def train_step(self) -> dict:
+        cfg, model = self.cfg, self.model
+        n_loops = cfg.loops.sample(cfg.seed, self.step)
+        backprop = cfg.loops.backprop or None
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum = torch.zeros((), device=self.device)
+        depth_sum = torch.zeros((), device=self.device)
+        for micro in range(cfg.grad_accum):
+            x, y = self.train_loader.next_batch()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            last = micro == cfg.grad_accum - 1
+            sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+            with sync:
+                with self.autocast():
+                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
+                loss = lm_loss(logits, y) / cfg.grad_accum
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            depth_sum += depth.mean() / cfg.grad_accum
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        loss_value = mean_across_ranks(loss_sum)
+        finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
+        if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            for sched in self.schedulers:
+                sched.step()
+        self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        base = unwrap(model)
+        for m in base.moe_layers():
+            all_reduce_(m.expert_load)
+        load = base.update_router_bias()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        tokens = cfg.batch_size * cfg.data.seq_len
+        tok_s = tokens / dt
+        peak = peak_flops(self.device)
+        if n_loops not in self._flops:
+            self._flops[n_loops] = flops_per_token(cfg.model, cfg.data.seq_len, n_loops)
+        return {
+            "step": self.step, "loss": float(loss_value), "finite": finite, "n_loops": n_loops,
+            "lr": self.schedulers[-1].get_last_lr()[0], "grad_norm": float(grad_norm),
+            "tokens_per_s": tok_s,
+            "mfu": self._flops[n_loops] * tok_s * self.info.world_size / peak if peak else None,
+            "load_imbalance": float(load.max() / load.mean()) if load.sum() > 0 else None,
+            "rho_A": base.recurrent.injection.spectral_radius(),
+            "act_depth": float(mean_across_ranks(depth_sum)),
+        }
+
+    # ------------------------------------------------------------------ the run
+    def evaluate(self, n_loops: int | None = None) -> float:
+        n = n_loops or self.cfg.loops.mean
+        return loop_sweep(unwrap(self.model), self.val_batches, [n], self.device, self.autocast)[0]["loss"]
+
+    def train(self) -> dict:
+        cfg, info = self.cfg, self.info
+        if info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not (info.is_main and self.progress),
+                   desc="train", dynamic_ncols=True)
+        bad_streak = 0
+        while self.step < cfg.steps:
+            rec = self.train_step()
+            if rec["finite"]:
+                bad_streak = 0
+            else:
+                bad_streak += 1
+                self.skipped_steps += 1
+                if bad_streak >= cfg.max_bad_steps:
+                    raise RuntimeError(
+                        f"training stopped at step {self.step}: {bad_streak} consecutive steps with a non-finite "
+                        f"loss or gradient (loss={rec['loss']}, grad_norm={rec['grad_norm']}); lower optim.muon_lr / "
+                        f"optim.adamw_lr, enable optim.grad_clip, or use precision=bf16/fp32")
+            self.step += 1
+            rec["skipped_steps"] = self.skipped_steps
+            bar.update(1)
+            bar.set_postfix(loss=f"{rec['loss']:.3f}", loops=rec["n_loops"], tok_s=f"{rec['tokens_per_s']:.0f}")
+            if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                self._write_metrics(rec)
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
+                self._write_metrics({"step": self.step, "val_loss": self.evaluate()})
+            if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
+                self.checkpoint()
+        bar.close()
+        self.checkpoint()
+        return self.finish()
+
+    def checkpoint(self) -> Path:
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.train_loader.state_dict(),
+                 "schedulers": [s.state_dict() for s in self.schedulers], "scaler": self.scaler.state_dict()}
+        return save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, state, self.info,
+                               self.cfg.keep_last)
+
+    def finish(self) -> dict:
+        cfg = self.cfg
+        export_weights(self.model, self.run_dir / "model", self.info)
+        loops = cfg.sweep_loops or sorted({1, 2, cfg.loops.mean, 2 * cfg.loops.mean, 4 * cfg.loops.mean})
+        sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
+        summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,
+                   "sweep": sweep}
+        if self.info.is_main:
+            self._write_metrics({"step": self.step, "val_loss": next(r["loss"] for r in sweep
+                                                                     if r["n_loops"] == cfg.loops.mean)})
+            (self.run_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
+            self._log("held-out loss by loop count (trained with mean "
+                      f"{cfg.loops.mean} loops):\n{format_sweep(sweep)}")
+            if cfg.sample_tokens > 0 and cfg.sample_prompt:
+                summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
+                self._log(f"sample ({cfg.loops.mean} loops): {cfg.sample_prompt}{summary['sample']}")
+            try:
+                from ..plot import plot_run
+
+                plot_run(self.run_dir)
+            except ImportError:
+                pass
+        return summary
+
+    def sample(self, prompt: str, n_tokens: int) -> str:
+        model = unwrap(self.model)
+        ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
+        with self.autocast():
+            out = model.generate(ids, max_new_tokens=min(n_tokens, model.cfg.max_output_tokens),
+                                 n_loops=self.cfg.loops.mean, temperature=0.8, top_k=40, seed=self.cfg.seed)
+        return self.tokenizer.decode(out[0, ids.shape[1]:].tolist())
+
+    def _write_metrics(self, rec: dict) -> None:
+        if self.info.is_main:
+            with (self.run_dir / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+    def _log(self, msg: str) -> None:
+        if self.info.is_main:
+            tqdm.write(msg)

@@ -1,0 +1,151 @@
+"""Optimizers: Muon for weight matrices, AdamW for everything else, warmup + cosine schedule.
+
+Parameter groups (``param_groups``), explicit and tested:
+
+* ``muon``        2-D weight matrices inside blocks (attention, dense FFN, shared experts) -> torch.optim.Muon
+* ``muon_experts`` stacked routed-expert weights (E, out, in) -> :class:`BatchedMuon` (one Newton-Schulz
+  orthogonalisation per expert, batched)
+* ``adamw``       depth-wise LoRA (3-D stacks) and an untied LM head, with weight decay
+* ``adamw_no_decay`` embeddings, norms, biases, router, LTI injection (log_A, log_dt, B), ACT unit
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..config import check_field_types
+
+NO_DECAY_MARKERS = ("embed", "norm", "bias", "router", "injection", "act.proj")
+
+
+def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
+    groups: dict[str, list[tuple[str, nn.Parameter]]] = {
+        "muon": [], "muon_experts": [], "adamw": [], "adamw_no_decay": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if any(m in name for m in NO_DECAY_MARKERS) or p.ndim < 2:
+            groups["adamw_no_decay"].append((name, p))
+        elif ".lora." in name or name.startswith("head."):
+            groups["adamw"].append((name, p))
+        elif p.ndim == 3:
+            groups["muon_experts"].append((name, p))
+        else:
+            groups["muon"].append((name, p))
+    return groups
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)) -> torch.Tensor:
+    """Approximate orthogonalisation U V^T of each matrix in g (..., m, n) by a quintic iteration
+    X <- a X + (b A + c A^2) X, A = X X^T, in bf16 (Keller Jordan's Muon; same as torch.optim.Muon)."""
+    a, b, c = coefficients
+    x = g.bfloat16()
+    transposed = g.shape[-2] > g.shape[-1]
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
+    for _ in range(steps):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    return (x.mT if transposed else x).to(g.dtype)
+
+
+class BatchedMuon(torch.optim.Optimizer):
+    """Muon for parameters of any rank >= 2, leading dims batched (e.g. stacked experts).
+
+    Same update as torch.optim.Muon applied to every trailing (out, in) matrix:
+    m <- mu m + (1-mu) g;  u = NS(g + mu (m - g)) (Nesterov);  p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) u
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      nesterov=nesterov, ns_steps=ns_steps, eps=eps))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None if closure is None else closure()
+        for group in self.param_groups:
+            lr, mu = group["lr"], group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buf = state["momentum_buffer"]
+                buf.lerp_(p.grad, 1 - mu)
+                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
+                update = newton_schulz(update, group["ns_steps"], group["eps"])
+                scale = math.sqrt(max(1.0, p.shape[-2] / p.shape[-1]))
+                p.mul_(1 - lr * group["weight_decay"])
+                p.add_(update, alpha=-lr * scale)
+        return loss
+
+
+@dataclass
+class OptimConfig:
+    muon_lr: float = 0.02
+    adamw_lr: float = 3e-3
+    weight_decay: float = 0.1
+    muon_momentum: float = 0.95
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        check_field_types(self, "optim.")
+        for name in ("muon_lr", "adamw_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"optim.{name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= self.weight_decay < 1:
+            raise ValueError(f"optim.weight_decay must be in [0, 1), got {self.weight_decay}")
+        if not 0 <= self.muon_momentum < 1:
+            raise ValueError(f"optim.muon_momentum must be in [0, 1), got {self.muon_momentum}")
+        self.betas = tuple(self.betas)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ValueError(f"optim.betas must be two numbers in [0, 1), got {self.betas}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+
+
+def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Optimizer]:
+    """[Muon (2-D), BatchedMuon (expert stacks), AdamW] — empty groups are left out."""
+    groups = param_groups(model)
+    params = {k: [p for _, p in v] for k, v in groups.items()}
+    opts: list[torch.optim.Optimizer] = []
+    if params["muon"]:
+        muon_cls = getattr(torch.optim, "Muon", None) or BatchedMuon
+        opts.append(muon_cls(params["muon"], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                             momentum=cfg.muon_momentum))
+    if params["muon_experts"]:
+        opts.append(BatchedMuon(params["muon_experts"], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
+                                momentum=cfg.muon_momentum))
+    adamw_groups = [{"params": params["adamw"], "weight_decay": cfg.weight_decay},
+                    {"params": params["adamw_no_decay"], "weight_decay": 0.0}]
+    opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas))
+    return opts
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
+    """Linear warmup to 1 over ``warmup_steps``, then cosine decay to ``min_ratio`` at ``total_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_schedulers(optimizers: list[torch.optim.Optimizer], cfg: OptimConfig,
+                     total_steps: int) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    fn = lambda step: lr_factor(step, total_steps, cfg.warmup_steps, cfg.min_lr_ratio)  # noqa: E731
+    return [torch.optim.lr_scheduler.LambdaLR(opt, fn) for opt in optimizers]
