@@ -12,8 +12,8 @@ from conftest import tiny_config
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_spectral_radius_below_one_for_random_and_extreme_parameters(dtype):
     inj = LTIInjection(256)
-    settings = [(torch.randn(256) * s, torch.randn(()) * s) for s in (0.1, 1.0, 10.0)]
-    settings += [(torch.full((256,), v), torch.tensor(w)) for v in (-80.0, -30.0, 0.0, 30.0, 80.0)
+    settings = [(torch.randn(256) * s, torch.randn(1) * s) for s in (0.1, 1.0, 10.0)]
+    settings += [(torch.full((256,), v), torch.tensor([w])) for v in (-80.0, -30.0, 0.0, 30.0, 80.0)
                  for w in (-80.0, -20.0, 0.0, 20.0)]
     for log_A, log_dt in settings:
         with torch.no_grad():

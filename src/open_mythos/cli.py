@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 
@@ -75,7 +76,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         summary = Trainer(cfg, resume=args.resume, progress=not args.no_progress).train()
     finally:
         shutdown()
-    print(json.dumps({k: v for k, v in summary.items() if k != "sample"}))
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps({k: v for k, v in summary.items() if k != "sample"}))
     return 0
 
 

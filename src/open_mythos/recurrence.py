@@ -36,7 +36,7 @@ class LTIInjection(nn.Module):
         # decay rates exp(log_A) spread over [0.5, 2] (A in [0.14, 0.61]): channels start with different,
         # short memories, so the state settles within a few loops instead of growing for ~10
         self.log_A = nn.Parameter(torch.linspace(math.log(0.5), math.log(2.0), dim))
-        self.log_dt = nn.Parameter(torch.zeros(()))
+        self.log_dt = nn.Parameter(torch.zeros(1))  # shape (1,), not a scalar: FSDP2 shards 1-D+
         self.B = nn.Parameter(torch.ones(dim))
 
     def get_A(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -76,7 +77,9 @@ def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers
         tmp.mkdir(parents=True)
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizers)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp / "dcp"))
     export_weights(model, tmp, info)
     save_file(_rng_state(info.device), str(tmp / f"rng_rank{info.rank}.safetensors"))
     _barrier()
@@ -94,7 +97,9 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizers: list, info: 
     """Restore model + optimizer state (resharding as needed) and this rank's RNG; return trainer state."""
     model_sd, optim_sd = get_state_dict(model, optimizers)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "dcp"))
     set_state_dict(model, optimizers, model_state_dict=state["model"], optim_state_dict=state["optim"])
     rng_file = path / f"rng_rank{info.rank}.safetensors"
     if rng_file.is_file():  # absent when resuming on more ranks than the checkpoint had

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from open_mythos import OpenMythos
+from open_mythos.training.optim import (BatchedMuon, OptimConfig, build_optimizers, lr_factor, newton_schulz,
+                                        param_groups)
+
+from conftest import tiny_config
+
+
+def test_parameter_groups_are_explicit_and_complete():
+    model = OpenMythos(tiny_config("mla"))
+    groups = {k: {n for n, _ in v} for k, v in param_groups(model).items()}
+    all_names = {n for n, _ in model.named_parameters()}
+    assert set().union(*groups.values()) == all_names
+    assert sum(len(v) for v in groups.values()) == len(all_names)  # each parameter exactly once
+    assert groups["muon_experts"] == {"recurrent.block.ffn.w1", "recurrent.block.ffn.w2", "recurrent.block.ffn.w3"}
+    assert {"embed.weight", "recurrent.block.ffn.router.weight", "recurrent.injection.log_A",
+            "recurrent.injection.log_dt", "recurrent.injection.B", "norm.weight"} <= groups["adamw_no_decay"]
+    assert {"recurrent.lora.down", "recurrent.lora.up"} <= groups["adamw"]
+    assert {"prelude.0.attn.wq_a.weight", "recurrent.block.attn.wkv_b.weight",
+            "recurrent.block.ffn.shared.w1.weight", "coda.0.ffn.w2.weight"} <= groups["muon"]
+    assert all(p.ndim == 2 for n, p in model.named_parameters() if n in groups["muon"])
+
+
+def test_untied_head_goes_to_adamw_with_decay():
+    model = OpenMythos(tiny_config(tie_word_embeddings=False))
+    assert "head.weight" in {n for n, _ in param_groups(model)["adamw"]}
+
+
+def test_newton_schulz_orthogonalises():
+    g = torch.randn(3, 16, 48)
+    x = newton_schulz(g, steps=5).float()
+    s = torch.linalg.svdvals(x)
+    assert s.min() > 0.5 and s.max() < 1.5  # the quintic iteration's known band around 1
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon not in this torch")
+def test_batched_muon_equals_torch_muon_per_slice():
+    torch.manual_seed(0)
+    stacked = torch.nn.Parameter(torch.randn(4, 24, 16))
+    slices = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(4)]
+    ours = BatchedMuon([stacked], lr=0.05, weight_decay=0.1, momentum=0.9)
+    ref = torch.optim.Muon(slices, lr=0.05, weight_decay=0.1, momentum=0.9)
+    for _ in range(3):
+        grad = torch.randn(4, 24, 16)
+        stacked.grad = grad.clone()
+        for i, p in enumerate(slices):
+            p.grad = grad[i].clone()
+        ours.step()
+        ref.step()
+    for i, p in enumerate(slices):
+        torch.testing.assert_close(stacked.detach()[i], p.detach(), rtol=0, atol=5e-3)  # bf16 iteration; one step moves ~0.05
+
+
+def test_build_optimizers_and_schedule():
+    model = OpenMythos(tiny_config())
+    opts = build_optimizers(model, OptimConfig())
+    kinds = [type(o).__name__ for o in opts]
+    assert kinds[-1] == "AdamW" and "BatchedMuon" in kinds
+    assert lr_factor(0, 100, 10, 0.1) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10, 0.1) == pytest.approx(1.0)
+    assert lr_factor(100, 100, 10, 0.1) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(55, 100, 10, 0.1) < 1.0
+
+
+@pytest.mark.parametrize("field,value", [("muon_lr", 0.0), ("weight_decay", 1.5), ("betas", (0.9, 1.0)),
+                                         ("warmup_steps", -1), ("grad_clip", -1.0), ("adamw_lr", "fast")])
+def test_optim_config_validation(field, value):
+    with pytest.raises(ValueError, match=field):
+        OptimConfig(**{field: value})

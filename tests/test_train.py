@@ -1,0 +1,174 @@
+"""The training pipeline end to end on CPU: tiny model, a few steps."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from open_mythos import OpenMythos
+from open_mythos.training.config import LoopConfig, load_config
+from open_mythos.training.loop import Trainer
+
+TINY = ["steps=6", "batch_size=4", "log_every=1", "eval_batches=2", "sample_tokens=0",
+        "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_experts=4", "model.expert_dim=32",
+        "model.max_seq_len=32", "model.lora_rank=2", "data.seq_len=16", "loops.mean=2", "loops.max_loops=3",
+        "loops.backprop=2", "optim.warmup_steps=2", "sweep_loops=[1, 2, 4]"]
+
+
+def tiny_overrides(tmp_path, *extra):
+    return [*TINY, f"out_dir='{tmp_path / 'run'}'", *extra]
+
+
+def read_metrics(run_dir):
+    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_loop_sampling_is_bounded_deterministic_and_centred():
+    cfg = LoopConfig(schedule="poisson_lognormal", mean=4, sigma=0.5, min_loops=1, max_loops=12)
+    draws = [cfg.sample(seed=0, step=s) for s in range(2000)]
+    assert min(draws) >= 1 and max(draws) <= 12
+    assert draws == [cfg.sample(seed=0, step=s) for s in range(2000)]
+    assert 3.5 < sum(draws) / len(draws) < 4.5
+    assert LoopConfig(schedule="fixed", mean=3).sample(0, 5) == 3
+    with pytest.raises(ValueError, match="loops.min_loops"):
+        LoopConfig(mean=2, min_loops=3)
+
+
+def test_config_presets_overrides_and_errors(tmp_path):
+    cfg = load_config("shakespeare-tiny", overrides=["steps=7", "optim.muon_lr=0.01", "model.attn_type=mla"])
+    assert (cfg.steps, cfg.optim.muon_lr, cfg.model.attn_type) == (7, 0.01, "mla")
+    assert load_config("3b_fine_web_edu").data.source == "hf"
+    with pytest.raises(ValueError, match="unknown preset"):
+        load_config("nope")
+    with pytest.raises(ValueError, match="unknown field.*model"):
+        load_config("shakespeare-tiny", overrides=["model.n_layerz=3"])
+    with pytest.raises(ValueError, match="unknown training config key"):
+        load_config("shakespeare-tiny", overrides=["stepz=3"])
+    with pytest.raises(ValueError, match="steps must be of type int"):
+        load_config("shakespeare-tiny", overrides=["steps=many"])
+    with pytest.raises(ValueError, match="data.seq_len"):
+        load_config("shakespeare-tiny", overrides=["data.seq_len=4096"])
+    toml = tmp_path / "run.toml"
+    toml.write_text("steps = 3\n[optim]\nadamw_lr = 0.001\n")
+    cfg = load_config("shakespeare-tiny", toml)
+    assert cfg.steps == 3 and cfg.optim.adamw_lr == 0.001 and cfg.model.dim == 128
+
+
+def test_trainer_end_to_end(tmp_path):
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=30", "eval_every=10"))
+    summary = Trainer(cfg, progress=False).train()
+    rows = read_metrics(cfg.out_dir)
+    train = [r for r in rows if "loss" in r]
+    assert len(train) == 30 and train[-1]["loss"] < train[0]["loss"] - 0.5
+    for key in ("lr", "grad_norm", "tokens_per_s", "n_loops", "load_imbalance", "rho_A", "act_depth"):
+        assert key in train[-1]
+    assert all(r["rho_A"] < 1 for r in train)
+    assert [r["n_loops"] for r in summary["sweep"]] == [1, 2, 4]
+    run = Path(cfg.out_dir)
+    assert (run / "loss.png").is_file() and (run / "sweep.png").is_file()
+    model = OpenMythos.from_pretrained(run / "model")  # the exported weights load without pickle
+    assert model.cfg.dim == 32
+
+
+def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
+    import open_mythos.training.loop as loop
+
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "max_bad_steps=3"))
+    trainer = Trainer(cfg, progress=False)
+    real = loop.lm_loss
+    calls = {"n": 0}
+
+    def flaky(logits, labels):
+        calls["n"] += 1
+        loss = real(logits, labels)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(loop, "lm_loss", flaky)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train_step()
+    trainer.step += 1
+    after_good = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    rec = trainer.train_step()  # the NaN step: skipped, weights untouched
+    assert not rec["finite"]
+    assert all(torch.equal(after_good[n], p) for n, p in trainer.model.named_parameters())
+    assert any(not torch.equal(before[n], after_good[n]) for n in before)
+    monkeypatch.setattr(loop, "lm_loss", lambda logits, labels: real(logits, labels) * float("inf"))
+    with pytest.raises(RuntimeError, match="3 consecutive steps with a non-finite"):
+        trainer.train()
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    from conftest import tiny_config
+
+    model = OpenMythos(tiny_config())
+    ids = torch.randint(0, 97, (2, 8))
+    grads = []
+    for ckpt in (False, True):
+        model.zero_grad()
+        model.recurrent.checkpoint_loops = ckpt
+        model(ids, 3).square().mean().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
+
+
+def _train_cmd(*overrides):
+    return [sys.executable, "-m", "open_mythos.cli", "train", "--preset", "shakespeare-tiny", "--no-progress",
+            *[a for o in overrides for a in ("--set", o)]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def test_resume_after_kill_9_is_bit_identical(tmp_path):
+    common = [*TINY, "steps=40", "ckpt_every=2", "keep_last=2"]
+    ref = tmp_path / "ref"
+    subprocess.run(_train_cmd(*common, f"out_dir='{ref}'"), check=True, env=ENV, capture_output=True)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_train_cmd(*common, f"out_dir='{run}'"), env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (run / "checkpoints" / "step_00000006").is_dir():
+        assert proc.poll() is None and time.time() < deadline, "run ended before it could be killed"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not any(p.name.endswith(".tmp") and p.is_dir() and (p / "trainer_state.json").exists()
+                   for p in (run / "checkpoints").iterdir())
+    subprocess.run(_train_cmd(*common, f"out_dir='{run}'") + ["--resume"], check=True, env=ENV, capture_output=True)
+    losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}  # noqa: E731
+    assert losses(run) == losses(ref)  # exact float equality, every step
+    assert len(losses(ref)) == 40
+    assert len(list((run / "checkpoints").iterdir())) <= 3  # keep_last=2 (+ at most one .tmp leftover)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_process_gloo_matches_single_process(tmp_path, parallel):
+    common = [*TINY, "steps=4", f"parallel='{parallel}'"]
+    single = tmp_path / "single"
+    subprocess.run(_train_cmd(*common, f"out_dir='{single}'"), check=True, env=ENV, capture_output=True)
+    multi = tmp_path / "multi"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "open_mythos.cli", "train", "--preset", "shakespeare-tiny", "--no-progress",
+           *[a for o in (*common, f"out_dir='{multi}'") for a in ("--set", o)]]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = [r["loss"] for r in read_metrics(single) if "loss" in r]
+    b = [r["loss"] for r in read_metrics(multi) if "loss" in r]
+    assert len(a) == len(b) == 4
+    for x, y in zip(a, b):
+        assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
