@@ -110,6 +110,17 @@ class OpenMythos(nn.Module):
                 bad = lo if lo < 0 else hi
                 raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
 
+    def compile_blocks(self, **compile_kwargs) -> "OpenMythos":
+        """torch.compile every Prelude/Coda block and the recurrent block's transformer body.
+
+        The recurrent body is compiled once and reused by every loop iteration (the loop itself stays
+        in Python, so any n_loops runs without recompiling)."""
+        for block in [*self.prelude, *self.coda]:
+            block.compile(**compile_kwargs)
+        body = self.recurrent.block
+        body.residual = torch.compile(body.residual, **compile_kwargs)
+        return self
+
     # ------------------------------------------------------------------------------ router
     def moe_layers(self) -> list[MoE]:
         return [m for m in self.modules() if isinstance(m, MoE)]

@@ -35,7 +35,9 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     x: (N, in) sorted by expert; weight: (E, out, in); offsets: (E,) int32 cumulative row ends;
     expert_ids: (N,) expert of each row (sorted).
     """
-    if _grouped_mm_available() and x.dtype == weight.dtype and (x.device.type == "cpu" or x.dtype == torch.bfloat16):
+    # grouped_mm runs bf16 everywhere, fp32 only in eager mode on CPU (its compile-time meta kernel is bf16-only)
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
+    if _grouped_mm_available() and x.dtype == weight.dtype and (x.dtype == torch.bfloat16 or eager_cpu):
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return _padded_bmm(x, weight, offsets, expert_ids)
 
@@ -78,7 +80,8 @@ class MoE(nn.Module):
         expert_ids, gates = self.route(x)
         flat = expert_ids.flatten()
         order = flat.argsort(stable=True)                     # assignments sorted by expert
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+            0, flat, torch.ones_like(flat))  # tokens per expert; fixed shape (E,) for torch.compile
         if self.training and self.track_load:
             self.expert_load += counts.to(self.expert_load.dtype)
         offsets = counts.cumsum(0).to(torch.int32)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from ..attention import attention_backends
 from ..eval.perplexity import format_sweep, lm_loss, loop_sweep
 from ..flops import flops_per_token, peak_flops
 from ..model import OpenMythos
@@ -61,8 +62,8 @@ class Trainer:
         model.recurrent.checkpoint_loops = cfg.activation_checkpointing
         if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
             model.recurrent.act.requires_grad_(False)  # every trainable parameter to receive a gradient)
-        if cfg.compile:  # the recurrent block is compiled once and reused by every loop iteration
-            model.recurrent.block.residual = torch.compile(model.recurrent.block.residual)
+        if cfg.compile:
+            model.compile_blocks()
         self.model = wrap_model(model, self.info, cfg.parallel)
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
@@ -127,7 +128,7 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             last = micro == cfg.grad_accum - 1
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-            with sync:
+            with sync, attention_backends():
                 with self.autocast():
                     logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
                 loss = lm_loss(logits, y) / cfg.grad_accum
