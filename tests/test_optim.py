@@ -69,3 +69,19 @@ def test_build_optimizers_and_schedule():
 def test_optim_config_validation(field, value):
     with pytest.raises(ValueError, match=field):
         OptimConfig(**{field: value})
+
+
+def test_batched_muon_groups_shapes_like_separate_steps():
+    torch.manual_seed(0)
+    a, b = torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(8, 4))
+    c = torch.nn.Parameter(torch.randn(3, 5))
+    together = BatchedMuon([a, b, c], lr=0.1)
+    copies = [torch.nn.Parameter(t.detach().clone()) for t in (a, b, c)]
+    alone = [BatchedMuon([p], lr=0.1) for p in copies]
+    for t in (a, b, c, *copies):
+        t.grad = torch.ones_like(t) * torch.arange(t.numel()).view_as(t).float().sin()
+    together.step()
+    for opt in alone:
+        opt.step()
+    for t, ref in zip((a, b, c), copies):
+        torch.testing.assert_close(t, ref)

@@ -86,9 +86,12 @@ class MoE(nn.Module):
             self.expert_load += counts.to(self.expert_load.dtype)
         offsets = counts.cumsum(0).to(torch.int32)
         sorted_ids = flat[order]
-        xs = x[order // self.top_k]                           # token row of each sorted assignment
-        h = F.silu(grouped_linear(xs, self.w1, offsets, sorted_ids)) * grouped_linear(xs, self.w3, offsets, sorted_ids)
-        ys = grouped_linear(h, self.w2, offsets, sorted_ids)
+        # grouped_mm is not autocast-aware: run the experts in the autocast dtype ourselves
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        xs = x.index_select(0, order // self.top_k).to(dtype)  # token row of each sorted assignment
+        h = F.silu(grouped_linear(xs, w1, offsets, sorted_ids)) * grouped_linear(xs, w3, offsets, sorted_ids)
+        ys = grouped_linear(h, w2, offsets, sorted_ids)
         y = torch.empty_like(ys).index_copy_(0, order, ys)    # back to (token, slot) order
         out = (y.view(-1, self.top_k, shape[-1]) * gates.to(y.dtype).unsqueeze(-1)).sum(1)
         if self.shared is not None:

@@ -3,6 +3,7 @@
 Parameter groups (``param_groups``), explicit and tested:
 
 * ``muon``        2-D weight matrices inside blocks (attention, dense FFN, shared experts) -> torch.optim.Muon
+                  (or BatchedMuon with ``optim.muon_impl = "batched"``)
 * ``muon_experts`` stacked routed-expert weights (E, out, in) -> :class:`BatchedMuon` (one Newton-Schulz
   orthogonalisation per expert, batched)
 * ``adamw``       depth-wise LoRA (3-D stacks) and an untied LM head, with weight decay
@@ -12,6 +13,7 @@ Parameter groups (``param_groups``), explicit and tested:
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,7 @@ class BatchedMuon(torch.optim.Optimizer):
         loss = None if closure is None else closure()
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
+            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -80,11 +83,13 @@ class BatchedMuon(torch.optim.Optimizer):
                     state["momentum_buffer"] = torch.zeros_like(p)
                 buf = state["momentum_buffer"]
                 buf.lerp_(p.grad, 1 - mu)
-                update = p.grad.lerp(buf, mu) if group["nesterov"] else buf
-                update = newton_schulz(update, group["ns_steps"], group["eps"])
-                scale = math.sqrt(max(1.0, p.shape[-2] / p.shape[-1]))
-                p.mul_(1 - lr * group["weight_decay"])
-                p.add_(update, alpha=-lr * scale)
+                by_shape[p.shape].append((p, p.grad.lerp(buf, mu) if group["nesterov"] else buf))
+            for shape, items in by_shape.items():  # one batched Newton-Schulz per distinct shape
+                updates = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"], group["eps"])
+                scale = math.sqrt(max(1.0, shape[-2] / shape[-1]))
+                for (p, _), update in zip(items, updates):
+                    p.mul_(1 - lr * group["weight_decay"])
+                    p.add_(update, alpha=-lr * scale)
         return loss
 
 
@@ -98,6 +103,9 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
+    # "torch": torch.optim.Muon for 2-D matrices (one Newton-Schulz per tensor) where torch has it;
+    # "batched": BatchedMuon for all of them (same-shape matrices orthogonalised in one batched call)
+    muon_impl: str = "torch"
 
     def __post_init__(self) -> None:
         check_field_types(self, "optim.")
@@ -115,6 +123,8 @@ class OptimConfig:
             raise ValueError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.muon_impl not in ("torch", "batched"):
+            raise ValueError(f"optim.muon_impl must be 'torch' or 'batched', got {self.muon_impl!r}")
         if not self.grad_clip >= 0:
             raise ValueError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
@@ -124,13 +134,15 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
     groups = param_groups(model)
     params = {k: [p for _, p in v] for k, v in groups.items()}
     opts: list[torch.optim.Optimizer] = []
-    if params["muon"]:
-        muon_cls = getattr(torch.optim, "Muon", None) or BatchedMuon
-        opts.append(muon_cls(params["muon"], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                             momentum=cfg.muon_momentum))
-    if params["muon_experts"]:
-        opts.append(BatchedMuon(params["muon_experts"], lr=cfg.muon_lr, weight_decay=cfg.weight_decay,
-                                momentum=cfg.muon_momentum))
+    hyper = dict(lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
+    torch_muon = getattr(torch.optim, "Muon", None) if cfg.muon_impl == "torch" else None
+    if torch_muon is not None and params["muon"]:
+        opts.append(torch_muon(params["muon"], **hyper))
+        batched = params["muon_experts"]
+    else:
+        batched = params["muon"] + params["muon_experts"]
+    if batched:
+        opts.append(BatchedMuon(batched, **hyper))
     adamw_groups = [{"params": params["adamw"], "weight_decay": cfg.weight_decay},
                     {"params": params["adamw_no_decay"], "weight_decay": 0.0}]
     opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas))

@@ -1,0 +1,49 @@
+"""Shared benchmark plumbing: environment description, CUDA timing, JSON report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # run from a checkout without install
+
+
+def env_info() -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv)}
+    if torch.cuda.is_available():
+        info |= {"device": torch.cuda.get_device_name(), "cuda": torch.version.cuda,
+                 "sm_count": torch.cuda.get_device_properties(0).multi_processor_count}
+    else:
+        info["device"] = platform.processor() or "cpu"
+    return info
+
+
+def time_fn(fn, warmup: int = 3, iters: int = 10) -> float:
+    """Median seconds per call (synchronised around each call on CUDA)."""
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def write_report(name: str, report: dict, out_dir: str | None) -> None:
+    text = json.dumps(report, indent=1)
+    print(text)
+    if out_dir:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / f"{name}.json").write_text(text)

@@ -1,0 +1,98 @@
+"""Correctness of the GPU paths against references, on the device (prints JSON, exits 1 on failure).
+
+    python benchmarks/gpu_check.py [--out DIR]
+
+1. grouped-GEMM MoE in bf16 vs the naive per-expert loop on the same weights upcast to fp32 (values, grads)
+2. compiled model vs eager model under bf16 autocast (logits, grads)
+3. cached token-by-token decode vs full forward, fp32, GQA and MLA, more loops than trained
+4. pure-bf16 model vs fp32 model (next-token distributions)
+Error = ||out - ref|| / ||ref||; thresholds follow the bf16 / fp32 expectations.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+
+from common import env_info, write_report
+from moe import naive_moe
+
+from open_mythos import KVCache, MythosConfig, OpenMythos
+from open_mythos.attention import attention_backends
+from open_mythos.moe import MoE
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def small(attn: str) -> MythosConfig:
+    return MythosConfig(vocab_size=512, dim=256, n_heads=4, n_kv_heads=2, max_seq_len=256, max_loop_iters=4,
+                        prelude_layers=1, coda_layers=1, attn_type=attn, kv_lora_rank=64, q_lora_rank=96,
+                        qk_rope_head_dim=32, qk_nope_head_dim=64, v_head_dim=64, n_experts=16, n_shared_experts=1,
+                        n_experts_per_tok=4, expert_dim=128, lora_rank=8)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dev = "cuda"
+    checks = {}
+    torch.manual_seed(0)
+
+    # 1. MoE
+    cfg = MythosConfig(dim=1024, n_experts=64, n_experts_per_tok=4, expert_dim=256, n_shared_experts=2)
+    ref = MoE(cfg).to(dev).train()
+    for prm in ref.parameters():
+        torch.nn.init.normal_(prm, std=0.02)
+    fast = copy.deepcopy(ref).to(torch.bfloat16)
+    x = torch.randn(4096, 1024, device=dev)
+    g = torch.randn_like(x)
+    xr, xf = x.clone().requires_grad_(), x.bfloat16().requires_grad_()
+    ids, _ = fast.route(xf.detach())  # same experts on both sides: bf16 and fp32 scores can differ on ties
+    yr = naive_moe(ref, xr, ids)
+    yr.backward(g)
+    yf = fast(xf)
+    yf.backward(g.bfloat16())
+    checks["moe_bf16_vs_naive_fp32"] = {"out": rel(yf, yr), "grad_x": rel(xf.grad, xr.grad),
+                                        "grad_w1": rel(fast.w1.grad, ref.w1.grad), "limit": 2e-2}
+
+    for attn in ("gqa", "mla"):
+        # 2. compiled vs eager, bf16 autocast
+        model = OpenMythos(small(attn)).to(dev).train()
+        comp = copy.deepcopy(model).compile_blocks()
+        ids = torch.randint(0, 512, (4, 128), device=dev)
+        outs, grads = [], []
+        for m in (model, comp):
+            with attention_backends(), torch.autocast("cuda", torch.bfloat16):
+                out = m(ids, 4)
+            out.float().square().mean().backward()
+            outs.append(out)
+            grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
+        checks[f"{attn}_compiled_vs_eager_bf16"] = {"out": rel(outs[1], outs[0]), "grads": rel(grads[1], grads[0]),
+                                                   "limit": 2e-2}
+        # 3. decode vs full forward, fp32
+        model.eval()
+        ids = torch.randint(0, 512, (2, 40), device=dev)
+        with torch.no_grad():
+            full = model(ids, 6)
+            cache = KVCache(2, 40)
+            steps = [model(ids[:, :8], 6, cache)] + [model(ids[:, t:t + 1], 6, cache) for t in range(8, 40)]
+        checks[f"{attn}_decode_vs_full_fp32"] = {"out": rel(torch.cat(steps, 1), full), "limit": 1e-3}
+        # 4. pure bf16
+        bf = copy.deepcopy(model).to(torch.bfloat16)
+        with torch.no_grad():
+            p32, p16 = full.softmax(-1), bf(ids, 6).float().softmax(-1)
+        checks[f"{attn}_pure_bf16_vs_fp32_probs"] = {"out": rel(p16, p32), "limit": 3e-2}
+
+    ok = all(all(v <= c["limit"] for k, v in c.items() if k != "limit") for c in checks.values())
+    write_report("gpu_check", {"benchmark": "gpu_check", "env": env_info(), "checks": checks, "passed": ok}, args.out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
