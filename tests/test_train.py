@@ -172,3 +172,31 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel):
     assert len(a) == len(b) == 4
     for x, y in zip(a, b):
         assert abs(x - y) < 1e-4 * max(1.0, abs(x)), (a, b)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    results = []
+    for accum in (1, 2):
+        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, f"grad_accum={accum}",
+                                                                       "loops.schedule='fixed'", f"out_dir='{tmp_path / str(accum)}'"))
+        trainer = Trainer(cfg, progress=False)
+        trainer.train_loader.shuffle = False  # same windows in the same order for both
+        recs = []
+        for _ in range(3):
+            recs.append(trainer.train_step())
+            trainer.step += 1
+        results.append(recs)
+    for a, b in zip(*results):
+        assert abs(a["loss"] - b["loss"]) < 1e-4 * abs(a["loss"]), (a["loss"], b["loss"])
+    assert abs(results[0][0]["grad_norm"] - results[1][0]["grad_norm"]) < 1e-4 * results[0][0]["grad_norm"]
+
+
+def test_plot_cli(tmp_path, capsys):
+    from open_mythos.cli import main
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 9)))
+    assert main(["plot", str(run)]) == 0
+    assert (run / "loss.png").is_file()
+    assert main(["plot", str(tmp_path / "empty")]) == 2

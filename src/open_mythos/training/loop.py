@@ -77,14 +77,15 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
         cfg, info = self.cfg, self.info
+        micro_batch = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
         if cfg.data.source == "hf":  # the stream is split world+1 ways: the last shard is held out
-            self.train_loader = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size // info.world_size,
+            self.train_loader = StreamingLoader(cfg.data, self.tokenizer, micro_batch // info.world_size,
                                                 info.rank, info.world_size + 1)
             val = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size, info.world_size, info.world_size + 1)
         else:
             train_tokens, val_tokens = pack_documents(SOURCES[cfg.data.source](cfg.data), self.tokenizer,
                                                       cfg.data.val_fraction)
-            self.train_loader = PackedLoader(train_tokens, cfg.data.seq_len, cfg.batch_size, cfg.seed,
+            self.train_loader = PackedLoader(train_tokens, cfg.data.seq_len, micro_batch, cfg.seed,
                                              info.rank, info.world_size)
             n_val = (val_tokens.numel() - 1) // cfg.data.seq_len
             if n_val < 1:
