@@ -200,3 +200,17 @@ def test_plot_cli(tmp_path, capsys):
     assert main(["plot", str(run)]) == 0
     assert (run / "loss.png").is_file()
     assert main(["plot", str(tmp_path / "empty")]) == 2
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_training_runs_and_learns(tmp_path, precision):
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=12", f"precision='{precision}'"))
+    trainer = Trainer(cfg, progress=False)
+    assert trainer.scaler.is_enabled() == (precision == "fp16")
+    losses = []
+    for _ in range(12):
+        rec = trainer.train_step()
+        trainer.step += 1
+        losses.append(rec["loss"])
+    assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0] - 0.3
+    assert next(trainer.model.parameters()).dtype == torch.float32  # fp32 master weights
