@@ -62,7 +62,8 @@ def test_config_presets_overrides_and_errors(tmp_path):
 
 
 def test_trainer_end_to_end(tmp_path):
-    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=30", "eval_every=10"))
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=30", "eval_every=10",
+                                                                   "sweep_loops=[1, 4]"))
     summary = Trainer(cfg, progress=False).train()
     rows = read_metrics(cfg.out_dir)
     train = [r for r in rows if "loss" in r]

@@ -220,7 +220,7 @@ class Trainer:
     def finish(self) -> dict:
         cfg = self.cfg
         export_weights(self.model, self.run_dir / "model", self.info)
-        loops = cfg.sweep_loops or sorted({1, 2, cfg.loops.mean, 2 * cfg.loops.mean, 4 * cfg.loops.mean})
+        loops = sorted(set(cfg.sweep_loops or [1, 2, 2 * cfg.loops.mean, 4 * cfg.loops.mean]) | {cfg.loops.mean})
         sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,
                    "sweep": sweep}
