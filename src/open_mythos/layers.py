@@ -51,18 +51,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return out.flatten(-2).to(x.dtype)
 
 
-def sinusoid(index: torch.Tensor | int | float, dim: int, base: float = 10000.0,
-             device: torch.device | None = None) -> torch.Tensor:
-    """Transformer sinusoidal embedding of a scalar index: [sin(i w_k), cos(i w_k)], w_k = base^(-2k/d).
-
-    Used for the loop-index embedding: it is defined for every loop index, so running more loops
-    than were trained needs no extrapolated table.
-    """
+def sinusoid(indices: torch.Tensor, dim: int, base: float = 10000.0) -> torch.Tensor:
+    """Transformer sinusoidal embeddings of indices (n,) -> (n, dim): [sin(i w_k), cos(i w_k)],
+    w_k = base^(-2k/d), zero-padded to ``dim``; fp32."""
     half = dim // 2
-    freqs = base ** (-torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
-    angles = torch.as_tensor(index, dtype=torch.float32, device=device) * freqs
-    emb = torch.cat((angles.sin(), angles.cos()))
-    return F.pad(emb, (0, dim - emb.numel()))
+    freqs = base ** (-torch.arange(half, device=indices.device, dtype=torch.float32) / max(half, 1))
+    angles = indices.to(torch.float32).unsqueeze(-1) * freqs
+    emb = torch.cat((angles.sin(), angles.cos()), dim=-1)
+    return F.pad(emb, (0, dim - emb.shape[-1]))
 
 
 class SwiGLU(nn.Module):

@@ -111,14 +111,12 @@ class OpenMythos(nn.Module):
                 raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
 
     def compile_blocks(self, **compile_kwargs) -> "OpenMythos":
-        """torch.compile every Prelude/Coda block and the recurrent block's transformer body.
-
-        The recurrent body is compiled once and reused by every loop iteration (the loop itself stays
-        in Python, so any n_loops runs without recompiling)."""
+        """torch.compile every Prelude/Coda block and one recurrent iteration (injection + LoRA +
+        transformer body), used for every loop without a cache. The loop itself stays in Python, so
+        any n_loops runs without recompiling; decoding with a cache runs the eager iteration."""
         for block in [*self.prelude, *self.coda]:
             block.compile(**compile_kwargs)
-        body = self.recurrent.block
-        body.residual = torch.compile(body.residual, **compile_kwargs)
+        self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)
         return self
 
     # ------------------------------------------------------------------------------ router

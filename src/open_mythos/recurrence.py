@@ -102,15 +102,22 @@ class DepthLoRA(nn.Module):
         self.down = nn.Parameter(torch.randn(n_loops, rank, dim) * std)
         self.up = nn.Parameter(torch.zeros(n_loops, dim, rank))
 
-    def forward(self, x: torch.Tensor, loop_index: int) -> torch.Tensor:
+    def adapter(self, loop_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(D_t, U_t) for loop ``loop_index`` (views; index clamped to the last trained adapter)."""
         i = min(loop_index, self.down.shape[0] - 1)
-        return (self.norm(x) @ self.down[i].T) @ self.up[i].T
+        return self.down[i], self.up[i]
+
+    def apply(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        return (self.norm(x) @ down.T) @ up.T
+
+    def forward(self, x: torch.Tensor, loop_index: int) -> torch.Tensor:
+        return self.apply(x, *self.adapter(loop_index))
 
 
-def loop_embedding(loop_index: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Sinusoidal embedding of the loop index on the first dim/8 channels (zeros elsewhere)."""
+def loop_embeddings(n_loops: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Sinusoidal embeddings of loop indices 0..n_loops-1, (n_loops, dim), on the first dim/8 channels."""
     width = max(2, dim // 8)
-    emb = sinusoid(loop_index, width, device=device)
+    emb = sinusoid(torch.arange(n_loops, device=device), width)
     return torch.nn.functional.pad(emb, (0, dim - width)).to(dtype)
 
 
@@ -127,14 +134,19 @@ class RecurrentBlock(nn.Module):
             if cfg.lora_rank > 0 else None
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # Coda sees the state's direction, not its scale
         self.checkpoint_loops = False  # activation checkpointing: recompute each loop in backward
+        self.compiled_step = None     # set by OpenMythos.compile_blocks: `step` compiled once, used without cache
 
-    def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], t: int,
-             cache: KVCache | None) -> torch.Tensor:
-        """One loop iteration: h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_t(x_t)."""
-        x = h + e + loop_embedding(min(t, self.cfg.max_loop_iters - 1), e.shape[-1], e.device, e.dtype)
-        out = self.block.residual(x, rope, cache, cache.loop_key(t) if cache is not None else None)
-        if self.lora is not None:
-            out = out + self.lora(x, t)
+    def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+             loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
+             cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
+        """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x).
+
+        The loop index enters only through tensors (its embedding row and LoRA matrices), so one
+        compiled graph serves every iteration."""
+        x = h + e + loop_emb
+        out = self.block.residual(x, rope, cache, cache_key)
+        if lora is not None:
+            out = out + self.lora.apply(x, *lora)
         return self.injection(h, e, out)
 
     def forward(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
@@ -150,12 +162,16 @@ class RecurrentBlock(nn.Module):
         depth = torch.zeros_like(cum)
         mixture = torch.zeros_like(e, dtype=torch.float32) if self.cfg.loop_output == "act" else None
         first_grad_loop = 0 if backprop_loops is None else max(0, n_loops - backprop_loops)
+        last = self.cfg.max_loop_iters - 1
+        embs = loop_embeddings(min(n_loops, last + 1), e.shape[-1], e.device, e.dtype)
+        step = self.compiled_step if cache is None and self.compiled_step is not None else self.step
         for t in range(n_loops):
+            emb, lora = embs[min(t, last)], self.lora.adapter(t) if self.lora is not None else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
                 if self.checkpoint_loops and cache is None and torch.is_grad_enabled():
-                    h = checkpoint(self.step, h, e, rope, t, None, use_reentrant=False)
+                    h = checkpoint(step, h, e, rope, emb, lora, use_reentrant=False)
                 else:
-                    h = self.step(h, e, rope, t, cache)
+                    h = step(h, e, rope, emb, lora, cache, cache.loop_key(t) if cache is not None else None)
             depth = depth + (cum < self.act.threshold).float()
             weight, cum = self.act.step(h, cum, is_last=t == n_loops - 1)
             if mixture is not None:
