@@ -102,3 +102,11 @@ def test_truncated_backprop_leaves_early_loops_without_graph():
     assert torch.isfinite(grads_trunc[block_w]).all()
     # the Prelude receives gradient only through e, injected in the last loop
     assert grads_trunc["prelude.0.attn.wq.weight"].abs().sum() > 0
+
+
+def test_module_apply_still_works():
+    """nn.Module.apply recurses into every submodule: no submodule may shadow it."""
+    model = OpenMythos(tiny_config())
+    seen = []
+    model.apply(lambda m: seen.append(type(m).__name__))
+    assert "DepthLoRA" in seen

@@ -3,7 +3,7 @@ and the recurrent block that runs one shared transformer block ``n_loops`` times
 
 Recurrent update, for loop t = 0 .. n_loops-1, with e the Prelude output and h_0 = 0:
 
-    x_t     = h_t + e + loop_embedding(min(t, L-1))          L = max_loop_iters
+    x_t     = h_t + e + loop_embeddings[min(t, L-1)]         L = max_loop_iters
     h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_min(t, L-1)(x_t)
 
 From loop L-1 on, the map h_t -> h_{t+1} no longer depends on t: running more loops than
@@ -107,11 +107,12 @@ class DepthLoRA(nn.Module):
         i = min(loop_index, self.down.shape[0] - 1)
         return self.down[i], self.up[i]
 
-    def apply(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+        """Δ(x) = U D norm(x) for given adapter matrices (not `apply`: that is nn.Module.apply)."""
         return (self.norm(x) @ down.T) @ up.T
 
     def forward(self, x: torch.Tensor, loop_index: int) -> torch.Tensor:
-        return self.apply(x, *self.adapter(loop_index))
+        return self.delta(x, *self.adapter(loop_index))
 
 
 def loop_embeddings(n_loops: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -146,7 +147,7 @@ class RecurrentBlock(nn.Module):
         x = h + e + loop_emb
         out = self.block.residual(x, rope, cache, cache_key)
         if lora is not None:
-            out = out + self.lora.apply(x, *lora)
+            out = out + self.lora.delta(x, *lora)
         return self.injection(h, e, out)
 
     def forward(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
