@@ -34,18 +34,19 @@ def attention_backends():
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-           scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+           scale: float | None = None, dropout_p: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v, for queries at positions start..start+T-1.
 
     q: (B, T, H, d), k: (B, S, Hk, d), v: (B, S, Hk, dv) with S = start + T and H % Hk == 0.
-    Returns (B, T, H, dv).
+    ``mask`` (B, 1, T, S) bool, True = may attend, replaces the causal rule: the inference
+    engine's rows sit at different positions of a static cache. Returns (B, T, H, dv).
     """
     T, S = q.shape[1], k.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    mask, causal = None, False
-    if start == 0:
+    causal = False
+    if mask is None and start == 0:
         causal = T > 1
-    elif T > 1:  # a chunk after cached tokens: query i sees keys j <= start + i
+    elif mask is None and T > 1:  # a chunk after cached tokens: query i sees keys j <= start + i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                          dropout_p=dropout_p, enable_gqa=q.shape[1] != k.shape[1])
@@ -74,12 +75,12 @@ class GQAttention(nn.Module):
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), *rope)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), *rope)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        start = 0
+        start, mask = 0, None
         if cache is not None:
-            start = cache.pos
+            start, mask = cache.pos, cache.mask
             kv = cache.update(cache_key, k=k, v=v)
             k, v = kv["k"], kv["v"]
-        out = attend(q, k, v, start, dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, start, dropout_p=self.dropout if self.training else 0.0, mask=mask)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -131,23 +132,24 @@ class MLAttention(nn.Module):
         c_kv, k_pe = self.wkv_a(x).split([self.kv_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_norm(c_kv)
         k_pe = apply_rope(k_pe.unsqueeze(2), *rope).squeeze(2)
-        start = 0
+        start, mask = 0, None
         if cache is not None:
-            start = cache.pos
+            start, mask = cache.pos, cache.mask
             latent = cache.update(cache_key, c_kv=c_kv, k_pe=k_pe)
             c_kv, k_pe = latent["c_kv"], latent["k_pe"]
             if self.absorb_decode:
-                return self._absorbed(q_nope, q_pe, c_kv, k_pe, start)
+                return self._absorbed(q_nope, q_pe, c_kv, k_pe, start, mask)
         S = c_kv.shape[1]
         k_nope, v = self.wkv_b(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim).split(
             [self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
-        out = attend(q, k, v, start, scale=self.scale, dropout_p=self.dropout if self.training else 0.0)
+        out = attend(q, k, v, start, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
+                     mask=mask)
         return self.wo(out.reshape(B, T, -1))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
-                  k_pe: torch.Tensor, start: int) -> torch.Tensor:
+                  k_pe: torch.Tensor, start: int, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Attention over the latent: q_lat = q_nope W_uk; out = softmax(...) c_kv W_uv."""
         B, T = q_nope.shape[:2]
         w = self.wkv_b.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
@@ -155,7 +157,7 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
         q = torch.cat((q_lat, q_pe), dim=-1)                       # (B, T, H, r + rope)
         k = torch.cat((c_kv, k_pe), dim=-1).unsqueeze(2)           # (B, S, 1, r + rope)
-        o_lat = attend(q, k, c_kv.unsqueeze(2), start, scale=self.scale)  # (B, T, H, r)
+        o_lat = attend(q, k, c_kv.unsqueeze(2), start, scale=self.scale, mask=mask)  # (B, T, H, r)
         out = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
         return self.wo(out.reshape(B, T, -1))
 

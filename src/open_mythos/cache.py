@@ -32,6 +32,7 @@ class KVCache:
         self.max_len = max_len
         self.loop_policy = loop_policy
         self.pos = 0  # number of tokens whose keys/values are committed
+        self.mask = None  # attention uses the causal rule from `pos` (see attention.attend)
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
 
     def loop_key(self, loop_index: int) -> tuple:

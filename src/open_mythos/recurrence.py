@@ -108,8 +108,10 @@ class DepthLoRA(nn.Module):
         return self.down[i], self.up[i]
 
     def delta(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        """Δ(x) = U D norm(x) for given adapter matrices (not `apply`: that is nn.Module.apply)."""
-        return (self.norm(x) @ down.T) @ up.T
+        """Δ(x) = U D norm(x) for given adapter matrices (not `apply`: that is nn.Module.apply).
+
+        down/up: (rank, dim)/(dim, rank), or batched per row (B, rank, dim)/(B, dim, rank)."""
+        return (self.norm(x) @ down.mT) @ up.mT
 
     def forward(self, x: torch.Tensor, loop_index: int) -> torch.Tensor:
         return self.delta(x, *self.adapter(loop_index))

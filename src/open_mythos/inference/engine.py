@@ -1,0 +1,394 @@
+"""Inference engine: static slot cache, per-request loop budgets, per-token early exit, and
+continuous depth-wise batching.
+
+Every running request owns a *slot*: a row of the :class:`SlotKVCache` and of the engine's state
+tensors (recurrent state h, Prelude output e, loop depth t, ACT sums). A decoded token goes through
+three stages; the scheduler runs each stage batched over the slots that are in it:
+
+    start  : e = Prelude(embed(token));  h = 0;  t = 0                 (once per token)
+    loop   : h <- RecurrentBlock.step(h, e, loop t);  t <- t + 1        (once per loop)
+             exit when t = n_loops or the request's exit rule fires (see exit.py)
+    finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
+
+``schedule="depth"`` (continuous depth-wise batching): every engine tick runs ONE loop iteration
+for every running slot, whatever its depth. A token that exits is finished and its request's next
+token started in the same tick, and a finished request frees its slot for the next waiting one, so
+the recurrent block always runs on a full batch of work at mixed depths:
+
+    tick      1    2    3    4    5    6
+    slot 0   a1·0 a1·1 a1·2 a2·0 a2·1 a3·0       (a1·0 = request a, token 1, loop 0)
+    slot 1   b1·0 b1·1 b1·2 b1·3 b1·4 b1·5       b1 is a hard token: it keeps looping
+    slot 2   c1·0 c2·0 c3·0 c3·1 d1·0 d1·1       c finishes at tick 4; d takes the slot
+
+``schedule="static"`` (the baseline): the batch moves in lock-step, one whole token per tick; a
+token that exits is frozen (no state or cache writes) until the deepest token of the batch is done,
+and new requests are admitted only when the whole batch has finished. Both schedules compute the
+same tokens for every request; only the work differs.
+
+Prompts are prefilled one request at a time with the full-sequence forward at the request's full
+loop budget (exit rules apply to generated tokens).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..layers import rope_angles
+from ..model import OpenMythos
+from ..recurrence import loop_embeddings
+from ..sampling import SamplingParams, sample_next
+from .exit import ExitRule
+from .slots import SlotKVCache
+
+SCHEDULES = ("depth", "static")
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 64
+    n_loops: int | None = None                 # loop budget per token (default: config max_loop_iters)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    exit_rule: ExitRule = field(default_factory=ExitRule)
+    eos_token_ids: tuple[int, ...] = ()
+    seed: int | None = None                    # per-request generator: reproducible whatever the batch
+
+
+@dataclass
+class TokenEvent:
+    request_id: int
+    token: int | None          # None only for a cancellation event
+    depth: int                 # loop iterations this token ran
+    finish_reason: str | None  # None while running; "stop" (eos / stop string), "length", "cancelled"
+
+
+@dataclass
+class Completion:
+    request_id: int
+    tokens: list[int]
+    depths: list[int]
+    finish_reason: str
+
+
+@dataclass
+class _Slot:
+    request_id: int
+    request: Request
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    pending: int | None = None  # sampled token waiting for its `start` stage
+
+
+class Engine:
+    def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
+                 loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth"):
+        cfg = model.cfg
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        max_len = cfg.max_seq_len if max_len is None else max_len
+        if not 1 <= max_len <= cfg.max_seq_len:
+            raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
+        self.model, self.cfg, self.schedule = model.eval(), cfg, schedule
+        self.max_batch, self.max_len = max_batch, max_len
+        self.max_loops = cfg.max_loop_iters if max_loops is None else max_loops
+        if self.max_loops < 1:
+            raise ValueError(f"max_loops must be >= 1, got {self.max_loops}")
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, p.dtype
+        self.cache = SlotKVCache(max_batch, max_len, loop_policy, self.max_loops)
+        self.rot_dim = cfg.head_dim if cfg.attn_type == "gqa" else cfg.qk_rope_head_dim
+        self.loop_table = loop_embeddings(cfg.max_loop_iters, cfg.dim, self.device, self.dtype)
+        self._alloc_state(max_batch)
+        self.waiting: deque[tuple[int, Request]] = deque()
+        self.slots: dict[int, _Slot] = {}
+        self.free = list(range(max_batch))
+        self._cancel: dict[int, str] = {}
+        self._next_id = 0
+        # work counters: loop_rows = recurrent-block row evaluations (the cost early exit saves)
+        self.stats = {"ticks": 0, "loop_rows": 0, "tokens": 0}
+
+    def _alloc_state(self, n: int) -> None:
+        dev, D, V = self.device, self.cfg.dim, self.cfg.vocab_size
+        f32 = dict(device=dev, dtype=torch.float32)
+        self.h = torch.zeros(n, D, device=dev, dtype=self.dtype)    # recurrent state h_t
+        self.e = torch.zeros_like(self.h)                            # Prelude output of the token
+        self.out = torch.zeros_like(self.h)                          # state the Coda gets if the token exits now
+        self.mix = torch.zeros(n, D, **f32)                          # ACT mixture (loop_output="act")
+        self.cum = torch.zeros(n, **f32)                             # ACT weight used so far (mixture)
+        self.psum = torch.zeros(n, **f32)                            # sum of halting probabilities (exit rule)
+        self.prev_logp = torch.zeros(n, V, **f32)                    # log p_t for the KL rule
+        self.logits = torch.zeros(n, V, **f32)                       # logits of the last KL probe
+        self.t = torch.zeros(n, device=dev, dtype=torch.long)        # loops done for the current token
+        self.pos = torch.zeros_like(self.t)                          # position of the current token
+        self.budget = torch.ones_like(self.t)                        # n_loops per slot
+        self.min_loops = torch.ones_like(self.t)
+        self.done = torch.zeros(n, device=dev, dtype=torch.bool)
+        self.act_thr = torch.full((n,), float("inf"), **f32)         # inf: rule off
+        self.rel_tol = torch.zeros(n, **f32)                         # 0: rule off
+        self.kl_tol = torch.zeros(n, **f32)
+
+    # ------------------------------------------------------------------------------ requests
+    def submit(self, request: Request) -> int:
+        """Validate and queue a request; returns its id. Errors name the offending field."""
+        self._validate(request)
+        rid, self._next_id = self._next_id, self._next_id + 1
+        self.waiting.append((rid, request))
+        return rid
+
+    def _validate(self, r: Request) -> None:
+        cfg = self.cfg
+        if not isinstance(r.prompt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                              for i in r.prompt):
+            raise ValueError("prompt must be a list of token ids (ints)")
+        if len(r.prompt) == 0:
+            raise ValueError("prompt is empty: need at least one token")
+        bad = [i for i in r.prompt if not 0 <= i < cfg.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range [0, vocab_size={cfg.vocab_size})")
+        if len(r.prompt) >= self.max_len:
+            raise ValueError(f"prompt of {len(r.prompt)} tokens is too long: the context holds {self.max_len}")
+        n = r.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {n!r}")
+        if n > cfg.max_output_tokens:
+            raise ValueError(f"max_new_tokens={n} exceeds max_output_tokens={cfg.max_output_tokens}")
+        if len(r.prompt) + n > self.max_len:
+            raise ValueError(f"prompt ({len(r.prompt)} tokens) + max_new_tokens ({n}) exceeds the context "
+                             f"of {self.max_len} tokens")
+        loops = r.n_loops
+        if loops is not None and (isinstance(loops, bool) or not isinstance(loops, int)
+                                  or not 1 <= loops <= self.max_loops):
+            raise ValueError(f"n_loops must be an int in [1, {self.max_loops}] (the engine's max_loops), "
+                             f"got {loops!r}")
+        if not isinstance(r.sampling, SamplingParams):
+            raise ValueError("sampling must be a SamplingParams")
+        if not isinstance(r.exit_rule, ExitRule):
+            raise ValueError("exit_rule must be an ExitRule")
+        if any(not isinstance(i, int) or not 0 <= i < cfg.vocab_size for i in r.eos_token_ids):
+            raise ValueError(f"eos_token_ids must be token ids in [0, {cfg.vocab_size})")
+
+    def cancel(self, request_id: int, reason: str = "cancelled") -> None:
+        """Stop a request at the next tick (its slot is freed); unknown or finished ids are ignored."""
+        self._cancel[request_id] = reason
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.slots)
+
+    # ------------------------------------------------------------------------------ scheduling
+    @torch.inference_mode()
+    def step(self) -> list[TokenEvent]:
+        """One engine tick; returns the tokens produced (and cancellations), in slot order."""
+        self.stats["ticks"] += 1
+        events = self._apply_cancellations()
+        if self.schedule == "depth" or not self.slots:
+            self._admit(events)
+        if self.slots:
+            (self._depth_tick if self.schedule == "depth" else self._static_tick)(events)
+        return events
+
+    def run(self, requests: list[Request]) -> list[Completion]:
+        """Submit ``requests`` and step until all are done; completions in submission order."""
+        ids = [self.submit(r) for r in requests]
+        done: dict[int, Completion] = {}
+        partial: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in ids}
+        while len(done) < len(ids):
+            for ev in self.step():
+                toks, depths = partial[ev.request_id]
+                if ev.token is not None:
+                    toks.append(ev.token)
+                    depths.append(ev.depth)
+                if ev.finish_reason is not None:
+                    done[ev.request_id] = Completion(ev.request_id, toks, depths, ev.finish_reason)
+        return [done[i] for i in ids]
+
+    def _apply_cancellations(self) -> list[TokenEvent]:
+        events = []
+        if not self._cancel:
+            return events
+        for rid, reason in list(self._cancel.items()):
+            if any(w[0] == rid for w in self.waiting):
+                self.waiting = deque(w for w in self.waiting if w[0] != rid)
+                events.append(TokenEvent(rid, None, 0, reason))
+            for slot, s in list(self.slots.items()):
+                if s.request_id == rid:
+                    self._release(slot)
+                    events.append(TokenEvent(rid, None, 0, reason))
+        self._cancel.clear()
+        return events
+
+    def _admit(self, events: list[TokenEvent]) -> None:
+        while self.free and self.waiting:
+            rid, req = self.waiting.popleft()
+            slot = self.free.pop(0)
+            gen = None
+            if req.seed is not None:
+                gen = torch.Generator(device=self.device).manual_seed(req.seed)
+            self.slots[slot] = _Slot(rid, req, gen)
+            self._configure_slot(slot, req)
+            logits = self._prefill(slot, req)
+            self._emit(slot, logits, depth=self.budget[slot].item(), events=events)
+
+    def _configure_slot(self, slot: int, req: Request) -> None:
+        rule = req.exit_rule
+        thr = rule.resolved_threshold(self.cfg.act_threshold)
+        self.budget[slot] = req.n_loops or self.cfg.max_loop_iters
+        self.min_loops[slot] = rule.min_loops
+        self.act_thr[slot] = thr if rule.kind == "act" else float("inf")
+        self.rel_tol[slot] = thr if rule.kind == "rel_change" else 0.0
+        self.kl_tol[slot] = thr if rule.kind == "kl" else 0.0
+        self.pos[slot] = len(req.prompt)
+
+    def _release(self, slot: int) -> None:
+        del self.slots[slot]
+        self.free.append(slot)
+        self.free.sort()
+
+    def _depth_tick(self, events: list[TokenEvent]) -> None:
+        self._start([s for s, st in self.slots.items() if st.pending is not None])
+        slots = sorted(self.slots)
+        rows = torch.tensor(slots, device=self.device)
+        probe = self._needs_probe(slots)
+        done = self._loop_step(rows, probe).tolist()
+        exited = [s for s, d in zip(slots, done) if d]
+        if exited:
+            self._finish(exited, probe, events)
+
+    def _static_tick(self, events: list[TokenEvent]) -> None:
+        slots = sorted(self.slots)
+        self._start(slots)
+        rows = torch.tensor(slots, device=self.device)
+        probe = self._needs_probe(slots)
+        while not bool(self._loop_step(rows, probe).all()):  # the batch waits for its deepest token
+            pass
+        self._finish(slots, probe, events)
+
+    def _needs_probe(self, slots: list[int]) -> bool:
+        return any(self.slots[s].request.exit_rule.kind == "kl" for s in slots)
+
+    # ------------------------------------------------------------------------------ stages
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_angles(positions[:, None], self.rot_dim, self.cfg.rope_theta)
+
+    def _prefill(self, slot: int, req: Request) -> torch.Tensor:
+        ids = torch.tensor([req.prompt], device=self.device)
+        return self.model(ids, int(self.budget[slot]), self.cache.bind_prefill(slot))[0, -1].float()
+
+    def _start(self, slots: list[int]) -> None:
+        """start stage: e = Prelude(embed(token)) at the slot's position; reset the loop state."""
+        if not slots:
+            return
+        rows = torch.tensor(slots, device=self.device)
+        tokens = torch.tensor([self.slots[s].pending for s in slots], device=self.device)
+        for s in slots:
+            self.slots[s].pending = None
+        pos = self.pos[rows]
+        self.cache.bind(rows, pos, torch.zeros_like(rows), torch.ones_like(rows, dtype=torch.bool))
+        rope = self._rope(pos)
+        x = self.model.embed(tokens[:, None])
+        for i, block in enumerate(self.model.prelude):
+            x = block(x, rope, self.cache, ("prelude", i))
+        self.e[rows] = x[:, 0]
+        for buf in (self.h, self.mix, self.cum, self.psum, self.t, self.done):
+            buf[rows] = 0
+
+    def _loop_step(self, rows: torch.Tensor, probe: bool) -> torch.Tensor:
+        """loop stage for ``rows``: one recurrent iteration each at its own depth; returns which
+        rows have exited (a row that had exited before stays frozen: no state or cache writes)."""
+        rec, cfg = self.model.recurrent, self.cfg
+        self.stats["loop_rows"] += rows.numel()
+        h, e, t, pos = self.h[rows], self.e[rows], self.t[rows], self.pos[rows]
+        running = ~self.done[rows]
+        self.cache.bind(rows, pos, t.clamp(max=self.cache.loop_slots - 1), running)
+        rope = self._rope(pos)
+        ti = t.clamp(max=cfg.max_loop_iters - 1)  # loop embedding / LoRA index (as in RecurrentBlock)
+        lora = (rec.lora.down[ti], rec.lora.up[ti]) if rec.lora is not None else None
+        h_new = rec.step(h[:, None], e[:, None], rope, self.loop_table[ti][:, None], lora,
+                         self.cache, ("recurrent", None))[:, 0]
+        depth = t + 1
+
+        p = rec.act.halting_prob(h_new)
+        psum = self.psum[rows] + p
+        rel = (h_new - h).float().norm(dim=-1) / h_new.float().norm(dim=-1).clamp_min(1e-12)
+        exit_now = (psum >= self.act_thr[rows]) | ((t > 0) & (rel < self.rel_tol[rows]))
+        kl = None
+        if probe:  # output distribution if the token exited now
+            out = self._output_state(rows, h_new, p, last=torch.ones_like(running))[0]
+            logits = self._coda_logits(rows, pos, out, running)
+            logp = F.log_softmax(logits, dim=-1)
+            kl = (logp.exp() * (logp - self.prev_logp[rows])).sum(-1)
+            exit_now |= (t > 0) & (kl < self.kl_tol[rows])
+        exit_now = (exit_now & (depth >= self.min_loops[rows])) | (depth >= self.budget[rows])
+        out, mix, cum = self._output_state(rows, h_new, p, last=exit_now)
+
+        def keep(new, old):  # frozen rows keep their state
+            return torch.where(running.view(-1, *[1] * (new.dim() - 1)), new, old)
+
+        self.h[rows] = keep(h_new, h)
+        self.out[rows] = keep(out, self.out[rows])
+        self.mix[rows], self.cum[rows] = keep(mix, self.mix[rows]), keep(cum, self.cum[rows])
+        self.psum[rows] = keep(psum, self.psum[rows])
+        self.t[rows] = keep(depth, t)
+        if probe:
+            self.prev_logp[rows] = keep(logp, self.prev_logp[rows])
+            self.logits[rows] = keep(logits, self.logits[rows])
+        done = self.done[rows] | exit_now
+        self.done[rows] = done
+        return done
+
+    def _output_state(self, rows: torch.Tensor, h_new: torch.Tensor, p: torch.Tensor, last: torch.Tensor):
+        """(Coda input state, ACT mixture, ACT weight used) if ``last`` marks the token's final loop.
+
+        loop_output="final": the state h. "act": sum_t w_t h_t with the ACT weights of ACTHalting.step
+        (w = p while running, the remainder 1 - sum at the halting or final loop, 0 after)."""
+        mix, cum = self.mix[rows], self.cum[rows]
+        if self.cfg.loop_output != "act":
+            return h_new, mix, cum
+        running = cum < self.model.recurrent.act.threshold
+        halts = running & ((cum + p >= self.model.recurrent.act.threshold) | last)
+        w = torch.where(halts, 1.0 - cum, torch.where(running, p, torch.zeros_like(p)))
+        mix = mix + w[:, None] * h_new.float()
+        return mix.to(h_new.dtype), mix, cum + w
+
+    def _coda_logits(self, rows: torch.Tensor, pos: torch.Tensor, state: torch.Tensor,
+                     write: torch.Tensor) -> torch.Tensor:
+        """logits = head(norm(Coda(out_norm(state)))) at each row's position; fp32 (B, vocab)."""
+        self.cache.bind(rows, pos, torch.zeros_like(rows), write)
+        rope = self._rope(pos)
+        x = self.model.recurrent.out_norm(state)[:, None]
+        for i, block in enumerate(self.model.coda):
+            x = block(x, rope, self.cache, ("coda", i))
+        return self.model.head(self.model.norm(x))[:, 0].float()
+
+    def _finish(self, slots: list[int], probe: bool, events: list[TokenEvent]) -> None:
+        """finish stage: logits for the exited tokens (from the KL probe if it ran), sample, emit."""
+        rows = torch.tensor(slots, device=self.device)
+        if probe:
+            logits = self.logits[rows]
+        else:
+            logits = self._coda_logits(rows, self.pos[rows], self.out[rows], torch.ones_like(rows, dtype=torch.bool))
+        self.pos[rows] += 1
+        depths = self.t[rows].tolist()
+        for i, slot in enumerate(slots):
+            self._emit(slot, logits[i], depths[i], events)
+
+    def _emit(self, slot: int, logits: torch.Tensor, depth: int, events: list[TokenEvent]) -> None:
+        s = self.slots[slot]
+        token = int(sample_next(logits[None], s.request.sampling, s.generator)[0])
+        s.tokens.append(token)
+        self.stats["tokens"] += 1
+        reason = None
+        if token in s.request.eos_token_ids:
+            reason = "stop"
+        elif len(s.tokens) >= s.request.max_new_tokens:
+            reason = "length"
+        events.append(TokenEvent(s.request_id, token, depth, reason))
+        if reason is None:
+            s.pending = token
+        else:
+            self._release(slot)

@@ -1,0 +1,95 @@
+"""Slot KV cache: the inference engine's static cache, one row ("slot") per running request.
+
+Every attention call site owns buffers of shape ``(n_slots, loop_slots, max_len, ...)``, allocated
+once and written in place, so a decode step has fixed shapes (CUDA-graph friendly) whatever the
+prompt lengths. Rows sit at different positions: a decode step *binds* the rows it runs, each
+row's position and (for the recurrent block) each row's loop slot, and attention reads the row's
+whole buffer with the mask ``key position <= query position``. Stale entries of an earlier request
+in the same slot lie beyond the position and are masked out, so freeing a slot costs nothing.
+
+Loop slots of the recurrent block (``loop_slots`` = engine max loops for ``per_loop``, 1 for
+``shared``): a write at loop t fills slots t..L-1 ("fill forward"). With a fixed depth this is
+exact (loop t+1 overwrites t+1..L-1 next); when a token exits early at depth d, later tokens that
+run deeper read its deepest computed keys (loop d-1) at every loop >= d.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..cache import LOOP_POLICIES
+
+
+class SlotKVCache:
+    def __init__(self, n_slots: int, max_len: int, loop_policy: str, max_loops: int):
+        if loop_policy not in LOOP_POLICIES:
+            raise ValueError(f"loop_policy must be one of {LOOP_POLICIES}, got {loop_policy!r}")
+        self.n_slots, self.max_len, self.loop_policy = n_slots, max_len, loop_policy
+        self.loop_slots = max_loops if loop_policy == "per_loop" else 1
+        self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
+        self.pos = 0        # attention's `start`; unused when `mask` is set
+        self.mask = None    # (B, 1, T, max_len) bool while a decode step is bound
+        self._rows = self._positions = self._loop_slot = self._write = None
+        self._prefill_row: int | None = None
+
+    # ------------------------------------------------------------------------------ binding
+    def bind(self, rows: torch.Tensor, positions: torch.Tensor, loop_slot: torch.Tensor,
+             write: torch.Tensor) -> None:
+        """Set up a one-token decode step: rows (B,), positions (B,), recurrent loop slot per row
+        (B,), write (B,) bool (False: the row reads but leaves the cache unchanged)."""
+        self._rows, self._positions, self._write = rows, positions, write
+        self._loop_slot = loop_slot if self.loop_policy == "per_loop" else torch.zeros_like(loop_slot)
+        keys = torch.arange(self.max_len, device=rows.device)
+        self.mask = (keys <= positions[:, None])[:, None, None, :]
+        self._prefill_row = None
+
+    def bind_prefill(self, row: int) -> "SlotKVCache":
+        """Set up a prompt forward from position 0 for one slot, used as ``model(ids, cache=...)``:
+        causal attention over the prompt, loop t written to loop slots t.. (fill forward)."""
+        self._prefill_row, self.pos, self.mask = row, 0, None
+        return self
+
+    def loop_key(self, loop_index: int) -> tuple:
+        return ("recurrent", loop_index)
+
+    def advance(self, n_tokens: int) -> None:
+        """Called by ``OpenMythos.forward``; positions are tracked by the engine."""
+
+    # ------------------------------------------------------------------------------ read/write
+    def _buffer(self, key: tuple, name: str, value: torch.Tensor) -> torch.Tensor:
+        slot = self._buffers.setdefault(key[0] if key[0] == "recurrent" else key, {})
+        buf = slot.get(name)
+        if buf is None:
+            depth = self.loop_slots if key[0] == "recurrent" else 1
+            buf = slot[name] = value.new_zeros((self.n_slots, depth, self.max_len, *value.shape[2:]))
+        return buf
+
+    def update(self, key: tuple, **new: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Write ``new[name]`` at the bound rows/positions; return each row's readable keys."""
+        recurrent = key[0] == "recurrent"
+        out = {}
+        for name, value in new.items():
+            buf = self._buffer(key, name, value)
+            if self._prefill_row is not None:
+                row, T = self._prefill_row, value.shape[1]
+                ls = min(key[1], self.loop_slots - 1) if recurrent and self.loop_policy == "per_loop" else 0
+                buf[row, ls:, :T] = value[0].unsqueeze(0)
+                out[name] = buf[row, ls, :T].unsqueeze(0)
+                continue
+            rows, pos = self._rows, self._positions
+            ls = self._loop_slot if recurrent else torch.zeros_like(rows)
+            depth = buf.shape[1]
+            old = buf[rows, :, pos]                                               # (B, depth, ...)
+            fill = (torch.arange(depth, device=rows.device) >= ls[:, None]) & self._write[:, None]
+            fill = fill.view(*fill.shape, *([1] * (old.dim() - 2)))
+            buf[rows, :, pos] = torch.where(fill, value[:, 0].unsqueeze(1).to(buf.dtype), old)
+            out[name] = buf[rows, ls]                                             # (B, max_len, ...)
+        return out
+
+    # ------------------------------------------------------------------------------ accounting
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for slot in self._buffers.values() for t in slot.values())
+
+    def bytes_per_token(self) -> float:
+        """Cache memory per token position of one request (all layers and loop slots)."""
+        return self.nbytes() / (self.n_slots * self.max_len)

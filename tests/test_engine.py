@@ -1,0 +1,207 @@
+"""Inference engine: equality with the model's own decoding, scheduler equality (batched == alone,
+depth == static), exit-rule semantics against full forwards, work saved, bad inputs."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from open_mythos import OpenMythos
+from open_mythos.inference import Engine, ExitRule, Request
+from open_mythos.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
+
+
+def _model(attn="gqa", **overrides):
+    model = OpenMythos(tiny_config(attn, **overrides)).eval()
+    torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.5)  # halting that varies per token
+    return model
+
+
+def _mixed_requests(vocab=97, n=8, seed=1):
+    """Ragged prompts, different budgets, greedy and seeded sampling, every exit rule."""
+    g = torch.Generator().manual_seed(seed)
+    rules = [ExitRule("act"), ExitRule("rel_change", 0.3), ExitRule("kl", 1e-3), ExitRule("none"),
+             ExitRule("act", 0.5, min_loops=2)]
+    reqs = []
+    for i in range(n):
+        length = int(torch.randint(1, 12, (1,), generator=g))
+        prompt = torch.randint(0, vocab, (length,), generator=g).tolist()
+        sampling = SamplingParams(temperature=0.8, top_k=20, top_p=0.9) if i % 2 else GREEDY
+        reqs.append(Request(prompt, int(torch.randint(1, 12, (1,), generator=g)),
+                            int(torch.randint(2, 7, (1,), generator=g)), sampling, rules[i % len(rules)],
+                            seed=i))
+    return reqs
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("policy", ["per_loop", "shared"])
+@pytest.mark.parametrize("schedule", ["depth", "static"])
+def test_fixed_depth_engine_equals_model_generate(attn, policy, schedule):
+    """Without early exit the engine decodes exactly like OpenMythos.generate (itself tested equal
+    to the full-sequence forward): ragged prompts in one batch, per-request loop budgets."""
+    model = _model(attn)
+    for n_loops in (1, 3):
+        ref = [model.generate(torch.tensor([p]), 10, n_loops, temperature=0, loop_policy=policy)[0, len(p):].tolist()
+               for p in PROMPTS]
+        out = Engine(model, max_batch=2, loop_policy=policy, schedule=schedule).run(
+            [Request(p, 10, n_loops, GREEDY) for p in PROMPTS])
+        assert [c.tokens for c in out] == ref
+        assert all(c.depths == [n_loops] * 10 and c.finish_reason == "length" for c in out)
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("loop_output", ["final", "act"])
+def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):
+    model = _model(attn, max_loop_iters=6, loop_output=loop_output)
+    reqs = _mixed_requests()
+    alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in reqs]
+    assert len({tuple(d) for c in alone for d in [c.depths[1:]] if d}) > 1  # exit depths do vary
+    for schedule in ("depth", "static"):
+        for max_batch in (3, 8):
+            out = Engine(model, max_batch=max_batch, max_loops=6, schedule=schedule).run(reqs)
+            for a, b in zip(alone, out):
+                assert (a.tokens, a.depths, a.finish_reason) == (b.tokens, b.depths, b.finish_reason)
+
+
+def test_depth_batching_only_pays_for_the_loops_tokens_run():
+    model = _model(max_loop_iters=6)
+    reqs = _mixed_requests(n=10, seed=3)
+    depth = Engine(model, max_batch=4, max_loops=6, schedule="depth")
+    out = depth.run(reqs)
+    # the first token of each request comes from the prefill; every other token ran its own depth
+    assert depth.stats["loop_rows"] == sum(sum(c.depths[1:]) for c in out)
+    static = Engine(model, max_batch=4, max_loops=6, schedule="static")
+    static.run(reqs)
+    assert static.stats["loop_rows"] > depth.stats["loop_rows"]
+
+
+def _logits_at_depths(model, ids, depths):
+    return {d: model(torch.tensor([ids]), d)[0, -1].float() for d in depths}
+
+
+@pytest.mark.parametrize("loop_output", ["final", "act"])
+def test_kl_rule_exits_where_successive_distributions_agree(loop_output):
+    """The second generated token runs right after a full-budget prefill, so its loop-d output
+    distribution equals the full forward with n_loops=d: the exit depth must be the first d >= 2
+    with KL(p_d || p_{d-1}) < threshold, and the token the argmax of p_d."""
+    model = _model(max_loop_iters=6, loop_output=loop_output)
+    prompt, budget = [3, 1, 4, 1, 5, 9, 2, 6], 6
+    first = model(torch.tensor([prompt]), budget)[0, -1].argmax().item()
+    ref = _logits_at_depths(model, prompt + [first], range(1, budget + 1))
+    kls = {d: F.kl_div(F.log_softmax(ref[d - 1], -1), F.log_softmax(ref[d], -1), log_target=True,
+                       reduction="sum").item() for d in range(2, budget + 1)}
+    ranked = sorted(kls.values())
+    tol = (ranked[1] + ranked[2]) / 2  # between two measured values: some depths pass, some do not
+    expected = next((d for d in range(2, budget + 1) if kls[d] < tol), budget)
+    out = Engine(model, max_batch=2, max_loops=6).run([Request(prompt, 2, budget, GREEDY, ExitRule("kl", tol))])[0]
+    assert out.tokens[0] == first
+    assert out.depths[1] == expected
+    assert out.tokens[1] == ref[expected].argmax().item()
+
+
+def test_act_rule_exits_at_the_models_act_halting_depth():
+    model = _model(max_loop_iters=6, loop_output="act")
+    prompt = [5, 6, 7, 8, 9]
+    first = model(torch.tensor([prompt]), 6)[0, -1].argmax().item()
+    logits, act_depth = model(torch.tensor([prompt + [first]]), 6, return_act_depth=True)
+    out = Engine(model, max_batch=1, max_loops=6).run([Request(prompt, 2, 6, GREEDY, ExitRule("act"))])[0]
+    expected = int(act_depth[0, -1])
+    assert out.depths[1] == expected
+    # loop_output="act": the loops after halting have zero weight, so the output is the full forward's
+    assert out.tokens[1] == logits[0, -1].argmax().item()
+
+
+def test_min_loops_and_budget_bound_the_exit_depth():
+    model = _model(max_loop_iters=6)
+    reqs = [Request([1, 2, 3], 8, 5, GREEDY, ExitRule("rel_change", 10.0, min_loops=3)),  # fires at once
+            Request([1, 2, 3], 8, 4, GREEDY, ExitRule("rel_change", 1e-9))]               # never fires
+    fast, slow = Engine(model, max_batch=2, max_loops=6).run(reqs)
+    assert fast.depths[1:] == [3] * 7
+    assert slow.depths[1:] == [4] * 7
+
+
+def test_seeded_sampling_is_reproducible_and_eos_stops():
+    model = _model()
+    req = Request([1, 2, 3], 20, 2, SamplingParams(temperature=1.0), seed=123)
+    a = Engine(model).run([req])[0]
+    b = Engine(model, max_batch=3).run([Request([4, 4], 5, 1), req, Request([9], 7, 3)])[1]
+    assert a.tokens == b.tokens
+    eos = a.tokens[4]
+    stopped = Engine(model).run([Request([1, 2, 3], 20, 2, SamplingParams(temperature=1.0), eos_token_ids=(eos,),
+                                         seed=123)])[0]
+    first = a.tokens.index(eos)
+    assert stopped.tokens == a.tokens[: first + 1] and stopped.finish_reason == "stop"
+
+
+def test_streaming_events_and_cancellation_free_the_slot():
+    model = _model()
+    engine = Engine(model, max_batch=1)
+    long_id = engine.submit(Request([1, 2], 30, 2, GREEDY))
+    waiting_id = engine.submit(Request([3, 4], 4, 2, GREEDY))
+    first = engine.step()
+    assert [e.request_id for e in first] == [long_id] and first[0].finish_reason is None
+    engine.cancel(long_id)
+    events = []
+    while engine.has_work():
+        events += engine.step()
+    assert events[0].request_id == long_id and events[0].finish_reason == "cancelled"
+    rest = [e for e in events if e.request_id == waiting_id]
+    alone = Engine(model, max_batch=1).run([Request([3, 4], 4, 2, GREEDY)])[0]
+    assert [e.token for e in rest] == alone.tokens and rest[-1].finish_reason == "length"
+
+
+def test_cache_memory_per_token_per_policy():
+    per_token = {}
+    for attn in ("gqa", "mla"):
+        model = _model(attn, max_loop_iters=4)
+        for policy in ("per_loop", "shared"):
+            engine = Engine(model, max_batch=2, loop_policy=policy, max_loops=4)
+            engine.run([Request([1, 2, 3], 2, 4, GREEDY)])
+            per_token[attn, policy] = engine.cache.bytes_per_token()
+    cfg = tiny_config()
+    gqa_site = 2 * cfg.n_kv_heads * cfg.head_dim * 4        # k and v, fp32
+    mla_site = (cfg.kv_lora_rank + cfg.qk_rope_head_dim) * 4  # latent + rope key
+    dense = cfg.prelude_layers + cfg.coda_layers
+    assert per_token["gqa", "shared"] == (dense + 1) * gqa_site
+    assert per_token["gqa", "per_loop"] == (dense + 4) * gqa_site
+    assert per_token["mla", "per_loop"] == (dense + 4) * mla_site
+    assert per_token["mla", "shared"] == (dense + 1) * mla_site
+
+
+@pytest.mark.parametrize("request_kwargs, message", [
+    (dict(prompt=[]), "prompt is empty"),
+    (dict(prompt=[1] * 64), "too long"),
+    (dict(prompt=[1] * 40, max_new_tokens=30), "exceeds the context"),
+    (dict(prompt=[1], max_new_tokens=33), "max_output_tokens"),
+    (dict(prompt=[1], max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt=[1, 97], max_new_tokens=2), "out of range"),
+    (dict(prompt=[1, -1], max_new_tokens=2), "out of range"),
+    (dict(prompt="hello", max_new_tokens=2), "list of token ids"),
+    (dict(prompt=[1], max_new_tokens=2, n_loops=4), "n_loops"),
+    (dict(prompt=[1], max_new_tokens=2, eos_token_ids=(200,)), "eos_token_ids"),
+])
+def test_bad_requests_are_rejected_and_leave_the_engine_usable(request_kwargs, message):
+    model = _model()
+    engine = Engine(model, max_batch=2)
+    with pytest.raises(ValueError, match=message):
+        engine.submit(Request(**request_kwargs))
+    assert not engine.has_work()
+    assert engine.run([Request([1, 2], 3, 2, GREEDY)])[0].tokens == \
+        Engine(model).run([Request([1, 2], 3, 2, GREEDY)])[0].tokens
+
+
+def test_bad_engine_and_rule_settings():
+    model = _model()
+    with pytest.raises(ValueError, match="schedule"):
+        Engine(model, schedule="fifo")
+    with pytest.raises(ValueError, match="max_len"):
+        Engine(model, max_len=1000)
+    with pytest.raises(ValueError, match="exit rule kind"):
+        ExitRule("entropy")
+    with pytest.raises(ValueError, match="probability"):
+        ExitRule("act", 1.5)
+    with pytest.raises(ValueError, match="min_loops"):
+        ExitRule("kl", min_loops=0)
