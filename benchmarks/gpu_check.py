@@ -6,6 +6,8 @@
 2. compiled model vs eager model under bf16 autocast (logits, grads)
 3. cached token-by-token decode vs full forward, fp32, GQA and MLA, more loops than trained
 4. pure-bf16 model vs fp32 model (next-token distributions)
+5. inference engine, fp32: CUDA-graph stages vs eager stages (mixed exit rules, both schedules), and
+   the engine at fixed depth vs OpenMythos.generate (fraction of differing tokens; limit 0)
 Error = ||out - ref|| / ||ref||; thresholds follow the bf16 / fp32 expectations.
 """
 
@@ -22,6 +24,8 @@ from moe import naive_moe
 
 from open_mythos import KVCache, MythosConfig, OpenMythos
 from open_mythos.attention import attention_backends
+from open_mythos.inference import Engine, ExitRule, Request
+from open_mythos.sampling import SamplingParams
 from open_mythos.moe import MoE
 
 
@@ -89,7 +93,30 @@ def main() -> int:
             p32, p16 = full.softmax(-1), bf(ids, 6).float().softmax(-1)
         checks[f"{attn}_pure_bf16_vs_fp32_probs"] = {"out": rel(p16, p32), "limit": 3e-2}
 
-    ok = all(all(v <= c["limit"] for k, v in c.items() if k != "limit") for c in checks.values())
+        # 5. engine
+        torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.05)
+        gen = torch.Generator().manual_seed(0)
+        rules = [ExitRule("act"), ExitRule("rel_change", 0.05), ExitRule("kl", 1e-4), ExitRule("none")]
+        reqs = [Request(torch.randint(0, 512, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist(),
+                        24, 4, SamplingParams(temperature=0.7 * (i % 2)), rules[i % 4], seed=i) for i in range(12)]
+        eager = Engine(model, max_batch=4, cuda_graphs=False).run(reqs)
+        wrong = 0
+        for schedule in ("depth", "static"):
+            engine = Engine(model, max_batch=4, schedule=schedule, cuda_graphs=True)
+            for _ in range(2):
+                out = engine.run(reqs)
+                wrong += sum((a.tokens, a.depths) != (b.tokens, b.depths) for a, b in zip(eager, out))
+        fixed = [Request(r.prompt, 16, 4, SamplingParams(temperature=0)) for r in reqs[:4]]
+        ref = [model.generate(torch.tensor([r.prompt], device=dev), 16, 4, temperature=0)[0, len(r.prompt):].tolist()
+               for r in fixed]
+        got = [c.tokens for c in Engine(model, max_batch=4).run(fixed)]
+        checks[f"{attn}_engine_graphs_vs_eager_fp32"] = {"requests_differing": wrong, "limit": 0,
+                                                        "depth_histogram": sorted({d for c in eager for d in c.depths})}
+        checks[f"{attn}_engine_vs_generate_fp32"] = {"requests_differing": sum(a != b for a, b in zip(ref, got)),
+                                                    "limit": 0}
+
+    ok = all(all(v <= c["limit"] for k, v in c.items() if isinstance(v, (int, float)) and k != "limit")
+             for c in checks.values())
     write_report("gpu_check", {"benchmark": "gpu_check", "env": env_info(), "checks": checks, "passed": ok}, args.out)
     return 0 if ok else 1
 

@@ -42,6 +42,7 @@ from ..model import OpenMythos
 from ..recurrence import loop_embeddings
 from ..sampling import SamplingParams, sample_next
 from .exit import ExitRule
+from .graphs import StageGraphs
 from .slots import SlotKVCache
 
 SCHEDULES = ("depth", "static")
@@ -85,7 +86,8 @@ class _Slot:
 
 class Engine:
     def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
-                 loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth"):
+                 loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth",
+                 cuda_graphs: bool | None = None):
         cfg = model.cfg
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -101,10 +103,18 @@ class Engine:
             raise ValueError(f"max_loops must be >= 1, got {self.max_loops}")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = SlotKVCache(max_batch, max_len, loop_policy, self.max_loops)
+        # one extra "scratch" slot: rows padded up to a bucket size point at it and write only there
+        self.scratch = max_batch
+        self._buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.cache = SlotKVCache(max_batch + 1, max_len, loop_policy, self.max_loops)
         self.rot_dim = cfg.head_dim if cfg.attn_type == "gqa" else cfg.qk_rope_head_dim
         self.loop_table = loop_embeddings(cfg.max_loop_iters, cfg.dim, self.device, self.dtype)
-        self._alloc_state(max_batch)
+        self._alloc_state(max_batch + 1)
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda"
+        if cuda_graphs and self.device.type != "cuda":
+            raise ValueError("cuda_graphs=True needs the model on a CUDA device")
+        self.graphs = StageGraphs() if cuda_graphs else None
         self.waiting: deque[tuple[int, Request]] = deque()
         self.slots: dict[int, _Slot] = {}
         self.free = list(range(max_batch))
@@ -232,7 +242,8 @@ class Engine:
             self.slots[slot] = _Slot(rid, req, gen)
             self._configure_slot(slot, req)
             logits = self._prefill(slot, req)
-            self._emit(slot, logits, depth=self.budget[slot].item(), events=events)
+            token = int(sample_next(logits[None], req.sampling, gen)[0])
+            self._emit(slot, token, depth=int(self.budget[slot]), events=events)
 
     def _configure_slot(self, slot: int, req: Request) -> None:
         rule = req.exit_rule
@@ -252,9 +263,8 @@ class Engine:
     def _depth_tick(self, events: list[TokenEvent]) -> None:
         self._start([s for s, st in self.slots.items() if st.pending is not None])
         slots = sorted(self.slots)
-        rows = torch.tensor(slots, device=self.device)
         probe = self._needs_probe(slots)
-        done = self._loop_step(rows, probe).tolist()
+        done = self._loop(slots, probe).tolist()
         exited = [s for s, d in zip(slots, done) if d]
         if exited:
             self._finish(exited, probe, events)
@@ -262,9 +272,8 @@ class Engine:
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = sorted(self.slots)
         self._start(slots)
-        rows = torch.tensor(slots, device=self.device)
         probe = self._needs_probe(slots)
-        while not bool(self._loop_step(rows, probe).all()):  # the batch waits for its deepest token
+        while not bool(self._loop(slots, probe).all()):  # the batch waits for its deepest token
             pass
         self._finish(slots, probe, events)
 
@@ -272,6 +281,47 @@ class Engine:
         return any(self.slots[s].request.exit_rule.kind == "kl" for s in slots)
 
     # ------------------------------------------------------------------------------ stages
+    # Each stage runs on a row-index tensor padded to a bucket size with the scratch slot, so that
+    # a few fixed shapes cover every batch and each can be replayed from a CUDA graph.
+    def _rows(self, slots: list[int]) -> torch.Tensor:
+        size = next(b for b in self._buckets if b >= len(slots))
+        return torch.tensor(slots + [self.scratch] * (size - len(slots)), device=self.device)
+
+    def _run(self, stage, key: tuple, *inputs: torch.Tensor):
+        return self.graphs(key, stage, *inputs) if self.graphs is not None else stage(*inputs)
+
+    def _start(self, slots: list[int]) -> None:
+        if not slots:
+            return
+        tokens = [self.slots[s].pending for s in slots]
+        for s in slots:
+            self.slots[s].pending = None
+        rows = self._rows(slots)
+        tokens = torch.tensor(tokens + [0] * (rows.numel() - len(slots)), device=self.device)
+        self._run(self._start_stage, ("start", rows.numel()), rows, tokens)
+
+    def _loop(self, slots: list[int], probe: bool) -> torch.Tensor:
+        self.stats["loop_rows"] += len(slots)
+        rows = self._rows(slots)
+        return self._run(self._loop_stage_probe if probe else self._loop_stage, ("loop", rows.numel(), probe),
+                         rows)[: len(slots)]
+
+    def _finish(self, slots: list[int], probe: bool, events: list[TokenEvent]) -> None:
+        """finish stage: logits of the exited tokens (from the KL probe if it ran), sample, emit."""
+        rows = self._rows(slots)
+        logits, depth = self._run(self._finish_stage_probe if probe else self._finish_stage,
+                                  ("finish", rows.numel(), probe), rows)
+        logits = logits[: len(slots)]
+        greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
+        depth = depth[: len(slots)].tolist()
+        for i, slot in enumerate(slots):
+            s = self.slots[slot]
+            if s.request.sampling.temperature == 0:
+                token = greedy[i]
+            else:
+                token = int(sample_next(logits[i: i + 1], s.request.sampling, s.generator)[0])
+            self._emit(slot, token, depth[i], events)
+
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(positions[:, None], self.rot_dim, self.cfg.rope_theta)
 
@@ -279,14 +329,8 @@ class Engine:
         ids = torch.tensor([req.prompt], device=self.device)
         return self.model(ids, int(self.budget[slot]), self.cache.bind_prefill(slot))[0, -1].float()
 
-    def _start(self, slots: list[int]) -> None:
-        """start stage: e = Prelude(embed(token)) at the slot's position; reset the loop state."""
-        if not slots:
-            return
-        rows = torch.tensor(slots, device=self.device)
-        tokens = torch.tensor([self.slots[s].pending for s in slots], device=self.device)
-        for s in slots:
-            self.slots[s].pending = None
+    def _start_stage(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """start: e = Prelude(embed(token)) at each row's position; reset the loop state."""
         pos = self.pos[rows]
         self.cache.bind(rows, pos, torch.zeros_like(rows), torch.ones_like(rows, dtype=torch.bool))
         rope = self._rope(pos)
@@ -297,11 +341,25 @@ class Engine:
         for buf in (self.h, self.mix, self.cum, self.psum, self.t, self.done):
             buf[rows] = 0
 
-    def _loop_step(self, rows: torch.Tensor, probe: bool) -> torch.Tensor:
-        """loop stage for ``rows``: one recurrent iteration each at its own depth; returns which
+    def _loop_stage_probe(self, rows: torch.Tensor) -> torch.Tensor:
+        return self._loop_stage(rows, probe=True)
+
+    def _finish_stage_probe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._finish_stage(rows, probe=True)
+
+    def _finish_stage(self, rows: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits (B, vocab) fp32, loops run (B,)) of the rows' tokens; moves them one position on."""
+        if probe:
+            logits = self.logits[rows]
+        else:
+            logits = self._coda_logits(rows, self.pos[rows], self.out[rows], torch.ones_like(rows, dtype=torch.bool))
+        self.pos[rows] = (self.pos[rows] + 1).clamp(max=self.max_len - 1)  # clamp: the padding rows
+        return logits, self.t[rows]
+
+    def _loop_stage(self, rows: torch.Tensor, probe: bool = False) -> torch.Tensor:
+        """loop: for ``rows``: one recurrent iteration each at its own depth; returns which
         rows have exited (a row that had exited before stays frozen: no state or cache writes)."""
         rec, cfg = self.model.recurrent, self.cfg
-        self.stats["loop_rows"] += rows.numel()
         h, e, t, pos = self.h[rows], self.e[rows], self.t[rows], self.pos[rows]
         running = ~self.done[rows]
         self.cache.bind(rows, pos, t.clamp(max=self.cache.loop_slots - 1), running)
@@ -365,21 +423,8 @@ class Engine:
             x = block(x, rope, self.cache, ("coda", i))
         return self.model.head(self.model.norm(x))[:, 0].float()
 
-    def _finish(self, slots: list[int], probe: bool, events: list[TokenEvent]) -> None:
-        """finish stage: logits for the exited tokens (from the KL probe if it ran), sample, emit."""
-        rows = torch.tensor(slots, device=self.device)
-        if probe:
-            logits = self.logits[rows]
-        else:
-            logits = self._coda_logits(rows, self.pos[rows], self.out[rows], torch.ones_like(rows, dtype=torch.bool))
-        self.pos[rows] += 1
-        depths = self.t[rows].tolist()
-        for i, slot in enumerate(slots):
-            self._emit(slot, logits[i], depths[i], events)
-
-    def _emit(self, slot: int, logits: torch.Tensor, depth: int, events: list[TokenEvent]) -> None:
+    def _emit(self, slot: int, token: int, depth: int, events: list[TokenEvent]) -> None:
         s = self.slots[slot]
-        token = int(sample_next(logits[None], s.request.sampling, s.generator)[0])
         s.tokens.append(token)
         self.stats["tokens"] += 1
         reason = None
