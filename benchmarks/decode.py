@@ -9,6 +9,7 @@ Rows, measured in the same run (tokens/s = new tokens of the batch / wall time i
   engine_eager    inference Engine, static schedule, eager stages
   engine_graphs   inference Engine, static schedule, stages replayed from CUDA graphs
   engine_depth    inference Engine, depth schedule, CUDA graphs (no early exit here: same work)
+  *_compiled      the same with each engine stage compiled by torch.compile (--compile)
 Also: cache memory per token for GQA / MLA x per_loop / shared, and whether the engine's tokens
 equal OpenMythos.generate's (bf16: a near-tie can flip an argmax, so the fraction is reported).
 """
@@ -56,9 +57,9 @@ def naive_no_cache(model, prompt, new_tokens, n_loops):
     return ids[:, prompt.shape[1]:]
 
 
-def engine_run(model, prompt, new_tokens, n_loops, schedule, graphs, policy="per_loop"):
+def engine_run(model, prompt, new_tokens, n_loops, schedule, graphs, compile=False, policy="per_loop"):
     engine = Engine(model, max_batch=prompt.shape[0], schedule=schedule, cuda_graphs=graphs, loop_policy=policy,
-                    max_len=prompt.shape[1] + new_tokens)
+                    max_len=prompt.shape[1] + new_tokens, compile=compile)
     reqs = [Request(row.tolist(), new_tokens, n_loops, GREEDY) for row in prompt]
     engine.run(reqs)  # warm-up: first calls run eagerly, second capture the graphs
     engine.run(reqs)
@@ -77,13 +78,19 @@ def measure(attn: str, batch: int, args) -> dict:
     naive_no_cache(model, prompt, 2, n)
     s, _ = timed(lambda: naive_no_cache(model, prompt, naive_new, n))
     rows["naive_no_cache"] = {"tokens_per_s": batch * naive_new / s, "new_tokens_timed": naive_new}
+    print(attn, batch, rows, flush=True)
     model.generate(prompt, 4, n, temperature=0)
     s, ref = timed(lambda: model.generate(prompt, new, n, temperature=0))
     ref = ref[:, args.prompt:]
     rows["generate_eager"] = {"tokens_per_s": batch * new / s}
-    for name, schedule, graphs in (("engine_eager", "static", False), ("engine_graphs", "static", True),
-                                   ("engine_depth", "depth", True)):
-        s, toks, _ = engine_run(model, prompt, new, n, schedule, graphs and args.device == "cuda")
+    variants = [("engine_eager", "static", False, False), ("engine_graphs", "static", True, False),
+                ("engine_depth", "depth", True, False)]
+    if args.compile:
+        variants += [("engine_graphs_compiled", "static", True, True), ("engine_depth_compiled", "depth", True, True)]
+    for name, schedule, graphs, compile in variants:
+        if name not in args.variants and not name.endswith("compiled"):
+            continue
+        s, toks, _ = engine_run(model, prompt, new, n, schedule, graphs and args.device == "cuda", compile)
         rows[name] = {"tokens_per_s": batch * new / s, "tokens_equal_generate": (toks == ref).float().mean().item()}
     base = rows["naive_no_cache"]["tokens_per_s"]
     for r in rows.values():
@@ -113,6 +120,8 @@ def main() -> None:
     p.add_argument("--naive-tokens", type=int, default=16)
     p.add_argument("--loops", type=int, default=8)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--variants", nargs="+", default=["engine_eager", "engine_graphs", "engine_depth"])
     p.add_argument("--out", default=None)
     args = p.parse_args()
     results = {attn: {f"batch_{b}": measure(attn, b, args) for b in args.batch} for attn in args.attn}

@@ -54,6 +54,7 @@ def main() -> None:
     p.add_argument("--halt-bias", type=float, default=1.0)
     p.add_argument("--policy", default="per_loop")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--compile", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -67,7 +68,7 @@ def main() -> None:
     runs = {}
     for schedule in ("static", "depth"):
         engine = Engine(model, max_batch=args.max_batch, schedule=schedule, loop_policy=args.policy,
-                        max_len=128 + args.new_tokens)
+                        max_len=128 + args.new_tokens, compile=args.compile)
         engine.run(reqs[: 2 * args.max_batch])  # warm-up: eager first calls, then graph capture
         engine.run(reqs[: 2 * args.max_batch])
         engine.stats = dict.fromkeys(engine.stats, 0)
@@ -86,7 +87,7 @@ def main() -> None:
     write_report(f"depth_batching_{args.attn}", {
         "benchmark": "depth_batching", "env": env_info(), "attn": args.attn, "loop_policy": args.policy,
         "requests": args.requests, "max_batch": args.max_batch, "new_tokens": args.new_tokens,
-        "loop_budget": args.loops, "exit_rule": "act", "halt_spread": args.halt_spread, "halt_bias": args.halt_bias,
+        "loop_budget": args.loops, "compiled_stages": args.compile, "exit_rule": "act", "halt_spread": args.halt_spread, "halt_bias": args.halt_bias,
         "exit_depth_distribution": {d: depths[d] / total for d in sorted(depths)},
         "mean_exit_depth": sum(d * c for d, c in depths.items()) / total,
         "outputs_identical": same, "results": runs,

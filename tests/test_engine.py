@@ -50,6 +50,12 @@ def test_fixed_depth_engine_equals_model_generate(attn, policy, schedule):
             [Request(p, 10, n_loops, GREEDY) for p in PROMPTS])
         assert [c.tokens for c in out] == ref
         assert all(c.depths == [n_loops] * 10 and c.finish_reason == "length" for c in out)
+    budgets = [1, 3, 2]  # different budgets in one batch (static: shallower rows wait, frozen)
+    ref = [model.generate(torch.tensor([p]), 6, n, temperature=0, loop_policy=policy)[0, len(p):].tolist()
+           for p, n in zip(PROMPTS, budgets)]
+    out = Engine(model, max_batch=3, loop_policy=policy, schedule=schedule).run(
+        [Request(p, 6, n, GREEDY) for p, n in zip(PROMPTS, budgets)])
+    assert [c.tokens for c in out] == ref and [c.depths for c in out] == [[n] * 6 for n in budgets]
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])

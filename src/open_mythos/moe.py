@@ -47,7 +47,10 @@ def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     """Fallback: scatter rows into a zero-padded (E, capacity, in) batch, one bmm, gather back."""
     counts = torch.diff(offsets, prepend=offsets.new_zeros(1))
     slot = torch.arange(x.shape[0], device=x.device) - (offsets - counts)[expert_ids]
-    capacity = int(counts.max())  # one host sync; the grouped_mm path has none
+    if x.is_cuda and torch.cuda.is_current_stream_capturing():
+        capacity = x.shape[0]  # a CUDA graph cannot sync: the static upper bound
+    else:
+        capacity = int(counts.max())  # one host sync; the grouped_mm path has none
     padded = x.new_zeros(weight.shape[0], capacity, x.shape[1]).index_put((expert_ids, slot), x)
     return torch.bmm(padded, weight.transpose(1, 2))[expert_ids, slot]
 

@@ -87,7 +87,7 @@ class _Slot:
 class Engine:
     def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
                  loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth",
-                 cuda_graphs: bool | None = None):
+                 cuda_graphs: bool | None = None, compile: bool = False):
         cfg = model.cfg
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -115,10 +115,15 @@ class Engine:
         if cuda_graphs and self.device.type != "cuda":
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.graphs = StageGraphs() if cuda_graphs else None
+        if compile:  # fuse each stage's small elementwise kernels (one compile per stage and bucket)
+            for name in ("_start_stage", "_loop_stage", "_loop_stage_probe", "_finish_stage", "_finish_stage_probe"):
+                setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
         self.waiting: deque[tuple[int, Request]] = deque()
         self.slots: dict[int, _Slot] = {}
         self.free = list(range(max_batch))
         self._cancel: dict[int, str] = {}
+        self._row_tensors: dict[tuple, torch.Tensor] = {}
+        self._token_stages: dict[int, object] = {}
         self._next_id = 0
         # work counters: loop_rows = recurrent-block row evaluations (the cost early exit saves)
         self.stats = {"ticks": 0, "loop_rows": 0, "tokens": 0}
@@ -271,8 +276,17 @@ class Engine:
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = sorted(self.slots)
-        self._start(slots)
         probe = self._needs_probe(slots)
+        if all(self.slots[s].request.exit_rule.kind == "none" for s in slots):
+            # fixed depths: start, max-budget loops and finish run as one stage, without a host sync
+            n_loops = max(self.slots[s].request.n_loops or self.cfg.max_loop_iters for s in slots)
+            self.stats["loop_rows"] += len(slots) * n_loops
+            rows, tokens = self._rows(slots), self._take_pending(slots)
+            stage = self._token_stages.setdefault(n_loops, lambda r, tok: self._token_stage(r, tok, n_loops))
+            logits, depth = self._run(stage, ("token", rows.numel(), n_loops), rows, tokens)
+            self._sample(slots, logits, depth, events)
+            return
+        self._start(slots)
         while not bool(self._loop(slots, probe).all()):  # the batch waits for its deepest token
             pass
         self._finish(slots, probe, events)
@@ -284,8 +298,19 @@ class Engine:
     # Each stage runs on a row-index tensor padded to a bucket size with the scratch slot, so that
     # a few fixed shapes cover every batch and each can be replayed from a CUDA graph.
     def _rows(self, slots: list[int]) -> torch.Tensor:
+        key = tuple(slots)
+        if key not in self._row_tensors:
+            size = next(b for b in self._buckets if b >= len(slots))
+            self._row_tensors[key] = torch.tensor(slots + [self.scratch] * (size - len(slots)), device=self.device)
+        return self._row_tensors[key]
+
+    def _take_pending(self, slots: list[int]) -> torch.Tensor:
+        """The slots' sampled tokens, padded like their rows; clears them."""
+        tokens = [self.slots[s].pending for s in slots]
+        for s in slots:
+            self.slots[s].pending = None
         size = next(b for b in self._buckets if b >= len(slots))
-        return torch.tensor(slots + [self.scratch] * (size - len(slots)), device=self.device)
+        return torch.tensor(tokens + [0] * (size - len(slots)), device=self.device)
 
     def _run(self, stage, key: tuple, *inputs: torch.Tensor):
         return self.graphs(key, stage, *inputs) if self.graphs is not None else stage(*inputs)
@@ -293,11 +318,7 @@ class Engine:
     def _start(self, slots: list[int]) -> None:
         if not slots:
             return
-        tokens = [self.slots[s].pending for s in slots]
-        for s in slots:
-            self.slots[s].pending = None
-        rows = self._rows(slots)
-        tokens = torch.tensor(tokens + [0] * (rows.numel() - len(slots)), device=self.device)
+        rows, tokens = self._rows(slots), self._take_pending(slots)
         self._run(self._start_stage, ("start", rows.numel()), rows, tokens)
 
     def _loop(self, slots: list[int], probe: bool) -> torch.Tensor:
@@ -311,6 +332,9 @@ class Engine:
         rows = self._rows(slots)
         logits, depth = self._run(self._finish_stage_probe if probe else self._finish_stage,
                                   ("finish", rows.numel(), probe), rows)
+        self._sample(slots, logits, depth, events)
+
+    def _sample(self, slots: list[int], logits: torch.Tensor, depth: torch.Tensor, events: list[TokenEvent]) -> None:
         logits = logits[: len(slots)]
         greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
         depth = depth[: len(slots)].tolist()
@@ -339,7 +363,14 @@ class Engine:
             x = block(x, rope, self.cache, ("prelude", i))
         self.e[rows] = x[:, 0]
         for buf in (self.h, self.mix, self.cum, self.psum, self.t, self.done):
-            buf[rows] = 0
+            buf.index_fill_(0, rows, 0)  # not `buf[rows] = 0`: that copies a CPU scalar (no CUDA graph)
+
+    def _token_stage(self, rows: torch.Tensor, tokens: torch.Tensor, n_loops: int):
+        """A whole fixed-depth token: start, n_loops loop stages, finish (static schedule, no exit rule)."""
+        self._start_stage(rows, tokens)
+        for _ in range(n_loops):
+            self._loop_stage(rows)
+        return self._finish_stage(rows)
 
     def _loop_stage_probe(self, rows: torch.Tensor) -> torch.Tensor:
         return self._loop_stage(rows, probe=True)
