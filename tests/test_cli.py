@@ -10,3 +10,37 @@ def test_demo_runs(capsys):
 def test_variants_table(capsys):
     assert main(["variants"]) == 0
     assert "mythos_1t" in capsys.readouterr().out
+
+
+def test_generate_streams_a_saved_model_and_reports_depths(tmp_path, capsys):
+    import json
+
+    import torch
+
+    from open_mythos import OpenMythos
+    from open_mythos.cli import demo_config
+    from open_mythos.tokenizer import ByteTokenizer, save_tokenizer_name
+
+    torch.manual_seed(0)
+    model = OpenMythos(demo_config())
+    model.save_pretrained(tmp_path)
+    save_tokenizer_name(tmp_path, "byte")
+    args = ["generate", "--model", str(tmp_path), "--max-new-tokens", "12", "--temperature", "0", "--n-loops", "3"]
+    assert main([*args, "--prompt", "To be"]) == 0
+    out, err = capsys.readouterr()
+    ids = model.generate(torch.tensor([ByteTokenizer().encode("To be")]), 12, 3, temperature=0)[0, 5:].tolist()
+    expected = "To be" + ByteTokenizer().decode([i for i in ids if i != 256])
+    assert out.rstrip("\n") == expected.split("<|endoftext|>")[0]
+    assert "loop depth histogram {3:" in err
+    assert main([*args, "--prompt", "a", "--prompt", "bc", "--exit", "kl"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["a", "bc"]
+
+
+def test_generate_bad_input_is_a_clear_error(capsys):
+    assert main(["generate", "--demo", "--prompt", ""]) == 2
+    assert "prompt is empty" in capsys.readouterr().err
+    assert main(["generate", "--demo", "--prompt", "x", "--max-new-tokens", "1000"]) == 2
+    assert "max_output_tokens" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x"]) == 2
+    assert "--model" in capsys.readouterr().err

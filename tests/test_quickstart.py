@@ -69,3 +69,17 @@ def test_variants_match_seed_table_and_counts(name):
     # the name is the scale: total within a factor 2 of the nominal size
     nominal = {"b": 1e9, "t": 1e12}[name[-1]] * float(name.split("_")[1][:-1])
     assert nominal / 2 < counts["total"] < nominal * 2
+
+
+def test_readme_python_blocks_run(tmp_path, monkeypatch):
+    """Every ```python block of the README, in order, in one namespace (as a reader would paste them)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert len(blocks) >= 2
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), namespace)

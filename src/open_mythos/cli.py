@@ -47,6 +47,74 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_model(args: argparse.Namespace):
+    """(model, tokenizer) from ``--model DIR`` (a save_pretrained directory) or ``--demo``."""
+    from .tokenizer import tokenizer_for
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    if args.demo:
+        torch.manual_seed(args.seed or 0)
+        return OpenMythos(demo_config()).to(device=args.device, dtype=dtype).eval(), ByteTokenizer()
+    if not args.model:
+        raise ValueError("give --model DIR (a save_pretrained / training run's model directory) or --demo")
+    model = OpenMythos.from_pretrained(args.model, device=args.device, dtype=dtype)
+    return model, tokenizer_for(args.model, model.cfg.vocab_size)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="a save_pretrained directory (e.g. runs/NAME/model)")
+    p.add_argument("--demo", action="store_true", help="a random tiny byte-level model instead")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--loop-policy", choices=["per_loop", "shared"], default="per_loop")
+    p.add_argument("--max-batch", type=int, default=8)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .inference import Engine, ExitRule, Request
+    from .inference.text import TextStream
+    from .sampling import SamplingParams
+
+    model, tok = load_model(args)
+    engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy,
+                    max_loops=max(args.n_loops or 0, model.cfg.max_loop_iters))
+    rule = ExitRule(args.exit, args.exit_threshold, args.min_loops)
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
+    prompts = args.prompt or ["To be, or not to be"]
+    streams, ids = {}, []
+    for text in prompts:
+        rid = engine.submit(Request(tok.encode(text), args.max_new_tokens, args.n_loops, sampling, rule,
+                                    (tok.eos_token_id,), args.seed))
+        streams[rid] = TextStream(tok, args.stop)
+        ids.append(rid)
+    live = len(prompts) == 1  # one prompt: stream its text as it is generated
+    if live:
+        print(prompts[0], end="", flush=True)
+    depths: list[int] = []
+    t0 = time.perf_counter()
+    while engine.has_work():
+        for ev in engine.step():
+            stream = streams[ev.request_id]
+            if ev.token is not None:
+                depths.append(ev.depth)
+            if ev.token is not None and not (ev.finish_reason == "stop" and ev.token == tok.eos_token_id):
+                piece = stream.push(ev.token)
+                if stream.stopped:
+                    engine.cancel(ev.request_id, "stop")
+                if live:
+                    print(piece, end="", flush=True)
+            if ev.finish_reason is not None and live:
+                print(stream.flush(), flush=True)
+    seconds = time.perf_counter() - t0
+    if not live:
+        for rid, text in zip(ids, prompts):
+            print(json.dumps({"prompt": text, "completion": streams[rid].text}))
+    hist = {d: depths.count(d) for d in sorted(set(depths))}
+    print(f"[{len(depths)} tokens in {seconds:.2f} s, {len(depths) / seconds:.1f} tokens/s, "
+          f"loop depth histogram {hist}]", file=sys.stderr)
+    return 0
+
+
 def cmd_variants(args: argparse.Namespace) -> int:
     rows = []
     for name, make in VARIANTS.items():
@@ -110,6 +178,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
+    p = sub.add_parser("generate", help="generate text with the inference engine (streams one prompt)")
+    add_model_args(p)
+    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--n-loops", type=int, default=None, help="loop budget per token (default: the config's)")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--exit", choices=["none", "act", "rel_change", "kl"], default="none",
+                   help="per-token early-exit rule")
+    p.add_argument("--exit-threshold", type=float, default=None)
+    p.add_argument("--min-loops", type=int, default=1)
+    p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
     p = sub.add_parser("plot", help="PNG plots (loss curve, loop sweep) of a training run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)

@@ -14,6 +14,7 @@ import base64
 import gzip
 import hashlib
 import importlib.util
+import json
 from functools import lru_cache
 from pathlib import Path
 from unittest import mock
@@ -105,3 +106,30 @@ class ByteTokenizer:
             else:
                 raise ValueError(f"token id {i} is out of range for ByteTokenizer (vocab 257)")
         return out.decode("utf-8", errors="replace")
+
+
+TOKENIZERS = {"byte": ByteTokenizer, "o200k_harmony": MythosTokenizer}
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def load_tokenizer(name: str):
+    """A tokenizer by name: "byte" or "o200k_harmony"."""
+    if name not in TOKENIZERS:
+        raise ValueError(f"unknown tokenizer {name!r}; choose from {sorted(TOKENIZERS)}")
+    return TOKENIZERS[name]()
+
+
+def save_tokenizer_name(directory: str | Path, name: str) -> None:
+    """Record which tokenizer a ``save_pretrained`` directory's model was trained with."""
+    load_tokenizer(name)  # validate
+    (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer": name}) + "\n")
+
+
+def tokenizer_for(directory: str | Path, vocab_size: int):
+    """The tokenizer recorded in ``directory``; without a record, byte-level for a 257-token
+    vocabulary and o200k_harmony otherwise."""
+    path = Path(directory) / TOKENIZER_CONFIG
+    if path.is_file():
+        return load_tokenizer(json.loads(path.read_text())["tokenizer"])
+    return ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()
+

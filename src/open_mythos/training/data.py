@@ -27,7 +27,6 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..config import check_field_types
-from ..tokenizer import ByteTokenizer, MythosTokenizer
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -56,10 +55,6 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
-
-
-def build_tokenizer(name: str):
-    return ByteTokenizer() if name == "byte" else MythosTokenizer()
 
 
 # ---------------------------------------------------------------------------------- documents

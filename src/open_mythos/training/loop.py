@@ -29,7 +29,8 @@ from ..flops import flops_per_token, peak_flops
 from ..model import OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .data import SOURCES, PackedLoader, StreamingLoader, build_tokenizer, pack_documents
+from ..tokenizer import load_tokenizer, save_tokenizer_name
+from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents
 from .distributed import all_reduce_, init_distributed, mean_across_ranks, unwrap, wrap_model
 from .optim import build_optimizers, build_schedulers
 
@@ -52,7 +53,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.run_dir = Path(cfg.out_dir)
 
-        self.tokenizer = build_tokenizer(cfg.data.tokenizer)
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
                              f"{cfg.data.tokenizer} tokenizer's vocabulary ({self.tokenizer.vocab_size})")
@@ -220,6 +221,8 @@ class Trainer:
     def finish(self) -> dict:
         cfg = self.cfg
         export_weights(self.model, self.run_dir / "model", self.info)
+        if self.info.is_main:
+            save_tokenizer_name(self.run_dir / "model", cfg.data.tokenizer)
         loops = sorted(set(cfg.sweep_loops or [1, 2, 2 * cfg.loops.mean, 4 * cfg.loops.mean]) | {cfg.loops.mean})
         sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,

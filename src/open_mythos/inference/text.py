@@ -1,0 +1,46 @@
+"""Token ids -> streamed text: incremental detokenisation and stop strings.
+
+A token can end in the middle of a UTF-8 character, and a stop string can span several tokens, so
+text is released only when it is final: never a trailing replacement character, and never the last
+``len(longest stop) - 1`` characters, which could still turn out to start a stop string.
+"""
+
+from __future__ import annotations
+
+
+class TextStream:
+    def __init__(self, tokenizer, stop: list[str] | tuple[str, ...] = ()):
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError("stop strings must be non-empty strings")
+        self.tokenizer, self.stop = tokenizer, list(stop)
+        self.tokens: list[int] = []
+        self.text = ""       # the final text so far (truncated at a stop string once one is hit)
+        self.emitted = 0     # characters of `text` already released
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        """Add one token; return the newly releasable text. Sets ``stopped`` at a stop string."""
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens)
+        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = text[: min(hits)], True
+            return self.flush()
+        self.text = text
+        hold = max((len(s) - 1 for s in self.stop), default=0)
+        end = len(text) - hold
+        while end > self.emitted and text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
+            end -= 1
+        return self._release(end)
+
+    def flush(self) -> str:
+        """Release everything left (at the end of generation)."""
+        return self._release(len(self.text))
+
+    def _release(self, end: int) -> str:
+        if end <= self.emitted:
+            return ""
+        out, self.emitted = self.text[self.emitted:end], end
+        return out
