@@ -53,7 +53,7 @@ def load_model(args: argparse.Namespace):
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     if args.demo:
-        torch.manual_seed(args.seed or 0)
+        torch.manual_seed(0)  # the demo model is the same random model every time
         return OpenMythos(demo_config()).to(device=args.device, dtype=dtype).eval(), ByteTokenizer()
     if not args.model:
         raise ValueError("give --model DIR (a save_pretrained / training run's model directory) or --demo")
@@ -112,6 +112,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     hist = {d: depths.count(d) for d in sorted(set(depths))}
     print(f"[{len(depths)} tokens in {seconds:.2f} s, {len(depths) / seconds:.1f} tokens/s, "
           f"loop depth histogram {hist}]", file=sys.stderr)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .inference import Engine
+    from .serving import build_app
+
+    model, tok = load_model(args)
+    engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy, max_loops=args.max_loops,
+                    schedule=args.schedule)
+    name = args.model_name or ("open-mythos-demo" if args.demo else os.path.basename(os.path.normpath(args.model)))
+    app = build_app(engine, tok, name, max_pending=args.max_pending)
+    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout,
+                log_level="info")
     return 0
 
 
@@ -193,6 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine")
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
+    p.add_argument("--max-loops", type=int, default=None, help="largest per-request n_loops (default: the config's)")
+    p.add_argument("--schedule", choices=["depth", "static"], default="depth")
+    p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
+    p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")
+    p.set_defaults(func=cmd_serve)
     p = sub.add_parser("plot", help="PNG plots (loss curve, loop sweep) of a training run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)

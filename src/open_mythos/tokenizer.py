@@ -73,6 +73,16 @@ class MythosTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(list(ids))
 
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """Harmony format: <|start|>{role}<|message|>{content}<|end|> ... <|start|>assistant<|message|>."""
+        text = "".join(f"<|start|>{m['role']}<|message|>{m['content']}<|end|>" for m in messages)
+        return self.encode(text + "<|start|>assistant<|message|>", allow_special=True)
+
+    @property
+    def chat_stop_token_ids(self) -> tuple[int, ...]:
+        """Tokens that end an assistant turn."""
+        return tuple(self.encoding.encode_single_token(t) for t in ("<|end|>", "<|return|>", ENDOFTEXT))
+
     @staticmethod
     def from_hub(name: str = "openai/gpt-oss-20b"):
         """The Hugging Face tokenizer for ``name`` (needs ``transformers`` and network access)."""
@@ -95,6 +105,15 @@ class ByteTokenizer:
                 ids += ([self.eos_token_id] if i else []) + list(part.encode("utf-8"))
             return ids
         return list(text.encode("utf-8"))
+
+    def apply_chat_template(self, messages: list[dict]) -> list[int]:
+        """<|role|>\ncontent\n per message, then <|assistant|>\n; the reply ends at <|endoftext|>."""
+        text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
+        return self.encode(text + "<|assistant|>\n")
+
+    @property
+    def chat_stop_token_ids(self) -> tuple[int, ...]:
+        return (self.eos_token_id,)
 
     def decode(self, ids: list[int]) -> str:
         out = bytearray()

@@ -151,12 +151,13 @@ class Engine:
     # ------------------------------------------------------------------------------ requests
     def submit(self, request: Request) -> int:
         """Validate and queue a request; returns its id. Errors name the offending field."""
-        self._validate(request)
+        self.validate(request)
         rid, self._next_id = self._next_id, self._next_id + 1
         self.waiting.append((rid, request))
         return rid
 
-    def _validate(self, r: Request) -> None:
+    def validate(self, r: Request) -> None:
+        """Raise ValueError naming the problem if ``r`` cannot run here; reads no engine state."""
         cfg = self.cfg
         if not isinstance(r.prompt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                               for i in r.prompt):
@@ -193,7 +194,8 @@ class Engine:
         self._cancel[request_id] = reason
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.slots)
+        """Whether `step` has anything to do (waiting or running requests, pending cancellations)."""
+        return bool(self.waiting or self.slots or self._cancel)
 
     # ------------------------------------------------------------------------------ scheduling
     @torch.inference_mode()

@@ -1,0 +1,5 @@
+"""`mythos serve`: an OpenAI-compatible HTTP server (FastAPI) on the depth-batching engine."""
+
+from .app import build_app
+
+__all__ = ["build_app"]
