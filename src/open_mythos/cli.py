@@ -131,6 +131,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
+    if args.name == "khop":
+        import dataclasses
+
+        from .experiments.khop import presets, run
+
+        cfg = presets()[args.preset]
+        for item in args.set:
+            key, _, value = item.partition("=")
+            if key not in {f.name for f in dataclasses.fields(cfg)} or key in ("task", "model"):
+                raise ValueError(f"unknown k-hop setting {key!r} (top-level KHopConfig fields only)")
+            setattr(cfg, key, json.loads(value) if value[:1] in "[{0123456789-." else value)
+        run(cfg, out)
+    elif args.name == "loops":
+        from .experiments.scaling import run_loops
+
+        run_loops(args.preset, out, args.set, progress=not args.no_progress)
+    else:
+        from .experiments.scaling import run_dense_vs_looped
+
+        run_dense_vs_looped(args.preset, out, args.set, progress=not args.no_progress)
+    print(f"results and plots in {out}")
+    return 0
+
+
 def cmd_variants(args: argparse.Namespace) -> int:
     rows = []
     for name, make in VARIANTS.items():
@@ -219,6 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")
+    p.add_argument("name", choices=["khop", "loops", "dense-vs-looped"])
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--out", help="output directory (default runs/experiment-NAME-PRESET)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_experiment)
     p = sub.add_parser("plot", help="PNG plots (loss curve, loop sweep) of a training run directory")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_plot)

@@ -1,0 +1,238 @@
+"""k-hop reasoning: does a looped model solve longer chains by looping more?
+
+Task (``KHopTask``): variable assignments in shuffled order, then a query.
+
+    x7 = 3 ;  x2 = x9 ;  x9 = x7 ;  x4 = 5 ;  x1 = x4 ;  ...  ? x2 =      ->  3   (x2 <- x9 <- x7 <- 3: 3 hops)
+
+The queried chain has k hops (k assignments from a value to the queried variable); the other
+assignments form distractor chains. Every problem has the same number of statements, so every
+sequence has the same length whatever k. Vocabulary: PAD, '=', ';', '?', values, variables.
+The answer is one value token: exact match = argmax at the last position.
+
+Experiment: an RDT (loop count sampled per step) and a dense fixed-depth transformer with the same
+parameter count are trained on k <= ``train_max_hops`` with the same data, steps and optimizer,
+then evaluated on k = 1..max_hops, the RDT at loop counts up to >= 4x its training mean.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..config import MythosConfig
+from ..model import OpenMythos
+from .baselines import DenseTransformer, matched_dense_layers
+
+PAD, EQ, SEMI, QUERY = 0, 1, 2, 3
+
+
+@dataclass
+class KHopTask:
+    n_values: int = 10
+    n_vars: int = 64
+    max_hops: int = 10            # the longest chain any problem can have (sets the sequence length)
+    statements: int = 20          # assignments per problem (queried chain + distractors)
+    min_distractor_len: int = 1
+
+    def __post_init__(self) -> None:
+        if self.statements < self.max_hops:
+            raise ValueError(f"statements ({self.statements}) must be >= max_hops ({self.max_hops})")
+        if self.n_vars < self.statements:
+            raise ValueError(f"n_vars ({self.n_vars}) must be >= statements ({self.statements}): one variable each")
+
+    @property
+    def vocab_size(self) -> int:
+        return 4 + self.n_values + self.n_vars
+
+    @property
+    def seq_len(self) -> int:
+        return 4 * self.statements + 3
+
+    def value(self, i: int) -> int:
+        return 4 + i
+
+    def var(self, i: int) -> int:
+        return 4 + self.n_values + i
+
+    def sample(self, hops: list[int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of problems with the given hop counts: (tokens (B, seq_len), answers (B,))."""
+        rows, answers = [], []
+        for k in hops:
+            if not 1 <= k <= self.max_hops:
+                raise ValueError(f"hops must be in [1, {self.max_hops}], got {k}")
+            names = rng.sample(range(self.n_vars), self.statements)
+            chains, left = [k], self.statements - k
+            while left > 0:  # distractor chains (no longer than the queried one) fill the other statements
+                chains.append(min(left, rng.randint(self.min_distractor_len, max(self.min_distractor_len, k))))
+                left -= chains[-1]
+            stmts, start = [], 0
+            for i, length in enumerate(chains):
+                src = self.value(rng.randrange(self.n_values))
+                if i == 0:  # the queried chain
+                    answer, target = src, self.var(names[length - 1])
+                for v in names[start: start + length]:
+                    stmts.append([self.var(v), EQ, src, SEMI])
+                    src = self.var(v)
+                start += length
+            rng.shuffle(stmts)
+            rows.append([t for stmt in stmts for t in stmt] + [QUERY, target, EQ])
+            answers.append(answer)
+        return torch.tensor(rows), torch.tensor(answers)
+
+
+@dataclass
+class KHopConfig:
+    task: KHopTask = field(default_factory=KHopTask)
+    train_max_hops: int = 5
+    eval_hops: int = 10
+    model: dict = field(default_factory=lambda: dict(dim=128, n_heads=4, n_kv_heads=4, prelude_layers=1,
+                                                     coda_layers=1, n_experts=8, n_shared_experts=1,
+                                                     n_experts_per_tok=2, expert_dim=128, lora_rank=8,
+                                                     max_loop_iters=16, attn_type="gqa"))
+    loops_mean: int = 6           # training loop count ~ uniform [loops_min, 2 * mean - loops_min]
+    loops_min: int = 2
+    eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 1e-3
+    eval_problems: int = 512
+    seed: int = 0
+    device: str = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def presets() -> dict[str, KHopConfig]:
+    cpu = KHopConfig(task=KHopTask(max_hops=4, statements=8, n_vars=16), train_max_hops=2, eval_hops=4,
+                     model=dict(dim=32, n_heads=2, n_kv_heads=2, prelude_layers=1, coda_layers=1, n_experts=4,
+                                n_shared_experts=1, n_experts_per_tok=2, expert_dim=32, lora_rank=4,
+                                max_loop_iters=4, attn_type="gqa"),
+                     loops_mean=2, loops_min=1, eval_loops=[1, 2, 4, 8], steps=30, batch_size=16, eval_problems=32,
+                     device="cpu")
+    return {"cpu": cpu, "gpu": KHopConfig()}
+
+
+def _answer_loss(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits[:, -1].float(), answers)
+
+
+def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> list[dict]:
+    """AdamW + cosine decay on fresh problems each step (k uniform in 1..train_max_hops)."""
+    rng = random.Random(cfg.seed)  # the same problems for every model trained with this config
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
+    autocast = torch.autocast("cuda", torch.bfloat16) if cfg.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    history = []
+    model.train()
+    for step in range(cfg.steps):
+        x, y = cfg.task.sample([rng.randint(1, cfg.train_max_hops) for _ in range(cfg.batch_size)], rng)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        with autocast:
+            if loops:
+                n = rng.randint(cfg.loops_min, 2 * cfg.loops_mean - cfg.loops_min)
+                logits = model(x, n)
+            else:
+                logits = model(x)
+        loss = _answer_loss(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if loops:
+            model.update_router_bias(1e-2)
+        if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
+            history.append({"step": step, "loss": loss.item()})
+            log(f"  step {step:5d}  loss {loss.item():.4f}")
+    return history
+
+
+@torch.no_grad()
+def accuracy(model: torch.nn.Module, cfg: KHopConfig, hops: int, n_loops: int | None) -> float:
+    """Exact match on ``eval_problems`` fresh problems with ``hops`` hops (test seed, not the training one)."""
+    rng = random.Random(10_000 + cfg.seed + hops)
+    model.eval()
+    correct = 0
+    for start in range(0, cfg.eval_problems, cfg.batch_size):
+        n = min(cfg.batch_size, cfg.eval_problems - start)
+        x, y = cfg.task.sample([hops] * n, rng)
+        x, y = x.to(cfg.device), y.to(cfg.device)
+        logits = model(x, n_loops) if n_loops is not None else model(x)
+        correct += int((logits[:, -1].argmax(-1) == y).sum())
+    model.train()
+    return correct / cfg.eval_problems
+
+
+def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    task = cfg.task
+    mcfg = MythosConfig(vocab_size=task.vocab_size, max_seq_len=task.seq_len, **cfg.model)
+    rdt = OpenMythos(mcfg).to(cfg.device)
+    rdt_params = sum(p.numel() for p in rdt.parameters())
+    layers = matched_dense_layers(mcfg, rdt_params)
+    dense = DenseTransformer(mcfg, layers).to(cfg.device)
+    dense_params = sum(p.numel() for p in dense.parameters())
+    log(f"k-hop: RDT {rdt_params:,} params (loops ~U[{cfg.loops_min}, {2 * cfg.loops_mean - cfg.loops_min}]); "
+        f"dense {layers} layers {dense_params:,} params; train hops <= {cfg.train_max_hops}")
+    t0 = time.perf_counter()
+    log("training the RDT")
+    rdt_hist = train(rdt, cfg, loops=True, log=log)
+    log("training the dense baseline")
+    dense_hist = train(dense, cfg, loops=False, log=log)
+    hops = list(range(1, cfg.eval_hops + 1))
+    rdt_acc = {n: [accuracy(rdt, cfg, k, n) for k in hops] for n in cfg.eval_loops}
+    dense_acc = [accuracy(dense, cfg, k, None) for k in hops]
+    result = {"experiment": "khop", "config": asdict(cfg), "rdt_params": rdt_params, "dense_params": dense_params,
+              "dense_layers": layers, "hops": hops, "rdt_accuracy": {str(n): a for n, a in rdt_acc.items()},
+              "dense_accuracy": dense_acc, "train_history": {"rdt": rdt_hist, "dense": dense_hist},
+              "seconds": time.perf_counter() - t0}
+    (out_dir / "khop.json").write_text(json.dumps(result, indent=1))
+    plot(result, out_dir)
+    for n, acc in rdt_acc.items():
+        log(f"  RDT  {n:3d} loops: " + " ".join(f"{a:.2f}" for a in acc))
+    log("  dense          : " + " ".join(f"{a:.2f}" for a in dense_acc))
+    return result
+
+
+def plot(result: dict, out_dir: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    hops, loops = result["hops"], [int(n) for n in result["rdt_accuracy"]]
+    grid = [result["rdt_accuracy"][str(n)] for n in loops]
+    train_max = result["config"]["train_max_hops"]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    im = a1.imshow(grid, origin="lower", aspect="auto", vmin=0, vmax=1, cmap="viridis")
+    a1.set_xticks(range(len(hops)), hops)
+    a1.set_yticks(range(len(loops)), loops)
+    a1.axvline(train_max - 0.5, color="white", ls="--")
+    a1.set_xlabel("hops (dashed: longest trained)")
+    a1.set_ylabel("loops at test time")
+    a1.set_title("RDT exact match")
+    fig.colorbar(im, ax=a1)
+    best = [max(result["rdt_accuracy"][str(n)][i] for n in loops) for i in range(len(hops))]
+    mean = result["config"]["loops_mean"]
+    at_mean = min(loops, key=lambda n: abs(n - mean))
+    a2.plot(hops, result["rdt_accuracy"][str(at_mean)], "o-", label=f"RDT, {at_mean} loops (≈ train mean)")
+    a2.plot(hops, best, "s-", label="RDT, best loop count per hop")
+    a2.plot(hops, result["dense_accuracy"], "^-", label=f"dense, {result['dense_layers']} layers (same params)")
+    a2.axvline(train_max + 0.5, color="grey", ls="--")
+    a2.set_xlabel("hops")
+    a2.set_ylabel("exact match")
+    a2.set_ylim(0, 1.02)
+    a2.legend()
+    fig.tight_layout()
+    path = Path(out_dir) / "khop.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return [path]
