@@ -153,6 +153,20 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> li
     return history
 
 
+def guess_accuracy(cfg: KHopConfig, hops: int) -> float:
+    """Expected exact match of guessing uniformly among the values that occur in the problem (no
+    chain following): the bar a model must clear to show it follows chains. It rises with k because
+    longer queried chains leave fewer distractor chains, hence fewer candidate values."""
+    rng = random.Random(10_000 + cfg.seed + hops)  # the same problems as `accuracy`
+    total = 0.0
+    for start in range(0, cfg.eval_problems, cfg.batch_size):
+        x, y = cfg.task.sample([hops] * min(cfg.batch_size, cfg.eval_problems - start), rng)
+        for row, answer in zip(x.tolist(), y.tolist()):
+            values = {t for t in row if 4 <= t < 4 + cfg.task.n_values}
+            total += (answer in values) / len(values)
+    return total / cfg.eval_problems
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, cfg: KHopConfig, hops: int, n_loops: int | None) -> float:
     """Exact match on ``eval_problems`` fresh problems with ``hops`` hops (test seed, not the training one)."""
@@ -190,15 +204,17 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
     hops = list(range(1, cfg.eval_hops + 1))
     rdt_acc = {n: [accuracy(rdt, cfg, k, n) for k in hops] for n in cfg.eval_loops}
     dense_acc = [accuracy(dense, cfg, k, None) for k in hops]
+    guess = [guess_accuracy(cfg, k) for k in hops]
     result = {"experiment": "khop", "config": asdict(cfg), "rdt_params": rdt_params, "dense_params": dense_params,
               "dense_layers": layers, "hops": hops, "rdt_accuracy": {str(n): a for n, a in rdt_acc.items()},
-              "dense_accuracy": dense_acc, "train_history": {"rdt": rdt_hist, "dense": dense_hist},
+              "dense_accuracy": dense_acc, "guess_present_values_accuracy": guess, "train_history": {"rdt": rdt_hist, "dense": dense_hist},
               "seconds": time.perf_counter() - t0}
     (out_dir / "khop.json").write_text(json.dumps(result, indent=1))
     plot(result, out_dir)
     for n, acc in rdt_acc.items():
         log(f"  RDT  {n:3d} loops: " + " ".join(f"{a:.2f}" for a in acc))
     log("  dense          : " + " ".join(f"{a:.2f}" for a in dense_acc))
+    log("  guess a value  : " + " ".join(f"{a:.2f}" for a in guess))
     return result
 
 
@@ -226,6 +242,8 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     a2.plot(hops, result["rdt_accuracy"][str(at_mean)], "o-", label=f"RDT, {at_mean} loops (≈ train mean)")
     a2.plot(hops, best, "s-", label="RDT, best loop count per hop")
     a2.plot(hops, result["dense_accuracy"], "^-", label=f"dense, {result['dense_layers']} layers (same params)")
+    if "guess_present_values_accuracy" in result:
+        a2.plot(hops, result["guess_present_values_accuracy"], "k:", label="guess among the values present")
     a2.axvline(train_max + 0.5, color="grey", ls="--")
     a2.set_xlabel("hops")
     a2.set_ylabel("exact match")
