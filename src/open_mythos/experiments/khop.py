@@ -219,10 +219,7 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
 
 
 def plot(result: dict, out_dir: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from ..plot import plt
 
     hops, loops = result["hops"], [int(n) for n in result["rdt_accuracy"]]
     grid = [result["rdt_accuracy"][str(n)] for n in loops]

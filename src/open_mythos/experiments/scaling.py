@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from ..plot import plt
 from ..training.config import load_config
 from ..training.loop import Trainer
 
@@ -100,17 +101,17 @@ def run_dense_vs_looped(preset: str, out_dir: Path, overrides: list[str] = (), p
     return result
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+def _save(fig, ax, xlabel: str, path: Path) -> Path:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _plot_loops(result: dict, out_dir: Path) -> Path:
-    plt = _plt()
     n = [r["n_loops"] for r in result["sweep"]]
     loss = [r["loss"] for r in result["sweep"]]
     f = result["fit"]
@@ -120,18 +121,10 @@ def _plot_loops(result: dict, out_dir: Path) -> Path:
     ax.plot(grid, [f["L_inf"] + f["A"] * math.exp(-(x - 1) / f["tau"]) for x in grid], "-",
             label=f"fit: {f['L_inf']:.3f} + {f['A']:.3f}·exp(-(n-1)/{f['tau']:.2f})")
     ax.axvline(result["train_mean_loops"], color="grey", ls="--", label="training mean")
-    ax.set_xlabel("loops at test time")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "loops.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "loops at test time", out_dir / "loops.png")
 
 
 def _plot_dense(result: dict, out_dir: Path) -> Path:
-    plt = _plt()
     fig, ax = plt.subplots(figsize=(6, 4))
     fixed = [r for r in result["runs"] if not r["looped"]]
     looped = [r for r in result["runs"] if r["looped"]]
@@ -140,11 +133,4 @@ def _plot_dense(result: dict, out_dir: Path) -> Path:
     for r in result["runs"]:
         ax.annotate(r["model"], (r["params"], r["loss"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("held-out loss (nats/token)")
-    ax.legend()
-    fig.tight_layout()
-    path = out_dir / "dense_vs_looped.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, ax, "parameters", out_dir / "dense_vs_looped.png")
