@@ -34,6 +34,11 @@ def check_field_types(obj: Any, section: str = "") -> None:
             raise ValueError(f"{section}{f.name} must be of type {type_name}, got {value!r}")
 
 
+# keys of a config.json that describe the file, not the model (written by us or by transformers)
+HUB_METADATA = {"model_type", "open_mythos_version", "architectures", "auto_map", "transformers_version", "dtype",
+                "torch_dtype", "use_cache", "num_hidden_layers"}
+
+
 @dataclass
 class MythosConfig:
     # vocabulary and width
@@ -141,8 +146,9 @@ class MythosConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "MythosConfig":
+        """From a config.json; the hub metadata keys (HUB_METADATA) that transformers adds are skipped."""
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known - {"model_type", "open_mythos_version", "architectures"})
+        unknown = sorted(set(d) - known - HUB_METADATA)
         if unknown:
             raise ValueError(f"unknown MythosConfig field(s): {', '.join(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})

@@ -18,13 +18,12 @@ from torch import nn
 from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
+from .hub import CONFIG_NAME, WEIGHTS_NAME, write_config
 from .layers import RMSNorm, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
 from .sampling import SamplingParams, sample_next
 
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
 
 
 class OpenMythos(nn.Module):
@@ -170,11 +169,11 @@ class OpenMythos(nn.Module):
 
     # ------------------------------------------------------------------------------ weights I/O
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (no pickle anywhere)."""
+        """Write ``config.json``, ``model.safetensors`` (no pickle anywhere), a model card and the
+        transformers remote-code shims (see hub.py)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = {"model_type": "open_mythos", **self.cfg.to_dict()}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
+        write_config(directory, self.cfg)
         save_model(self, str(directory / WEIGHTS_NAME))
 
     @classmethod

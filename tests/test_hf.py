@@ -1,0 +1,66 @@
+"""transformers integration: Auto classes load our save_pretrained directories (with the import and
+with trust_remote_code), generate honours n_loops, and the formats round-trip."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import tiny_config
+from open_mythos import OpenMythos
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_auto_model_loads_a_save_pretrained_directory(tmp_path, attn, tied):
+    import open_mythos.hf  # noqa: F401  registers the Auto classes
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model = OpenMythos(tiny_config(attn, tie_word_embeddings=tied)).eval()
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).model_type == "open_mythos"
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids, n_loops=2).logits, model(ids, 2), rtol=1e-5, atol=1e-6)
+        assert torch.equal(hf.generate(ids, max_new_tokens=6, do_sample=False, n_loops=3),
+                           model.generate(ids, 6, 3, temperature=0))
+        out = hf(ids, labels=ids, n_loops=2)
+        ref = torch.nn.functional.cross_entropy(out.logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        assert out.loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    hf.save_pretrained(tmp_path / "again")  # our format: loadable without transformers
+    back = OpenMythos.from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(back(ids, 2), model(ids, 2), rtol=1e-5, atol=1e-6)
+
+
+def test_trust_remote_code_without_importing_open_mythos_hf(tmp_path):
+    model = OpenMythos(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    ids = [[1, 2, 3, 4, 5]]
+    expected = model.generate(torch.tensor(ids), 5, 2, temperature=0)[0].tolist()
+    script = f"""
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+assert "open_mythos.hf" not in sys.modules
+m = AutoModelForCausalLM.from_pretrained({str(tmp_path)!r}, trust_remote_code=True)
+print(json.dumps(m.generate(torch.tensor({ids}), max_new_tokens=5, do_sample=False, n_loops=2)[0].tolist()))
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_model_card_and_padding_error(tmp_path):
+    import open_mythos.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    OpenMythos(tiny_config()).save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "AutoModelForCausalLM" in card and "active per token" in card
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="padding"):
+        hf(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
