@@ -72,7 +72,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .inference import Engine, ExitRule, Request
-    from .inference.text import TextStream
+    from .inference.text import generate_text
     from .sampling import SamplingParams
 
     model, tok = load_model(args)
@@ -81,36 +81,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
     rule = ExitRule(args.exit, args.exit_threshold, args.min_loops)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     prompts = args.prompt or ["To be, or not to be"]
-    streams, ids = {}, []
-    for text in prompts:
-        rid = engine.submit(Request(tok.encode(text), args.max_new_tokens, args.n_loops, sampling, rule,
-                                    (tok.eos_token_id,), args.seed))
-        streams[rid] = TextStream(tok, args.stop)
-        ids.append(rid)
+    requests = [Request(tok.encode(text), args.max_new_tokens, args.n_loops, sampling, rule, (tok.eos_token_id,),
+                        args.seed) for text in prompts]
     live = len(prompts) == 1  # one prompt: stream its text as it is generated
     if live:
         print(prompts[0], end="", flush=True)
-    depths: list[int] = []
     t0 = time.perf_counter()
-    while engine.has_work():
-        for ev in engine.step():
-            stream = streams[ev.request_id]
-            if ev.token is not None:
-                depths.append(ev.depth)
-            if ev.token is not None and not (ev.finish_reason == "stop" and ev.token == tok.eos_token_id):
-                piece = stream.push(ev.token)
-                if stream.stopped:
-                    engine.cancel(ev.request_id, "stop")
-                if live:
-                    print(piece, end="", flush=True)
-            if ev.finish_reason is not None and live:
-                print(stream.flush(), flush=True)
+    texts = generate_text(engine, tok, requests, [args.stop] * len(prompts),
+                          on_piece=(lambda i, piece: print(piece, end="", flush=True)) if live else None)
     seconds = time.perf_counter() - t0
-    if not live:
-        for rid, text in zip(ids, prompts):
-            print(json.dumps({"prompt": text, "completion": streams[rid].text}))
-    hist = {d: depths.count(d) for d in sorted(set(depths))}
-    print(f"[{len(depths)} tokens in {seconds:.2f} s, {len(depths) / seconds:.1f} tokens/s, "
+    if live:
+        print(flush=True)
+    else:
+        for text, completion in zip(prompts, texts):
+            print(json.dumps({"prompt": text, "completion": completion}))
+    hist = dict(sorted(engine.depth_histogram.items()))
+    n = engine.stats["tokens"]
+    print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s, "
           f"loop depth histogram {hist}]", file=sys.stderr)
     return 0
 

@@ -31,7 +31,7 @@ loop budget (exit rules apply to generated tokens).
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -127,6 +127,7 @@ class Engine:
         self._next_id = 0
         # work counters: loop_rows = recurrent-block row evaluations (the cost early exit saves)
         self.stats = {"ticks": 0, "loop_rows": 0, "tokens": 0}
+        self.depth_histogram: Counter[int] = Counter()  # loops run -> tokens generated with that depth
 
     def _alloc_state(self, n: int) -> None:
         dev, D, V = self.device, self.cfg.dim, self.cfg.vocab_size
@@ -460,6 +461,7 @@ class Engine:
         s = self.slots[slot]
         s.tokens.append(token)
         self.stats["tokens"] += 1
+        self.depth_histogram[depth] += 1
         reason = None
         if token in s.request.eos_token_ids:
             reason = "stop"

@@ -44,3 +44,29 @@ class TextStream:
             return ""
         out, self.emitted = self.text[self.emitted:end], end
         return out
+
+
+def generate_text(engine, tokenizer, requests: list, stops: list[list[str]], on_piece=None) -> list[str]:
+    """Run ``requests`` (inference.Request) through ``engine`` and return each one's text.
+
+    ``stops[i]`` are request i's stop strings (the text is cut before the first one and the request
+    cancelled); end-of-sequence tokens (the request's ``eos_token_ids``) are not part of the text.
+    ``on_piece(i, text)`` is called with each newly final piece of request i (streaming)."""
+    ids = [engine.submit(r) for r in requests]
+    index = {rid: i for i, rid in enumerate(ids)}
+    streams = [TextStream(tokenizer, s) for s in stops]
+    pending = set(ids)
+    while pending:
+        for ev in engine.step():
+            i = index[ev.request_id]
+            piece = ""
+            if ev.token is not None and ev.token not in requests[i].eos_token_ids:
+                piece = streams[i].push(ev.token)
+                if streams[i].stopped:
+                    engine.cancel(ev.request_id, "stop")
+            if ev.finish_reason is not None:
+                piece += streams[i].flush()
+                pending.discard(ev.request_id)
+            if piece and on_piece is not None:
+                on_piece(i, piece)
+    return [s.text for s in streams]
