@@ -54,7 +54,8 @@ def test_save_load_round_trip_is_bit_identical(model, tmp_path):
     with torch.no_grad():
         model.recurrent.block.ffn.router_bias.normal_()  # buffers travel too
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json", "configuration_open_mythos.py",
+                                                          "model.safetensors", "modeling_open_mythos.py"]
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "open_mythos"
     loaded = OpenMythos.from_pretrained(tmp_path)
     assert loaded.cfg == model.cfg
