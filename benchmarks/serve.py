@@ -13,33 +13,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import socket
 import statistics
-import threading
 import time
 
 import httpx
 import torch
-import uvicorn
 
 from common import env_info, write_report
 
 from open_mythos import OpenMythos
 from open_mythos.cli import demo_config
 from open_mythos.inference import Engine
-from open_mythos.serving import build_app
+from open_mythos.serving import build_app, serve_in_thread
 from open_mythos.tokenizer import ByteTokenizer
-
-
-def start_server(app) -> tuple[uvicorn.Server, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, f"http://127.0.0.1:{port}"
 
 
 async def one(client: httpx.AsyncClient, url: str, body: dict) -> tuple[float, int]:
@@ -85,7 +71,7 @@ def main() -> None:
     else:
         model = OpenMythos(demo_config()).to(device).eval()
     engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile)
-    server, url = start_server(build_app(engine, ByteTokenizer(), "bench", max_pending=1024))
+    server, url = serve_in_thread(build_app(engine, ByteTokenizer(), "bench", max_pending=1024))
     loops = min(8, model.cfg.max_loop_iters)
     body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True, "n_loops": loops}
     asyncio.run(load(url, max(args.concurrency), 2 * max(args.concurrency), body))  # warm-up: graphs, compile

@@ -2,31 +2,20 @@
 a completion with the n_loops extension, and a streamed chat. (Against a real server, keep only
 the client part: OpenAI(base_url="http://localhost:8000/v1", api_key="unused").)"""
 
-import socket
-import threading
-import time
-
 import torch
-import uvicorn
 from openai import OpenAI
 
 from open_mythos import OpenMythos
 from open_mythos.cli import demo_config
 from open_mythos.inference import Engine
-from open_mythos.serving import build_app
+from open_mythos.serving import build_app, serve_in_thread
 from open_mythos.tokenizer import ByteTokenizer
 
 torch.manual_seed(0)
 app = build_app(Engine(OpenMythos(demo_config()).eval(), max_batch=4), ByteTokenizer(), "demo")
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-threading.Thread(target=server.run, daemon=True).start()
-while not server.started:
-    time.sleep(0.05)
+server, url = serve_in_thread(app)
 
-client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+client = OpenAI(base_url=f"{url}/v1", api_key="unused")
 reply = client.completions.create(model="demo", prompt="To be", max_tokens=12, temperature=0,
                                   extra_body={"n_loops": 2, "exit_rule": {"kind": "kl", "threshold": 1e-3}})
 print("completion:", repr(reply.choices[0].text), "loops per token:", reply.model_extra["mythos"]["loop_depths"])

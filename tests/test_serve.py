@@ -2,14 +2,11 @@
 
 import concurrent.futures
 import json
-import socket
-import threading
 import time
 
 import httpx
 import pytest
 import torch
-import uvicorn
 from openai import OpenAI
 
 from open_mythos import OpenMythos
@@ -17,7 +14,7 @@ from open_mythos.cli import demo_config
 from open_mythos.inference import Engine, ExitRule, Request
 from open_mythos.inference.text import TextStream
 from open_mythos.sampling import SamplingParams
-from open_mythos.serving import build_app
+from open_mythos.serving import build_app, serve_in_thread
 from open_mythos.tokenizer import ByteTokenizer
 
 TOK = ByteTokenizer()
@@ -25,20 +22,9 @@ TOK = ByteTokenizer()
 
 class LiveServer:
     def __init__(self, model, max_pending=256, max_batch=8, engine_cls=Engine):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
         self.app = build_app(engine_cls(model, max_batch=max_batch), TOK, "tiny", max_pending=max_pending)
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                timeout_graceful_shutdown=10)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started:
-            assert time.time() < deadline, "server did not start"
-            time.sleep(0.02)
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.server, self.url = serve_in_thread(self.app, timeout_graceful_shutdown=10)
+        self.thread = self.server.thread
 
     def stop(self):
         self.server.should_exit = True

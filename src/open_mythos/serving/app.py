@@ -248,3 +248,27 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
         return PlainTextResponse("\n".join(lines) + "\n")
 
     return app
+
+
+def serve_in_thread(app: FastAPI, host: str = "127.0.0.1", port: int = 0, **uvicorn_kwargs):
+    """Run ``app`` with uvicorn in a background thread (notebooks, tests, benchmarks); port 0 picks a
+    free one. Returns (server, base URL); stop with ``server.should_exit = True``."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    if port == 0:
+        with socket.socket() as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", **uvicorn_kwargs))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.02)
+    server.thread = thread
+    return server, f"http://{host}:{port}"
