@@ -286,8 +286,7 @@ class Engine:
             self.stats["loop_rows"] += len(slots) * n_loops
             rows, tokens = self._rows(slots), self._take_pending(slots)
             stage = self._token_stages.setdefault(n_loops, lambda r, tok: self._token_stage(r, tok, n_loops))
-            logits, depth = self._run(stage, ("token", rows.numel(), n_loops), rows, tokens)
-            self._sample(slots, logits, depth, events)
+            self._sample(slots, *self._run(stage, ("token", rows.numel(), n_loops), rows, tokens), events)
             return
         self._start(slots)
         while not bool(self._loop(slots, probe).all()):  # the batch waits for its deepest token
@@ -333,14 +332,13 @@ class Engine:
     def _finish(self, slots: list[int], probe: bool, events: list[TokenEvent]) -> None:
         """finish stage: logits of the exited tokens (from the KL probe if it ran), sample, emit."""
         rows = self._rows(slots)
-        logits, depth = self._run(self._finish_stage_probe if probe else self._finish_stage,
-                                  ("finish", rows.numel(), probe), rows)
-        self._sample(slots, logits, depth, events)
+        self._sample(slots, *self._run(self._finish_stage_probe if probe else self._finish_stage,
+                                       ("finish", rows.numel(), probe), rows), events)
 
-    def _sample(self, slots: list[int], logits: torch.Tensor, depth: torch.Tensor, events: list[TokenEvent]) -> None:
+    def _sample(self, slots: list[int], logits: torch.Tensor, greedy: torch.Tensor, depth: torch.Tensor,
+                events: list[TokenEvent]) -> None:
         logits = logits[: len(slots)]
-        greedy = logits.argmax(-1).tolist()  # one host sync for every greedy row
-        depth = depth[: len(slots)].tolist()
+        greedy, depth = torch.stack((greedy, depth))[:, : len(slots)].tolist()  # one host sync for all rows
         for i, slot in enumerate(slots):
             s = self.slots[slot]
             if s.request.sampling.temperature == 0:
@@ -378,17 +376,18 @@ class Engine:
     def _loop_stage_probe(self, rows: torch.Tensor) -> torch.Tensor:
         return self._loop_stage(rows, probe=True)
 
-    def _finish_stage_probe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _finish_stage_probe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self._finish_stage(rows, probe=True)
 
-    def _finish_stage(self, rows: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits (B, vocab) fp32, loops run (B,)) of the rows' tokens; moves them one position on."""
+    def _finish_stage(self, rows: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits (B, vocab) fp32, greedy token (B,), loops run (B,)) of the rows' tokens; moves them
+        one position on."""
         if probe:
             logits = self.logits[rows]
         else:
             logits = self._coda_logits(rows, self.pos[rows], self.out[rows], torch.ones_like(rows, dtype=torch.bool))
         self.pos[rows] = (self.pos[rows] + 1).clamp(max=self.max_len - 1)  # clamp: the padding rows
-        return logits, self.t[rows]
+        return logits, logits.argmax(-1), self.t[rows]
 
     def _loop_stage(self, rows: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """loop: for ``rows``: one recurrent iteration each at its own depth; returns which
