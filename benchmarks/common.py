@@ -24,21 +24,22 @@ def env_info() -> dict:
     return info
 
 
+def timed(fn) -> tuple[float, object]:
+    """(seconds, result) of one call, synchronised around it on CUDA."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0, out
+
+
 def time_fn(fn, warmup: int = 3, iters: int = 10) -> float:
     """Median seconds per call (synchronised around each call on CUDA)."""
-    cuda = torch.cuda.is_available()
     for _ in range(warmup):
         fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(timed(fn)[0] for _ in range(iters))
 
 
 def write_report(name: str, report: dict, out_dir: str | None) -> None:

@@ -17,11 +17,10 @@ equal OpenMythos.generate's (bf16: a near-tie can flip an argmax, so the fractio
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from common import env_info, write_report
+from common import env_info, timed, write_report
 from train_step import SPEC
 
 from open_mythos import OpenMythos
@@ -37,16 +36,6 @@ def spec_model(attn: str, device: str) -> OpenMythos:
                                                      "model.max_output_tokens=512"]).model
     torch.manual_seed(0)
     return OpenMythos(cfg).to(device=device, dtype=torch.bfloat16).eval()
-
-
-def timed(fn) -> tuple[float, object]:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return time.perf_counter() - t0, out
 
 
 @torch.inference_mode()

@@ -21,8 +21,8 @@ import math
 
 import torch
 
-from common import env_info, write_report
-from decode import spec_model, timed
+from common import env_info, timed, write_report
+from decode import spec_model
 
 from open_mythos.inference import Engine, ExitRule, Request
 from open_mythos.sampling import SamplingParams

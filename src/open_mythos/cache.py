@@ -22,6 +22,11 @@ import torch
 LOOP_POLICIES = ("per_loop", "shared")
 
 
+def buffer_bytes(buffers: dict[tuple, dict[str, torch.Tensor]]) -> int:
+    """Bytes held by a cache's {call site: {name: tensor}} buffers."""
+    return sum(t.numel() * t.element_size() for slot in buffers.values() for t in slot.values())
+
+
 class KVCache:
     def __init__(self, batch_size: int, max_len: int, loop_policy: str = "per_loop"):
         if loop_policy not in LOOP_POLICIES:
@@ -60,7 +65,7 @@ class KVCache:
         self.pos += n_tokens
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for slot in self._buffers.values() for t in slot.values())
+        return buffer_bytes(self._buffers)
 
     def bytes_per_token(self) -> float:
         """Cache memory per token position (all layers and loop slots, whole batch row)."""

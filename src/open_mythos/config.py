@@ -134,6 +134,11 @@ class MythosConfig:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
 
     @property
+    def rope_dim(self) -> int:
+        """Width that RoPE rotates: the whole GQA head, or MLA's decoupled rotary part."""
+        return self.head_dim if self.attn_type == "gqa" else self.qk_rope_head_dim
+
+    @property
     def ffn_dim(self) -> int:
         """Hidden width of the dense SwiGLU FFN in Prelude and Coda blocks."""
         if self.dense_ffn_dim is not None:

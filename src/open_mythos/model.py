@@ -72,8 +72,7 @@ class OpenMythos(nn.Module):
         self._check_input(input_ids, start)
         T = input_ids.shape[1]
         positions = torch.arange(start, start + T, device=input_ids.device)
-        rot_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
-        rope = rope_angles(positions, rot_dim, self.cfg.rope_theta)
+        rope = rope_angles(positions, self.cfg.rope_dim, self.cfg.rope_theta)
 
         x = self.embed(input_ids)
         for i, block in enumerate(self.prelude):

@@ -29,8 +29,8 @@ class DenseTransformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None) -> torch.Tensor:
         """n_loops is accepted and ignored, so evaluation code can treat both models alike."""
-        rot_dim = self.cfg.head_dim if self.cfg.attn_type == "gqa" else self.cfg.qk_rope_head_dim
-        rope = rope_angles(torch.arange(input_ids.shape[1], device=input_ids.device), rot_dim, self.cfg.rope_theta)
+        rope = rope_angles(torch.arange(input_ids.shape[1], device=input_ids.device), self.cfg.rope_dim,
+                           self.cfg.rope_theta)
         x = self.embed(input_ids)
         for block in self.blocks:
             x = block(x, rope)

@@ -107,7 +107,6 @@ class Engine:
         self.scratch = max_batch
         self._buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.cache = SlotKVCache(max_batch + 1, max_len, loop_policy, self.max_loops)
-        self.rot_dim = cfg.head_dim if cfg.attn_type == "gqa" else cfg.qk_rope_head_dim
         self.loop_table = loop_embeddings(cfg.max_loop_iters, cfg.dim, self.device, self.dtype)
         self._alloc_state(max_batch + 1)
         if cuda_graphs is None:
@@ -299,11 +298,15 @@ class Engine:
     # ------------------------------------------------------------------------------ stages
     # Each stage runs on a row-index tensor padded to a bucket size with the scratch slot, so that
     # a few fixed shapes cover every batch and each can be replayed from a CUDA graph.
+    def _bucket(self, n: int) -> int:
+        """The padded batch size for n rows."""
+        return next(b for b in self._buckets if b >= n)
+
     def _rows(self, slots: list[int]) -> torch.Tensor:
         key = tuple(slots)
         if key not in self._row_tensors:
-            size = next(b for b in self._buckets if b >= len(slots))
-            self._row_tensors[key] = torch.tensor(slots + [self.scratch] * (size - len(slots)), device=self.device)
+            pad = [self.scratch] * (self._bucket(len(slots)) - len(slots))
+            self._row_tensors[key] = torch.tensor(slots + pad, device=self.device)
         return self._row_tensors[key]
 
     def _take_pending(self, slots: list[int]) -> torch.Tensor:
@@ -311,8 +314,7 @@ class Engine:
         tokens = [self.slots[s].pending for s in slots]
         for s in slots:
             self.slots[s].pending = None
-        size = next(b for b in self._buckets if b >= len(slots))
-        return torch.tensor(tokens + [0] * (size - len(slots)), device=self.device)
+        return torch.tensor(tokens + [0] * (self._bucket(len(slots)) - len(slots)), device=self.device)
 
     def _run(self, stage, key: tuple, *inputs: torch.Tensor):
         return self.graphs(key, stage, *inputs) if self.graphs is not None else stage(*inputs)
@@ -348,7 +350,7 @@ class Engine:
             self._emit(slot, token, depth[i], events)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return rope_angles(positions[:, None], self.rot_dim, self.cfg.rope_theta)
+        return rope_angles(positions[:, None], self.cfg.rope_dim, self.cfg.rope_theta)
 
     def _prefill(self, slot: int, req: Request) -> torch.Tensor:
         ids = torch.tensor([req.prompt], device=self.device)
@@ -407,7 +409,6 @@ class Engine:
         psum = self.psum[rows] + p
         rel = (h_new - h).float().norm(dim=-1) / h_new.float().norm(dim=-1).clamp_min(1e-12)
         exit_now = (psum >= self.act_thr[rows]) | ((t > 0) & (rel < self.rel_tol[rows]))
-        kl = None
         if probe:  # output distribution if the token exited now
             out = self._output_state(rows, h_new, p, last=torch.ones_like(running))[0]
             logits = self._coda_logits(rows, pos, out, running)

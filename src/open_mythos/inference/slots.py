@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache import LOOP_POLICIES
+from ..cache import LOOP_POLICIES, buffer_bytes
 
 
 class SlotKVCache:
@@ -88,7 +88,7 @@ class SlotKVCache:
 
     # ------------------------------------------------------------------------------ accounting
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for slot in self._buffers.values() for t in slot.values())
+        return buffer_bytes(self._buffers)
 
     def bytes_per_token(self) -> float:
         """Cache memory per token position of one request (all layers and loop slots)."""

@@ -35,6 +35,17 @@ class TextStream:
             end -= 1
         return self._release(end)
 
+    def on_event(self, token: int | None, finished: bool, eos_token_ids) -> tuple[str, bool]:
+        """(text released by one engine event, whether its token just hit a stop string): the token
+        unless it is an end-of-sequence id, then everything left if the request finished. The caller
+        cancels the request when a stop string is hit."""
+        piece, was_stopped = "", self.stopped
+        if token is not None and token not in eos_token_ids:
+            piece = self.push(token)
+        if finished:
+            piece += self.flush()
+        return piece, self.stopped and not was_stopped
+
     def flush(self) -> str:
         """Release everything left (at the end of generation)."""
         return self._release(len(self.text))
@@ -59,13 +70,10 @@ def generate_text(engine, tokenizer, requests: list, stops: list[list[str]], on_
     while pending:
         for ev in engine.step():
             i = index[ev.request_id]
-            piece = ""
-            if ev.token is not None and ev.token not in requests[i].eos_token_ids:
-                piece = streams[i].push(ev.token)
-                if streams[i].stopped:
-                    engine.cancel(ev.request_id, "stop")
+            piece, hit_stop = streams[i].on_event(ev.token, ev.finish_reason is not None, requests[i].eos_token_ids)
+            if hit_stop:
+                engine.cancel(ev.request_id, "stop")
             if ev.finish_reason is not None:
-                piece += streams[i].flush()
                 pending.discard(ev.request_id)
             if piece and on_piece is not None:
                 on_piece(i, piece)

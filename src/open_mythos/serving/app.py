@@ -105,7 +105,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
     async def _api_error(_, exc: APIError):
         return error_response(exc.status, exc.message, exc.param, exc.kind)
 
-    def to_request(body: _Common, prompt: list[int], stop_ids: tuple[int, ...]) -> tuple[Request, list[str]]:
+    def to_request(body: _Common, prompt: list[int], stop_ids: tuple[int, ...]) -> tuple[Request, TextStream]:
         if body.n != 1:
             raise APIError(400, "only n=1 is supported", "n")
         if body.model not in (None, model_name):
@@ -122,10 +122,10 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
         try:
             sampling = SamplingParams(float(body.temperature), body.top_k, float(body.top_p))
             rule = ExitRule(**body.exit_rule.model_dump()) if body.exit_rule else ExitRule()
-            TextStream(tokenizer, stop)  # validates the stop strings
+            stream = TextStream(tokenizer, stop)  # validates the stop strings
         except ValueError as err:
             raise APIError(400, str(err)) from None
-        return Request(prompt, max_tokens, body.n_loops, sampling, rule, stop_ids, body.seed), stop
+        return Request(prompt, max_tokens, body.n_loops, sampling, rule, stop_ids, body.seed), stream
 
     def submit(request: Request) -> tuple[int, object]:
         try:
@@ -144,18 +144,17 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
         try:
             while True:
                 ev: TokenEvent = await queue.get()
-                piece = ""
                 if ev.token is not None:
                     depths.append(ev.depth)
-                    if ev.token not in stop_ids:
-                        piece = stream.push(ev.token)
-                        if stream.stopped:
-                            worker.cancel(ticket, "stop")
+                if ev.finish_reason == "error":
+                    finished = True
+                    raise APIError(500, "the engine failed; see the server log", kind="server_error")
+                piece, hit_stop = stream.on_event(ev.token, ev.finish_reason is not None, stop_ids)
+                if hit_stop:
+                    worker.cancel(ticket, "stop")
                 if ev.finish_reason is not None:
                     finished = True
-                    if ev.finish_reason == "error":
-                        raise APIError(500, "the engine failed; see the server log", kind="server_error")
-                    yield piece + stream.flush(), ev.finish_reason
+                    yield piece, ev.finish_reason
                     return
                 if piece:
                     yield piece, None
@@ -164,12 +163,12 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
                 worker.cancel(ticket)
 
     async def run(body: _Common, prompt: list[int], stop_ids: tuple[int, ...], chat: bool):
-        request, stop = to_request(body, prompt, stop_ids)
+        request, stream = to_request(body, prompt, stop_ids)
         ticket, queue = submit(request)
         depths: list[int] = []
         created, ident = int(time.time()), f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         obj = "chat.completion" if chat else "text_completion"
-        gen = generate(ticket, queue, TextStream(tokenizer, stop), stop_ids, depths)
+        gen = generate(ticket, queue, stream, stop_ids, depths)
 
         def usage() -> dict:
             return {"prompt_tokens": len(prompt), "completion_tokens": len(depths),
