@@ -11,33 +11,47 @@ import torch
 from open_mythos.cli import main
 from open_mythos.config import MythosConfig
 from open_mythos.experiments.baselines import DenseTransformer, matched_dense_layers
-from open_mythos.experiments.khop import EQ, QUERY, SEMI, KHopTask
+from open_mythos.experiments.khop import IGNORE, QUERY, SEMI, KHopTask
 from open_mythos.experiments.scaling import fit_saturating_exponential
 
 
-def solve(task: KHopTask, row: list[int]) -> tuple[int, int]:
-    """Independent solver: parse the statements, follow the queried variable to a value; (answer, hops)."""
-    body, query = row[:-3], row[-3:]
-    assert query[0] == QUERY and query[2] == EQ
-    rhs = {}
-    for i in range(0, len(body), 4):
-        lhs, eq, src, semi = body[i: i + 4]
-        assert eq == EQ and semi == SEMI and lhs not in rhs  # every variable is assigned exactly once
-        rhs[lhs] = src
-    node, hops = query[1], 0
-    while node in rhs:
-        node, hops = rhs[node], hops + 1
-    assert 4 <= node < 4 + task.n_values
-    return node, hops
+def solve(task: KHopTask, row: list[int]) -> tuple[dict[int, int], list[tuple[int, int, int]]]:
+    """Independent solver: run the program in order. Returns the resolved value of every variable and,
+    per query, (variable, value, hops). Asserts the program is well formed: statements `var src ;`,
+    every variable assigned once, every variable used only after its assignment."""
+    body, queries = row[:3 * task.statements], row[3 * task.statements:]
+    value, hops = {}, {}
+    for i in range(0, len(body), 3):
+        var, src, semi = body[i: i + 3]
+        assert semi == SEMI and var not in value and task.var(0) <= var < task.vocab_size
+        if src < task.var(0):
+            value[var], hops[var] = src, 1
+        else:
+            assert src in value, "a variable is used before it is assigned"
+            value[var], hops[var] = value[src], hops[src] + 1
+    out = []
+    for i in range(0, len(queries), 2):
+        assert queries[i] == QUERY
+        out.append((queries[i + 1], value[queries[i + 1]], hops[queries[i + 1]]))
+    return value, out
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 10])
-def test_khop_problems_have_exactly_k_hops_and_the_right_answer(k):
-    task = KHopTask()
+@pytest.mark.parametrize("queries", [1, 4])
+def test_khop_problems_have_exactly_k_hops_and_the_right_targets(k, queries):
+    task = KHopTask(queries=queries)
     x, y = task.sample([k] * 32, random.Random(k))
-    assert x.shape == (32, task.seq_len) and int(x.max()) < task.vocab_size
-    for row, answer in zip(x.tolist(), y.tolist()):
-        assert solve(task, row) == (answer, k)
+    assert x.shape == y.shape == (32, task.seq_len) and int(x.max()) < task.vocab_size
+    for row, target in zip(x.tolist(), y.tolist()):
+        value, asked = solve(task, row)
+        assert asked[-1][1:] == (target[-1], k)  # the scored query: the k-hop chain's end
+        assert len({var for var, _, _ in asked}) == queries and max(h for _, _, h in asked) == k
+        expected = [IGNORE] * task.seq_len
+        for i in range(0, 3 * task.statements, 3):  # every statement's value at its src slot
+            expected[i + 1] = value[row[i]]
+        for j, (_, v, _) in enumerate(asked):
+            expected[3 * task.statements + 2 * j + 1] = v
+        assert target == expected
 
 
 def test_khop_bad_settings():
@@ -45,6 +59,8 @@ def test_khop_bad_settings():
         KHopTask().sample([11], random.Random(0))
     with pytest.raises(ValueError, match="n_vars"):
         KHopTask(n_vars=10, statements=20)
+    with pytest.raises(ValueError, match="queries"):
+        KHopTask(queries=21)
 
 
 def test_fit_recovers_a_saturating_exponential():

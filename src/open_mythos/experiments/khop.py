@@ -1,13 +1,22 @@
 """k-hop reasoning: does a looped model solve longer chains by looping more?
 
-Task (``KHopTask``): variable assignments in shuffled order, then a query.
+Task (``KHopTask``): a straight-line program of assignments, then queries.
 
-    x7 = 3 ;  x2 = x9 ;  x9 = x7 ;  x4 = 5 ;  x1 = x4 ;  ...  ? x2 =      ->  3   (x2 <- x9 <- x7 <- 3: 3 hops)
+    x7 3 ;  x2 5 ;  x9 x7 ;  x4 x2 ;  x1 x9 ;  ...  ? x4  ? x1      ->  5, 3   (x1 <- x9 <- x7 <- 3: 3 hops)
 
-The queried chain has k hops (k assignments from a value to the queried variable); the other
-assignments form distractor chains. Every problem has the same number of statements, so every
-sequence has the same length whatever k. Vocabulary: PAD, '=', ';', '?', values, variables.
-The answer is one value token: exact match = argmax at the last position.
+Each statement ``var src ;`` assigns a value or an earlier variable to a fresh variable. The chains
+are interleaved at random but each variable is assigned before it is used, so a causal model can
+resolve every statement from the ones before it: one lookup ("which statement assigned my src?")
+per hop. Supervision is dense: at every statement's src slot the target is the value the statement
+resolves to, and each query ``? var`` is answered at ``var``. The last query asks for the end of
+the k-hop chain; it is the one scored (exact match). The other assignments form distractor chains
+no longer than k. Every problem has the same number of statements and queries, so every sequence
+has the same length whatever k. Vocabulary: ';', '?', values, variables.
+
+Why dense supervision: with only the final answer supervised, neither an RDT nor a dense model
+learned even the 1-hop lookup in 3,000 steps x 256 problems (the first H100 runs, documented in
+docs/experiments.md); with several queries per problem a 2-layer model learns 1-hop in < 2,000
+CPU steps.
 
 Experiment: an RDT (loop count sampled per step) and a dense fixed-depth transformer with the same
 parameter count are trained on k <= ``train_max_hops`` with the same data, steps and optimizer,
@@ -30,7 +39,9 @@ from ..config import MythosConfig
 from ..model import OpenMythos
 from .baselines import DenseTransformer, matched_dense_layers
 
-PAD, EQ, SEMI, QUERY = 0, 1, 2, 3
+SEMI, QUERY = 0, 1
+N_SPECIAL = 2  # values are ids N_SPECIAL.., variables follow them
+IGNORE = -100  # cross-entropy's ignore_index: positions without a target
 
 
 @dataclass
@@ -38,53 +49,71 @@ class KHopTask:
     n_values: int = 10
     n_vars: int = 64
     max_hops: int = 10            # the longest chain any problem can have (sets the sequence length)
-    statements: int = 20          # assignments per problem (queried chain + distractors)
+    statements: int = 16          # assignments per problem (queried chain + distractors)
     min_distractor_len: int = 1
+    queries: int = 8              # queries per problem; the last one asks for the k-hop chain's end
 
     def __post_init__(self) -> None:
         if self.statements < self.max_hops:
             raise ValueError(f"statements ({self.statements}) must be >= max_hops ({self.max_hops})")
         if self.n_vars < self.statements:
             raise ValueError(f"n_vars ({self.n_vars}) must be >= statements ({self.statements}): one variable each")
+        if not 1 <= self.queries <= self.statements:
+            raise ValueError(f"queries ({self.queries}) must be in [1, statements={self.statements}]: distinct variables")
 
     @property
     def vocab_size(self) -> int:
-        return 4 + self.n_values + self.n_vars
+        return N_SPECIAL + self.n_values + self.n_vars
 
     @property
     def seq_len(self) -> int:
-        return 4 * self.statements + 3
+        return 3 * self.statements + 2 * self.queries
 
     def value(self, i: int) -> int:
-        return 4 + i
+        return N_SPECIAL + i
 
     def var(self, i: int) -> int:
-        return 4 + self.n_values + i
+        return N_SPECIAL + self.n_values + i
 
     def sample(self, hops: list[int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
-        """A batch of problems with the given hop counts: (tokens (B, seq_len), answers (B,))."""
-        rows, answers = [], []
+        """A batch of problems with the given hop counts: (tokens (B, seq_len), targets (B, seq_len)).
+
+        ``targets`` holds, at the ';' ending each statement, the value its variable resolves to, and at
+        the last position the answer; IGNORE elsewhere. ``targets[:, -1]`` are the answers.
+        """
+        rows, targets = [], []
         for k in hops:
             if not 1 <= k <= self.max_hops:
                 raise ValueError(f"hops must be in [1, {self.max_hops}], got {k}")
-            names = rng.sample(range(self.n_vars), self.statements)
+            names = iter(rng.sample(range(self.n_vars), self.statements))
             chains, left = [k], self.statements - k
             while left > 0:  # distractor chains (no longer than the queried one) fill the other statements
                 chains.append(min(left, rng.randint(self.min_distractor_len, max(self.min_distractor_len, k))))
                 left -= chains[-1]
-            stmts, start = [], 0
-            for i, length in enumerate(chains):
-                src = self.value(rng.randrange(self.n_values))
-                if i == 0:  # the queried chain
-                    answer, target = src, self.var(names[length - 1])
-                for v in names[start: start + length]:
-                    stmts.append([self.var(v), EQ, src, SEMI])
-                    src = self.var(v)
-                start += length
-            rng.shuffle(stmts)
-            rows.append([t for stmt in stmts for t in stmt] + [QUERY, target, EQ])
-            answers.append(answer)
-        return torch.tensor(rows), torch.tensor(answers)
+            stmts = []  # per chain: [(var, src, resolved value)] in definition order
+            for length in chains:
+                src = value = self.value(rng.randrange(self.n_values))
+                stmts.append([])
+                for _ in range(length):
+                    var = self.var(next(names))
+                    stmts[-1].append((var, src, value))
+                    src = var
+            order = [c for c, length in enumerate(chains) for _ in range(length)]
+            rng.shuffle(order)  # a random interleaving of the chains; each chain keeps its own order
+            row, tgt, nxt = [], [], [0] * len(chains)
+            for c in order:
+                var, src, value = stmts[c][nxt[c]]
+                nxt[c] += 1
+                row += [var, src, SEMI]
+                tgt += [IGNORE, value, IGNORE]
+            # queries: the queried chain's end last (the scored answer), other variables before it
+            others = [st for chain in stmts for st in chain if st is not stmts[0][-1]]
+            for var, _, value in rng.sample(others, self.queries - 1) + [stmts[0][-1]]:
+                row += [QUERY, var]
+                tgt += [IGNORE, value]
+            rows.append(row)
+            targets.append(tgt)
+        return torch.tensor(rows), torch.tensor(targets)
 
 
 @dataclass
@@ -95,30 +124,32 @@ class KHopConfig:
     model: dict = field(default_factory=lambda: dict(dim=128, n_heads=4, n_kv_heads=4, prelude_layers=1,
                                                      coda_layers=1, n_experts=8, n_shared_experts=1,
                                                      n_experts_per_tok=2, expert_dim=128, lora_rank=8,
-                                                     max_loop_iters=16, attn_type="gqa"))
+                                                     max_loop_iters=16, attn_type="gqa", rope_theta=10_000.0))
     loops_mean: int = 6           # training loop count ~ uniform [loops_min, 2 * mean - loops_min]
     loops_min: int = 2
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
-    steps: int = 2000
-    batch_size: int = 128
+    steps: int = 6000
+    batch_size: int = 256
     lr: float = 1e-3
     eval_problems: int = 512
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
+    compile: bool = torch.cuda.is_available()  # torch.compile the dense model and one RDT iteration
 
 
 def presets() -> dict[str, KHopConfig]:
-    cpu = KHopConfig(task=KHopTask(max_hops=4, statements=8, n_vars=16), train_max_hops=2, eval_hops=4,
+    cpu = KHopConfig(task=KHopTask(max_hops=4, statements=8, n_vars=16, queries=4), train_max_hops=2, eval_hops=4,
                      model=dict(dim=32, n_heads=2, n_kv_heads=2, prelude_layers=1, coda_layers=1, n_experts=4,
                                 n_shared_experts=1, n_experts_per_tok=2, expert_dim=32, lora_rank=4,
                                 max_loop_iters=4, attn_type="gqa"),
                      loops_mean=2, loops_min=1, eval_loops=[1, 2, 4, 8], steps=30, batch_size=16, eval_problems=32,
-                     device="cpu")
+                     device="cpu", compile=False)
     return {"cpu": cpu, "gpu": KHopConfig()}
 
 
-def _answer_loss(logits: torch.Tensor, answers: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits[:, -1].float(), answers)
+def _value_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every resolved value: each statement's and the query's (dense supervision)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
 def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> list[dict]:
@@ -139,7 +170,7 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> li
                 logits = model(x, n)
             else:
                 logits = model(x)
-        loss = _answer_loss(logits, y)
+        loss = _value_loss(logits, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -161,8 +192,8 @@ def guess_accuracy(cfg: KHopConfig, hops: int) -> float:
     total = 0.0
     for start in range(0, cfg.eval_problems, cfg.batch_size):
         x, y = cfg.task.sample([hops] * min(cfg.batch_size, cfg.eval_problems - start), rng)
-        for row, answer in zip(x.tolist(), y.tolist()):
-            values = {t for t in row if 4 <= t < 4 + cfg.task.n_values}
+        for row, answer in zip(x.tolist(), y[:, -1].tolist()):
+            values = {t for t in row if N_SPECIAL <= t < N_SPECIAL + cfg.task.n_values}
             total += (answer in values) / len(values)
     return total / cfg.eval_problems
 
@@ -178,7 +209,7 @@ def accuracy(model: torch.nn.Module, cfg: KHopConfig, hops: int, n_loops: int | 
         x, y = cfg.task.sample([hops] * n, rng)
         x, y = x.to(cfg.device), y.to(cfg.device)
         logits = model(x, n_loops) if n_loops is not None else model(x)
-        correct += int((logits[:, -1].argmax(-1) == y).sum())
+        correct += int((logits[:, -1].argmax(-1) == y[:, -1]).sum())
     model.train()
     return correct / cfg.eval_problems
 
@@ -194,6 +225,9 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
     layers = matched_dense_layers(mcfg, rdt_params)
     dense = DenseTransformer(mcfg, layers).to(cfg.device)
     dense_params = sum(p.numel() for p in dense.parameters())
+    if cfg.compile:
+        rdt.compile_blocks()
+        dense.compile()
     log(f"k-hop: RDT {rdt_params:,} params (loops ~U[{cfg.loops_min}, {2 * cfg.loops_mean - cfg.loops_min}]); "
         f"dense {layers} layers {dense_params:,} params; train hops <= {cfg.train_max_hops}")
     t0 = time.perf_counter()
