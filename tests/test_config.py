@@ -19,6 +19,7 @@ BAD = [
     (dict(prelude_layers=-1), "prelude_layers"),
     (dict(lora_rank=-2), "lora_rank"),
     (dict(rope_theta=0.0), "rope_theta"),
+    (dict(loop_embed_scale=-0.1), "loop_embed_scale"),
     (dict(dim=64.0), "dim"),
     (dict(n_experts=True), "n_experts"),
     (dict(loop_output="mix"), "loop_output"),

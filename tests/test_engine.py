@@ -1,6 +1,8 @@
 """Inference engine: equality with the model's own decoding, scheduler equality (batched == alone,
 depth == static), exit-rule semantics against full forwards, work saved, bad inputs."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,6 +58,17 @@ def test_fixed_depth_engine_equals_model_generate(attn, policy, schedule):
     out = Engine(model, max_batch=3, loop_policy=policy, schedule=schedule).run(
         [Request(p, 6, n, GREEDY) for p, n in zip(PROMPTS, budgets)])
     assert [c.tokens for c in out] == ref and [c.depths for c in out] == [[n] * 6 for n in budgets]
+
+
+def test_engine_uses_the_models_loop_embedding_scale():
+    """The engine builds its own loop-embedding table: it must apply cfg.loop_embed_scale like the model."""
+    model = _model(loop_embed_scale=0.05)
+    ref = [model.generate(torch.tensor([p]), 8, 3, temperature=0)[0, len(p):].tolist() for p in PROMPTS]
+    assert [c.tokens for c in Engine(model, max_batch=3).run([Request(p, 8, 3, GREEDY) for p in PROMPTS])] == ref
+    x = torch.tensor([PROMPTS[0]])
+    unscaled = OpenMythos(dataclasses.replace(model.cfg, loop_embed_scale=1.0)).eval()
+    unscaled.load_state_dict(model.state_dict())
+    assert not torch.allclose(model(x, 3), unscaled(x, 3))  # the scale matters, so equality above tests it
 
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])

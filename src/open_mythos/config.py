@@ -77,6 +77,11 @@ class MythosConfig:
     # open-mythos: misc.
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # open-mythos: amplitude of the sinusoidal loop-index embedding added to each loop's input. The
+    # token signal starts at ~init_std per channel, so at amplitude 1 the loop index dominates the
+    # block's normalised input; the k-hop experiment needs ~0.002 to learn lookups at all
+    # (docs/experiments.md). The default stays 1 until a GPU language-model run says otherwise.
+    loop_embed_scale: float = 1.0
     tie_word_embeddings: bool = True
     dense_ffn_dim: int | None = field(default=None)  # None: SwiGLU width 8/3*dim rounded to 64
 
@@ -117,6 +122,8 @@ class MythosConfig:
             raise ValueError(f"router_bias_update_rate must be >= 0, got {self.router_bias_update_rate}")
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if not self.loop_embed_scale >= 0:
+            raise ValueError(f"loop_embed_scale must be >= 0, got {self.loop_embed_scale}")
         if not self.init_std > 0:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
         if self.dense_ffn_dim is not None:

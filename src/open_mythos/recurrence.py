@@ -117,10 +117,10 @@ class DepthLoRA(nn.Module):
         return self.delta(x, *self.adapter(loop_index))
 
 
-def loop_embeddings(n_loops: int, dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Sinusoidal embeddings of loop indices 0..n_loops-1, (n_loops, dim), on the first dim/8 channels."""
+def loop_embeddings(n_loops: int, dim: int, scale: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """scale * sinusoidal embeddings of loop indices 0..n_loops-1, (n_loops, dim), on the first dim/8 channels."""
     width = max(2, dim // 8)
-    emb = sinusoid(torch.arange(n_loops, device=device), width)
+    emb = scale * sinusoid(torch.arange(n_loops, device=device), width)
     return torch.nn.functional.pad(emb, (0, dim - width)).to(dtype)
 
 
@@ -166,7 +166,7 @@ class RecurrentBlock(nn.Module):
         mixture = torch.zeros_like(e, dtype=torch.float32) if self.cfg.loop_output == "act" else None
         first_grad_loop = 0 if backprop_loops is None else max(0, n_loops - backprop_loops)
         last = self.cfg.max_loop_iters - 1
-        embs = loop_embeddings(min(n_loops, last + 1), e.shape[-1], e.device, e.dtype)
+        embs = loop_embeddings(min(n_loops, last + 1), e.shape[-1], self.cfg.loop_embed_scale, e.device, e.dtype)
         step = self.compiled_step if cache is None and self.compiled_step is not None else self.step
         for t in range(n_loops):
             emb, lora = embs[min(t, last)], self.lora.adapter(t) if self.lora is not None else None

@@ -107,7 +107,7 @@ class Engine:
         self.scratch = max_batch
         self._buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
         self.cache = SlotKVCache(max_batch + 1, max_len, loop_policy, self.max_loops)
-        self.loop_table = loop_embeddings(cfg.max_loop_iters, cfg.dim, self.device, self.dtype)
+        self.loop_table = loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, self.device, self.dtype)
         self._alloc_state(max_batch + 1)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
