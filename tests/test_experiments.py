@@ -99,3 +99,34 @@ def test_loops_and_dense_vs_looped_cpu_presets_end_to_end(tmp_path):
     assert [r["looped"] for r in runs] == [True, False, False, False]
     assert runs[1]["params"] < runs[2]["params"] < runs[3]["params"]
     assert (tmp_path / "d" / "dense_vs_looped.png").is_file()
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for a model in khop.train: records (problems, loop count), predicts a learned bias."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+        self.calls = []
+
+    def forward(self, x, n_loops=None):
+        self.calls.append((x.clone(), n_loops))
+        return self.bias.expand(*x.shape, -1)
+
+    def update_router_bias(self, rate):
+        pass
+
+
+def test_khop_training_feeds_both_models_the_same_problems_and_warms_up_at_one_loop():
+    from open_mythos.experiments.khop import KHopConfig, train
+
+    cfg = KHopConfig(task=KHopTask(statements=12, max_hops=10, n_vars=16, queries=2), train_max_hops=5,
+                     loops_mean=4, loops_min=2, warmup_steps=3, steps=8, batch_size=4, device="cpu")
+    rdt, dense = _Recorder(cfg.task.vocab_size), _Recorder(cfg.task.vocab_size)
+    train(rdt, cfg, loops=True, log=lambda _: None)
+    train(dense, cfg, loops=False, log=lambda _: None)
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rdt.calls, dense.calls))
+    assert [n for _, n in rdt.calls[:3]] == [1, 1, 1] and all(2 <= n <= 6 for _, n in rdt.calls[3:])
+    src = lambda x: x[:, 1: 3 * cfg.task.statements: 3]  # every statement's src slot
+    assert all(bool((src(x) < cfg.task.var(0)).all()) for x, _ in rdt.calls[:3])  # warm-up: 1-hop problems only
+    assert any(bool((src(x) >= cfg.task.var(0)).any()) for x, _ in rdt.calls[3:])  # then longer chains
