@@ -128,9 +128,9 @@ class KHopConfig:
                                                      loop_embed_scale=0.002))
     loops_mean: int = 6           # training loop count ~ uniform [loops_min, 2 * mean - loops_min]
     loops_min: int = 2
-    warmup_steps: int = 1000      # first steps: 1-hop problems only, and the RDT at 1 loop (docs/experiments.md)
+    warmup_steps: int = 2000      # first steps: 1-hop problems only, and the RDT at 1 loop (docs/experiments.md)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
-    steps: int = 4000            # RDT + dense + evaluation: about 8 minutes on an H100 (estimated from runs 3-4)
+    steps: int = 5000            # RDT + dense + evaluation: about 8 minutes on an H100 (estimated from runs 3-5)
     batch_size: int = 256
     lr: float = 1e-3
     eval_problems: int = 512
