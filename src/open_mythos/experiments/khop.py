@@ -16,7 +16,9 @@ has the same length whatever k. Vocabulary: ';', '?', values, variables.
 Why dense supervision: with only the final answer supervised, neither an RDT nor a dense model
 learned even the 1-hop lookup in 3,000 steps x 256 problems (the first H100 runs, documented in
 docs/experiments.md); with several queries per problem a 2-layer model learns 1-hop in < 2,000
-CPU steps.
+CPU steps. Why a warm-up (``warmup_steps``: 1-hop problems, the RDT at one loop) and a quiet loop
+embedding (``loop_embed_scale``): an RDT does not learn the lookup from scratch while its block is
+iterated, or while the loop-index embedding drowns the tokens, but keeps a lookup learned at one loop.
 
 Experiment: an RDT (loop count sampled per step) and a dense fixed-depth transformer with the same
 parameter count are trained on k <= ``train_max_hops`` with the same data, steps and optimizer,
@@ -78,8 +80,8 @@ class KHopTask:
     def sample(self, hops: list[int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         """A batch of problems with the given hop counts: (tokens (B, seq_len), targets (B, seq_len)).
 
-        ``targets`` holds, at the ';' ending each statement, the value its variable resolves to, and at
-        the last position the answer; IGNORE elsewhere. ``targets[:, -1]`` are the answers.
+        ``targets`` holds, at each statement's src slot, the value the statement resolves to, and at
+        each query's variable its value; IGNORE elsewhere. ``targets[:, -1]`` are the scored answers.
         """
         rows, targets = [], []
         for k in hops:
