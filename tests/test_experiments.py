@@ -63,6 +63,20 @@ def test_khop_bad_settings():
         KHopTask(queries=21)
 
 
+def test_khop_settings_overrides():
+    from open_mythos.experiments.khop import presets, with_overrides
+
+    base = presets()["cpu"]
+    cfg = with_overrides(base, ["task.queries=2", "eval_loops=[1, 3]", "model.dim=16", "lr=0.01", "device=cpu"])
+    assert (cfg.task.queries, cfg.eval_loops, cfg.model["dim"], cfg.lr, cfg.device) == (2, [1, 3], 16, 0.01, "cpu")
+    assert (base.task.queries, base.model["dim"]) == (4, 32)  # the preset itself is untouched
+    for bad in ["task.bogus=1", "model.bogus=1", "bogus=1", "task=3", "other.steps=2"]:
+        with pytest.raises(ValueError, match="unknown k-hop setting"):
+            with_overrides(base, [bad])
+    with pytest.raises(ValueError, match="queries"):  # the task's own checks run on the new values
+        with_overrides(base, ["task.queries=99"])
+
+
 def test_fit_recovers_a_saturating_exponential():
     n = [1, 2, 3, 4, 6, 8, 12, 16]
     loss = [1.2 + 0.5 * math.exp(-(x - 1) / 2.5) for x in n]

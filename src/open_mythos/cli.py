@@ -127,24 +127,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
     if args.name == "khop":
-        import dataclasses
+        from .experiments.khop import presets, run, with_overrides
 
-        from .experiments.khop import presets, run
-
-        cfg = presets()[args.preset]
-        for item in args.set:  # KHopConfig fields, task.X for KHopTask fields, model.X for the RDT's config
-            key, _, value = item.partition("=")
-            value = json.loads(value) if value[:1] in "[{0123456789-." else value
-            section, _, field = key.rpartition(".")
-            if section == "model":
-                cfg.model[field] = value
-                continue
-            target = cfg.task if section == "task" else cfg
-            if section not in ("", "task") or field not in {f.name for f in dataclasses.fields(target)} \
-                    or field in ("task", "model"):
-                raise ValueError(f"unknown k-hop setting {key!r}")
-            setattr(target, field, value)
-        cfg.task.__post_init__()
+        cfg = with_overrides(presets()[args.preset], args.set)
         run(cfg, out)
     elif args.name == "loops":
         from .experiments.scaling import run_loops

@@ -31,7 +31,7 @@ import json
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ import torch.nn.functional as F
 
 from ..config import MythosConfig
 from ..model import OpenMythos
+from ..training.config import apply_overrides
 from .baselines import DenseTransformer, matched_dense_layers
 
 SEMI, QUERY = 0, 1
@@ -147,9 +148,21 @@ def presets() -> dict[str, KHopConfig]:
                                 n_shared_experts=1, n_experts_per_tok=2, expert_dim=32, lora_rank=4,
                                 max_loop_iters=4, attn_type="gqa", loop_embed_scale=0.002),
                      loops_mean=2, loops_min=1, warmup_steps=10, eval_loops=[1, 2, 4, 8], steps=30, batch_size=16,
-                     eval_problems=32,
-                     device="cpu", compile=False)
+                     eval_problems=32, device="cpu", compile=False)
     return {"cpu": cpu, "gpu": KHopConfig()}
+
+
+def with_overrides(cfg: KHopConfig, overrides: list[str]) -> KHopConfig:
+    """``cfg`` with ``key=value`` settings (values parsed as by ``mythos train --set``): KHopConfig
+    fields, ``task.X`` for KHopTask fields, ``model.X`` for the RDT's MythosConfig fields."""
+    allowed = {"": {f.name for f in fields(KHopConfig)} - {"task", "model"},
+               "task": {f.name for f in fields(KHopTask)}, "model": {f.name for f in fields(MythosConfig)}}
+    for key in (item.partition("=")[0].strip() for item in overrides):
+        section, _, name = key.rpartition(".")
+        if name not in allowed.get(section, ()):
+            raise ValueError(f"unknown k-hop setting {key!r}")
+    tree = apply_overrides(asdict(cfg), list(overrides))
+    return KHopConfig(**{**tree, "task": KHopTask(**tree["task"])})
 
 
 def _value_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
