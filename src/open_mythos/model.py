@@ -25,7 +25,6 @@ from .recurrence import RecurrentBlock
 from .sampling import SamplingParams, sample_next
 
 
-
 class OpenMythos(nn.Module):
     def __init__(self, cfg: MythosConfig):
         super().__init__()

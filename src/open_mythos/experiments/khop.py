@@ -208,14 +208,20 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> li
     return history
 
 
+def eval_batches(cfg: KHopConfig, hops: int):
+    """The evaluation problems with ``hops`` hops, (tokens, targets) batches: ``eval_problems`` of
+    them from a seed apart from training's, the same for every model and loop count."""
+    rng = random.Random(10_000 + cfg.seed + hops)
+    for start in range(0, cfg.eval_problems, cfg.batch_size):
+        yield cfg.task.sample([hops] * min(cfg.batch_size, cfg.eval_problems - start), rng)
+
+
 def guess_accuracy(cfg: KHopConfig, hops: int) -> float:
     """Expected exact match of guessing uniformly among the values that occur in the problem (no
     chain following): the bar a model must clear to show it follows chains. It rises with k because
     longer queried chains leave fewer distractor chains, hence fewer candidate values."""
-    rng = random.Random(10_000 + cfg.seed + hops)  # the same problems as `accuracy`
     total = 0.0
-    for start in range(0, cfg.eval_problems, cfg.batch_size):
-        x, y = cfg.task.sample([hops] * min(cfg.batch_size, cfg.eval_problems - start), rng)
+    for x, y in eval_batches(cfg, hops):
         for row, answer in zip(x.tolist(), y[:, -1].tolist()):
             values = {t for t in row if N_SPECIAL <= t < N_SPECIAL + cfg.task.n_values}
             total += (answer in values) / len(values)
@@ -224,13 +230,10 @@ def guess_accuracy(cfg: KHopConfig, hops: int) -> float:
 
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, cfg: KHopConfig, hops: int, n_loops: int | None) -> float:
-    """Exact match on ``eval_problems`` fresh problems with ``hops`` hops (test seed, not the training one)."""
-    rng = random.Random(10_000 + cfg.seed + hops)
+    """Exact match of the scored answer on the evaluation problems with ``hops`` hops."""
     model.eval()
     correct = 0
-    for start in range(0, cfg.eval_problems, cfg.batch_size):
-        n = min(cfg.batch_size, cfg.eval_problems - start)
-        x, y = cfg.task.sample([hops] * n, rng)
+    for x, y in eval_batches(cfg, hops):
         x, y = x.to(cfg.device), y.to(cfg.device)
         logits = model(x, n_loops) if n_loops is not None else model(x)
         correct += int((logits[:, -1].argmax(-1) == y[:, -1]).sum())
@@ -297,8 +300,7 @@ def plot(result: dict, out_dir: Path) -> list[Path]:
     a2.plot(hops, result["rdt_accuracy"][str(at_mean)], "o-", label=f"RDT, {at_mean} loops (≈ train mean)")
     a2.plot(hops, best, "s-", label="RDT, best loop count per hop")
     a2.plot(hops, result["dense_accuracy"], "^-", label=f"dense, {result['dense_layers']} layers (same params)")
-    if "guess_present_values_accuracy" in result:
-        a2.plot(hops, result["guess_present_values_accuracy"], "k:", label="guess among the values present")
+    a2.plot(hops, result["guess_present_values_accuracy"], "k:", label="guess among the values present")
     a2.axvline(train_max + 0.5, color="grey", ls="--")
     a2.set_xlabel("hops")
     a2.set_ylabel("exact match")
