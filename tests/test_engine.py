@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from open_mythos import OpenMythos
 from open_mythos.inference import Engine, ExitRule, Request
+from open_mythos.inference.slots import SlotKVCache
 from open_mythos.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -58,6 +59,25 @@ def test_fixed_depth_engine_equals_model_generate(attn, policy, schedule):
     out = Engine(model, max_batch=3, loop_policy=policy, schedule=schedule).run(
         [Request(p, 6, n, GREEDY) for p, n in zip(PROMPTS, budgets)])
     assert [c.tokens for c in out] == ref and [c.depths for c in out] == [[n] * 6 for n in budgets]
+
+
+def test_padded_batched_prefill_gives_each_prompts_own_logits_and_cache():
+    """The engine prefills ragged prompts as one right-padded batch into arbitrary slots: each row's
+    last-token logits (``logits_at``) and cache entries equal those of the prompt's own forward."""
+    model = _model()
+    rows, n_loops = torch.tensor([2, 0, 1]), 3
+    ids = torch.zeros(3, 16, dtype=torch.long)
+    for i, p in enumerate(PROMPTS):
+        ids[i, : len(p)] = torch.tensor(p)
+    batched = SlotKVCache(4, 32, "per_loop", n_loops)
+    logits = model(ids, n_loops, batched.bind_prefill(rows), logits_at=torch.tensor([len(p) - 1 for p in PROMPTS]))
+    for i, p in enumerate(PROMPTS):
+        alone = SlotKVCache(1, 32, "per_loop", n_loops)
+        ref = model(torch.tensor([p]), n_loops, alone.bind_prefill(torch.tensor([0])))[0, -1]
+        torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)
+        for key, bufs in alone._buffers.items():
+            for name, buf in bufs.items():
+                torch.testing.assert_close(batched._buffers[key][name][rows[i], :, : len(p)], buf[0, :, : len(p)])
 
 
 def test_engine_uses_the_models_loop_embedding_scale():

@@ -1,6 +1,7 @@
 """Experiments: the k-hop task is what it claims; the fit recovers known curves; each experiment's CPU
 preset runs end to end through the CLI (pipeline check, not the result)."""
 
+import dataclasses
 import json
 import math
 import random
@@ -144,3 +145,15 @@ def test_khop_training_feeds_both_models_the_same_problems_and_warms_up_at_one_l
     src = lambda x: x[:, 1: 3 * cfg.task.statements: 3]  # every statement's src slot
     assert all(bool((src(x) < cfg.task.var(0)).all()) for x, _ in rdt.calls[:3])  # warm-up: 1-hop problems only
     assert any(bool((src(x) >= cfg.task.var(0)).any()) for x, _ in rdt.calls[3:])  # then longer chains
+
+
+def test_khop_warmup_ends_once_one_hop_answers_are_exact_enough():
+    from open_mythos.experiments.khop import KHopConfig, train
+
+    cfg = KHopConfig(task=KHopTask(statements=12, max_hops=10, n_vars=16, queries=2), loops_mean=4, loops_min=2,
+                     warmup_steps=1000, warmup_until=0.0, steps=60, batch_size=2, device="cpu")
+    rdt = _Recorder(cfg.task.vocab_size)
+    assert train(rdt, cfg, loops=True, log=lambda _: None)["warmup_end"] == 50  # first check: step 50
+    assert [n for _, n in rdt.calls[:50]] == [1] * 50 and all(n >= 2 for _, n in rdt.calls[50:])
+    never = dataclasses.replace(cfg, warmup_until=1.01, warmup_steps=55)
+    assert train(_Recorder(cfg.task.vocab_size), never, loops=True, log=lambda _: None)["warmup_end"] == 55

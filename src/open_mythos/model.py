@@ -57,7 +57,8 @@ class OpenMythos(nn.Module):
 
     # ------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, cache: KVCache | None = None,
-                *, backprop_loops: int | None = None, return_act_depth: bool = False):
+                *, backprop_loops: int | None = None, return_act_depth: bool = False,
+                logits_at: torch.Tensor | None = None):
         """Logits (B, T, vocab) for token ids (B, T).
 
         n_loops: recurrent iterations (default ``cfg.max_loop_iters``); may exceed it (depth
@@ -65,6 +66,8 @@ class OpenMythos(nn.Module):
         cache: a :class:`KVCache` to read and extend (incremental decoding).
         backprop_loops: truncated backpropagation through the last k loops only.
         return_act_depth: also return the ACT halting depth per position (B, T).
+        logits_at: (B,) one position per row: logits (B, vocab) at those positions only (a prefill
+        needs only each prompt's last token; the head over every position would dominate it).
         """
         n_loops = self._check_n_loops(n_loops)
         start = cache.pos if cache is not None else 0
@@ -79,6 +82,8 @@ class OpenMythos(nn.Module):
         h, act_depth = self.recurrent(x, rope, n_loops, cache, backprop_loops)
         for i, block in enumerate(self.coda):
             h = block(h, rope, cache, ("coda", i))
+        if logits_at is not None:
+            h = h[torch.arange(h.shape[0], device=h.device), logits_at]
         logits = self.head(self.norm(h))
         if cache is not None:
             cache.advance(T)
@@ -101,7 +106,7 @@ class OpenMythos(nn.Module):
         end = start + input_ids.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if not torch.compiler.is_compiling():
+        if not (torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
             lo, hi = int(input_ids.min()), int(input_ids.max())
             if lo < 0 or hi >= self.cfg.vocab_size:
                 bad = lo if lo < 0 else hi

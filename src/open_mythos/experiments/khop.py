@@ -131,9 +131,10 @@ class KHopConfig:
                                                      loop_embed_scale=0.002))
     loops_mean: int = 6           # training loop count ~ uniform [loops_min, 2 * mean - loops_min]
     loops_min: int = 2
-    warmup_steps: int = 2000      # first steps: 1-hop problems only, and the RDT at 1 loop (docs/experiments.md)
+    warmup_steps: int = 3500      # at most this many first steps: 1-hop problems only, the RDT at 1 loop
+    warmup_until: float = 0.9     # ... ending once the batch's scored answers are this exact (docs/experiments.md)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
-    steps: int = 5000            # RDT + dense + evaluation: about 8 minutes on an H100 (estimated from runs 3-5)
+    steps: int = 4500             # RDT + dense + evaluation: < 9 minutes on an H100 (timed steps, run 6)
     batch_size: int = 256
     lr: float = 1e-3
     eval_problems: int = 512
@@ -170,11 +171,13 @@ def _value_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> list[dict]:
+def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> dict:
     """AdamW + cosine decay on fresh problems each step (k uniform in 1..train_max_hops).
 
-    The first ``warmup_steps`` steps train on 1-hop problems and run the RDT at one loop: a looped
-    block does not learn the lookup from scratch, but keeps it once learned (docs/experiments.md)."""
+    The first steps train on 1-hop problems and run the RDT at one loop: a looped block does not
+    learn the lookup from scratch, but keeps it once learned (docs/experiments.md). The warm-up ends
+    when the scored answers of a batch reach ``warmup_until`` exact match (checked every 50 steps),
+    or after ``warmup_steps``. Returns {"history": [{step, loss}], "warmup_end": step}."""
     rng = random.Random(cfg.seed)  # the same problems for every model trained with this config
     loop_rng = random.Random(cfg.seed + 1)  # loop counts: a stream of their own, so the problems stay the same
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -183,8 +186,12 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> li
     autocast = torch.autocast("cuda", torch.bfloat16) if cfg.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
     history = []
     model.train()
+    t0 = time.perf_counter()
+    warm, warmup_end = cfg.warmup_steps > 0, 0
     for step in range(cfg.steps):
-        warm = step < cfg.warmup_steps
+        if warm and step >= cfg.warmup_steps:
+            warm, warmup_end = False, step
+            log(f"  warm-up ended at step {step} (step limit)")
         max_hops = 1 if warm else cfg.train_max_hops
         x, y = cfg.task.sample([rng.randint(1, max_hops) for _ in range(cfg.batch_size)], rng)
         x, y = x.to(cfg.device), y.to(cfg.device)
@@ -195,6 +202,9 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> li
             else:
                 logits = model(x)
         loss = _value_loss(logits, y)
+        if warm and step % 50 == 49 and (logits[:, -1].argmax(-1) == y[:, -1]).float().mean() >= cfg.warmup_until:
+            warm, warmup_end = False, step + 1
+            log(f"  warm-up ended at step {step + 1} (1-hop answers >= {cfg.warmup_until:.0%} exact)")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -204,8 +214,8 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> li
             model.update_router_bias(1e-2)
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": loss.item()})
-            log(f"  step {step:5d}  loss {loss.item():.4f}")
-    return history
+            log(f"  step {step:5d}  loss {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)")
+    return {"history": history, "warmup_end": warmup_end if not warm else cfg.steps}
 
 
 def eval_batches(cfg: KHopConfig, hops: int):
@@ -259,16 +269,17 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
         f"dense {layers} layers {dense_params:,} params; train hops <= {cfg.train_max_hops}")
     t0 = time.perf_counter()
     log("training the RDT")
-    rdt_hist = train(rdt, cfg, loops=True, log=log)
+    rdt_train = train(rdt, cfg, loops=True, log=log)
     log("training the dense baseline")
-    dense_hist = train(dense, cfg, loops=False, log=log)
+    dense_train = train(dense, cfg, loops=False, log=log)
     hops = list(range(1, cfg.eval_hops + 1))
     rdt_acc = {n: [accuracy(rdt, cfg, k, n) for k in hops] for n in cfg.eval_loops}
     dense_acc = [accuracy(dense, cfg, k, None) for k in hops]
     guess = [guess_accuracy(cfg, k) for k in hops]
     result = {"experiment": "khop", "config": asdict(cfg), "rdt_params": rdt_params, "dense_params": dense_params,
               "dense_layers": layers, "hops": hops, "rdt_accuracy": {str(n): a for n, a in rdt_acc.items()},
-              "dense_accuracy": dense_acc, "guess_present_values_accuracy": guess, "train_history": {"rdt": rdt_hist, "dense": dense_hist},
+              "dense_accuracy": dense_acc, "guess_present_values_accuracy": guess, "train_history": {"rdt": rdt_train["history"], "dense": dense_train["history"]},
+              "warmup_end": {"rdt": rdt_train["warmup_end"], "dense": dense_train["warmup_end"]},
               "seconds": time.perf_counter() - t0}
     (out_dir / "khop.json").write_text(json.dumps(result, indent=1))
     plot(result, out_dir)

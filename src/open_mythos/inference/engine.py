@@ -25,8 +25,9 @@ token that exits is frozen (no state or cache writes) until the deepest token of
 and new requests are admitted only when the whole batch has finished. Both schedules compute the
 same tokens for every request; only the work differs.
 
-Prompts are prefilled one request at a time with the full-sequence forward at the request's full
-loop budget (exit rules apply to generated tokens).
+Prompts are prefilled with the full-sequence forward at the request's full loop budget (exit
+rules apply to generated tokens): the requests admitted in one tick with the same budget form one
+batch, right-padded to a power-of-two length, so each (batch, length) bucket is one CUDA graph.
 """
 
 from __future__ import annotations
@@ -123,6 +124,7 @@ class Engine:
         self._cancel: dict[int, str] = {}
         self._row_tensors: dict[tuple, torch.Tensor] = {}
         self._token_stages: dict[int, object] = {}
+        self._prefill_stages: dict[int, object] = {}
         self._next_id = 0
         # work counters: loop_rows = recurrent-block row evaluations (the cost early exit saves)
         self.stats = {"ticks": 0, "loop_rows": 0, "tokens": 0}
@@ -240,6 +242,9 @@ class Engine:
         return events
 
     def _admit(self, events: list[TokenEvent]) -> None:
+        """Move waiting requests into free slots; prefill them (batched per loop budget) and emit
+        each one's first token."""
+        by_budget: dict[int, list[int]] = {}
         while self.free and self.waiting:
             rid, req = self.waiting.popleft()
             slot = self.free.pop(0)
@@ -248,9 +253,11 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(req.seed)
             self.slots[slot] = _Slot(rid, req, gen)
             self._configure_slot(slot, req)
-            logits = self._prefill(slot, req)
-            token = int(sample_next(logits[None], req.sampling, gen)[0])
-            self._emit(slot, token, depth=int(self.budget[slot]), events=events)
+            by_budget.setdefault(req.n_loops or self.cfg.max_loop_iters, []).append(slot)
+        for n_loops, slots in by_budget.items():
+            logits = self._prefill(slots, n_loops)
+            self._sample(slots, logits, logits.argmax(-1), torch.full_like(logits[:, 0], n_loops, dtype=torch.long),
+                         events)
 
     def _configure_slot(self, slot: int, req: Request) -> None:
         rule = req.exit_rule
@@ -352,9 +359,28 @@ class Engine:
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(positions[:, None], self.cfg.rope_dim, self.cfg.rope_theta)
 
-    def _prefill(self, slot: int, req: Request) -> torch.Tensor:
-        ids = torch.tensor([req.prompt], device=self.device)
-        return self.model(ids, int(self.budget[slot]), self.cache.bind_prefill(slot))[0, -1].float()
+    def _prefill(self, slots: list[int], n_loops: int) -> torch.Tensor:
+        """Prompt forward of the slots' requests at ``n_loops`` loops, as one batch right-padded to a
+        length bucket; the logits (B, vocab) fp32 of each prompt's last token."""
+        prompts = [self.slots[s].request.prompt for s in slots]
+        length = min(self._bucket_len(max(map(len, prompts))), self.max_len)
+        rows = self._rows(slots)
+        ids = torch.zeros(rows.numel(), length, dtype=torch.long)
+        last = torch.zeros(rows.numel(), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, : len(p)] = torch.tensor(p)
+            last[i] = len(p) - 1
+        stage = self._prefill_stages.setdefault(n_loops, lambda r, x, at: self._prefill_stage(r, x, at, n_loops))
+        key = ("prefill", rows.numel(), length, n_loops)
+        return self._run(stage, key, rows, ids.to(self.device), last.to(self.device))[: len(slots)]
+
+    @staticmethod
+    def _bucket_len(n: int) -> int:
+        """Prompt lengths are padded to powers of two (>= 16): a few shapes, each one CUDA graph."""
+        return max(16, 1 << (n - 1).bit_length())
+
+    def _prefill_stage(self, rows: torch.Tensor, ids: torch.Tensor, last: torch.Tensor, n_loops: int) -> torch.Tensor:
+        return self.model(ids, n_loops, self.cache.bind_prefill(rows), logits_at=last).float()
 
     def _start_stage(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         """start: e = Prelude(embed(token)) at each row's position; reset the loop state."""

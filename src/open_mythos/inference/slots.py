@@ -6,6 +6,8 @@ prompt lengths. Rows sit at different positions: a decode step *binds* the rows 
 row's position and (for the recurrent block) each row's loop slot, and attention reads the row's
 whole buffer with the mask ``key position <= query position``. Stale entries of an earlier request
 in the same slot lie beyond the position and are masked out, so freeing a slot costs nothing.
+The last slot is the engine's scratch slot: padding rows of a bucket point at it, and a decode
+step sends the writes it must skip there, so that every write is one scatter.
 
 Loop slots of the recurrent block (``loop_slots`` = engine max loops for ``per_loop``, 1 for
 ``shared``): a write at loop t fills slots t..L-1 ("fill forward"). With a fixed depth this is
@@ -30,7 +32,7 @@ class SlotKVCache:
         self.pos = 0        # attention's `start`; unused when `mask` is set
         self.mask = None    # (B, 1, T, max_len) bool while a decode step is bound
         self._rows = self._positions = self._loop_slot = self._write = None
-        self._prefill_row: int | None = None
+        self._prefill_rows: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------ binding
     def bind(self, rows: torch.Tensor, positions: torch.Tensor, loop_slot: torch.Tensor,
@@ -41,12 +43,14 @@ class SlotKVCache:
         self._loop_slot = loop_slot if self.loop_policy == "per_loop" else torch.zeros_like(loop_slot)
         keys = torch.arange(self.max_len, device=rows.device)
         self.mask = (keys <= positions[:, None])[:, None, None, :]
-        self._prefill_row = None
+        self._prefill_rows = None
 
-    def bind_prefill(self, row: int) -> "SlotKVCache":
-        """Set up a prompt forward from position 0 for one slot, used as ``model(ids, cache=...)``:
-        causal attention over the prompt, loop t written to loop slots t.. (fill forward)."""
-        self._prefill_row, self.pos, self.mask = row, 0, None
+    def bind_prefill(self, rows: torch.Tensor) -> "SlotKVCache":
+        """Set up a prompt forward from position 0 for the slots ``rows`` (B,), used as
+        ``model(ids, cache=...)``: causal attention over the prompts, loop t written to loop slots
+        t.. (fill forward). Prompts shorter than ids may be right-padded: a padding position's
+        entries lie beyond the prompt, where decoding overwrites them before anything reads them."""
+        self._prefill_rows, self.pos, self.mask = rows, 0, None
         return self
 
     def loop_key(self, loop_index: int) -> tuple:
@@ -70,19 +74,23 @@ class SlotKVCache:
         out = {}
         for name, value in new.items():
             buf = self._buffer(key, name, value)
-            if self._prefill_row is not None:
-                row, T = self._prefill_row, value.shape[1]
+            if self._prefill_rows is not None:
+                rows, T = self._prefill_rows, value.shape[1]
                 ls = min(key[1], self.loop_slots - 1) if recurrent and self.loop_policy == "per_loop" else 0
-                buf[row, ls:, :T] = value[0].unsqueeze(0)
-                out[name] = buf[row, ls, :T].unsqueeze(0)
+                buf[rows, ls:, :T] = value.unsqueeze(1).to(buf.dtype)
+                out[name] = value  # a prefill attends to its own keys only
                 continue
             rows, pos = self._rows, self._positions
             ls = self._loop_slot if recurrent else torch.zeros_like(rows)
             depth = buf.shape[1]
-            old = buf[rows, :, pos]                                               # (B, depth, ...)
-            fill = (torch.arange(depth, device=rows.device) >= ls[:, None]) & self._write[:, None]
-            fill = fill.view(*fill.shape, *([1] * (old.dim() - 2)))
-            buf[rows, :, pos] = torch.where(fill, value[:, 0].unsqueeze(1).to(buf.dtype), old)
+            loop_slots = torch.arange(depth, device=rows.device)
+            fill = (loop_slots >= ls[:, None]) & self._write[:, None]                # (B, depth)
+            # one scatter into the flattened buffer; entries that must not change go to the scratch
+            # row's (the last slot's) position 0, which only padding rows ever read
+            index = torch.where(fill, (rows[:, None] * depth + loop_slots) * self.max_len + pos[:, None],
+                                (self.n_slots - 1) * depth * self.max_len)
+            flat = buf.view(-1, *buf.shape[3:])
+            flat.index_copy_(0, index.flatten(), value.expand(-1, depth, *value.shape[2:]).flatten(0, 1).to(buf.dtype))
             out[name] = buf[rows, ls]                                             # (B, max_len, ...)
         return out
 
