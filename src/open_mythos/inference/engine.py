@@ -120,6 +120,7 @@ class Engine:
                 setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
         self.waiting: deque[tuple[int, Request]] = deque()
         self.slots: dict[int, _Slot] = {}
+        self._exited: dict[int, bool] = {}  # depth schedule: exited slot -> KL probe ran; waiting for `finish`
         self.free = list(range(max_batch))
         self._cancel: dict[int, str] = {}
         self._row_tensors: dict[tuple, torch.Tensor] = {}
@@ -271,17 +272,27 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         del self.slots[slot]
+        self._exited.pop(slot, None)
         self.free.append(slot)
         self.free.sort()
 
     def _depth_tick(self, events: list[TokenEvent]) -> None:
+        """One loop iteration for every slot still looping. Exited tokens wait, frozen, until a
+        quarter of the slots have exited (or none is looping), then finish and start together:
+        the start and finish stages cost about as much for 2 rows as for 32, so running them
+        every tick for the one or two tokens that just exited would cost more than the loops."""
         self._start([s for s, st in self.slots.items() if st.pending is not None])
-        slots = sorted(self.slots)
-        probe = self._needs_probe(slots)
-        done = self._loop(slots, probe).tolist()
-        exited = [s for s, d in zip(slots, done) if d]
-        if exited:
-            self._finish(exited, probe, events)
+        looping = sorted(s for s in self.slots if s not in self._exited)
+        probe = self._needs_probe(sorted(self.slots))
+        if looping:
+            done = self._loop(looping, probe).tolist()
+            self._exited.update((s, probe) for s, d in zip(looping, done) if d)
+        if self._exited and (4 * len(self._exited) >= len(self.slots) or len(self._exited) == len(self.slots)):
+            exited, self._exited = self._exited, {}
+            for with_probe in (False, True):  # finish reads the KL probe's logits where the loop made them
+                group = sorted(s for s, p in exited.items() if p == with_probe)
+                if group:
+                    self._finish(group, with_probe, events)
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = sorted(self.slots)
