@@ -11,9 +11,10 @@ three stages; the scheduler runs each stage batched over the slots that are in i
     finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
 
 ``schedule="depth"`` (continuous depth-wise batching): every engine tick runs ONE loop iteration
-for every running slot, whatever its depth. A token that exits is finished and its request's next
-token started in the same tick, and a finished request frees its slot for the next waiting one, so
-the recurrent block always runs on a full batch of work at mixed depths:
+for every looping slot, whatever its depth. Tokens that exit wait, frozen, until a quarter of the
+slots have exited; then they are finished together and their requests' next tokens start in the
+next tick, and a finished request frees its slot for the next waiting one, so the recurrent block
+runs on a batch of work at mixed depths (with 3 slots, as drawn, every exit is finished at once):
 
     tick      1    2    3    4    5    6
     slot 0   a1·0 a1·1 a1·2 a2·0 a2·1 a3·0       (a1·0 = request a, token 1, loop 0)
@@ -323,6 +324,8 @@ class Engine:
     def _rows(self, slots: list[int]) -> torch.Tensor:
         key = tuple(slots)
         if key not in self._row_tensors:
+            if len(self._row_tensors) >= 4096:  # subsets of slots are many: a long-running server must not grow
+                self._row_tensors.clear()
             pad = [self.scratch] * (self._bucket(len(slots)) - len(slots))
             self._row_tensors[key] = torch.tensor(slots + pad, device=self.device)
         return self._row_tensors[key]
