@@ -105,6 +105,31 @@ def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):
                 assert (a.tokens, a.depths, a.finish_reason) == (b.tokens, b.depths, b.finish_reason)
 
 
+def test_request_arriving_while_exited_tokens_wait_changes_nothing():
+    """Depth schedule: exited tokens wait for a finish batch. A request that arrives meanwhile (here
+    one with the KL rule, which switches the stages to the probing variant) must not change how the
+    waiting token finishes: every request still equals running it alone."""
+    model = _model(max_loop_iters=6)
+    # five tokens loop 6 times; the sixth request's budget of 2 makes its token exit first and wait
+    early = [Request(p, 4, 6, GREEDY) for p in PROMPTS + [[3, 1], [4, 4, 4]]] + [Request([8], 4, 2, GREEDY)]
+    late = Request([5, 6, 7], 4, 6, GREEDY, ExitRule("kl", 1e-3))
+    alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in [*early, late]]
+    engine = Engine(model, max_batch=8, max_loops=6)
+    ids = [engine.submit(r) for r in early]
+    events = []
+    for _ in range(3):  # admission + prefill, then loops 1 and 2 of the second tokens
+        events += engine.step()
+    assert list(engine._exited) == [5]  # one of six slots exited: under a quarter, so it waits
+    ids.append(engine.submit(late))
+    for _ in range(200):
+        if not engine.has_work():
+            break
+        events += engine.step()
+    for rid, ref in zip(ids, alone):
+        mine = [e for e in events if e.request_id == rid]
+        assert [e.token for e in mine] == ref.tokens and [e.depth for e in mine] == ref.depths
+
+
 def test_depth_batching_only_pays_for_the_loops_tokens_run():
     model = _model(max_loop_iters=6)
     reqs = _mixed_requests(n=10, seed=3)

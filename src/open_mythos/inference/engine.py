@@ -454,7 +454,9 @@ class Engine:
             logits = self._coda_logits(rows, pos, out, running)
             logp = F.log_softmax(logits, dim=-1)
             kl = (logp.exp() * (logp - self.prev_logp[rows])).sum(-1)
-            exit_now |= (t > 0) & (kl < self.kl_tol[rows])
+            # rows without the KL rule (tolerance 0) must not exit here: their prev_logp may be stale or
+            # zero (the probe did not run for their previous loop), which makes this "KL" negative
+            exit_now |= (t > 0) & (self.kl_tol[rows] > 0) & (kl < self.kl_tol[rows])
         exit_now = (exit_now & (depth >= self.min_loops[rows])) | (depth >= self.budget[rows])
         out, mix, cum = self._output_state(rows, h_new, p, last=exit_now)
 
