@@ -59,5 +59,6 @@ def main() -> None:
         print(f"--- one 128-token forward, eager: {t * 1e3:.1f} ms")
         profile(lambda: model(ids, 8), sort="cpu_time_total")
 
+
 if __name__ == "__main__":
     main()

@@ -255,7 +255,7 @@ class Engine:
                 gen = torch.Generator(device=self.device).manual_seed(req.seed)
             self.slots[slot] = _Slot(rid, req, gen)
             self._configure_slot(slot, req)
-            by_budget.setdefault(req.n_loops or self.cfg.max_loop_iters, []).append(slot)
+            by_budget.setdefault(self._loop_budget(req), []).append(slot)
         for n_loops, slots in by_budget.items():
             logits = self._prefill(slots, n_loops)
             self._sample(slots, logits, logits.argmax(-1), torch.full_like(logits[:, 0], n_loops, dtype=torch.long),
@@ -264,12 +264,16 @@ class Engine:
     def _configure_slot(self, slot: int, req: Request) -> None:
         rule = req.exit_rule
         thr = rule.resolved_threshold(self.cfg.act_threshold)
-        self.budget[slot] = req.n_loops or self.cfg.max_loop_iters
+        self.budget[slot] = self._loop_budget(req)
         self.min_loops[slot] = rule.min_loops
         self.act_thr[slot] = thr if rule.kind == "act" else float("inf")
         self.rel_tol[slot] = thr if rule.kind == "rel_change" else 0.0
         self.kl_tol[slot] = thr if rule.kind == "kl" else 0.0
         self.pos[slot] = len(req.prompt)
+
+    def _loop_budget(self, req: Request) -> int:
+        """Loops per token for ``req``: its n_loops, or the model's max_loop_iters."""
+        return req.n_loops or self.cfg.max_loop_iters
 
     def _release(self, slot: int) -> None:
         del self.slots[slot]
@@ -284,11 +288,11 @@ class Engine:
         every tick for the one or two tokens that just exited would cost more than the loops."""
         self._start([s for s, st in self.slots.items() if st.pending is not None])
         looping = sorted(s for s in self.slots if s not in self._exited)
-        probe = self._needs_probe(sorted(self.slots))
+        probe = self._needs_probe(list(self.slots))
         if looping:
             done = self._loop(looping, probe).tolist()
             self._exited.update((s, probe) for s, d in zip(looping, done) if d)
-        if self._exited and (4 * len(self._exited) >= len(self.slots) or len(self._exited) == len(self.slots)):
+        if self._exited and 4 * len(self._exited) >= len(self.slots):  # also when every slot has exited
             exited, self._exited = self._exited, {}
             for with_probe in (False, True):  # finish reads the KL probe's logits where the loop made them
                 group = sorted(s for s, p in exited.items() if p == with_probe)
@@ -300,7 +304,7 @@ class Engine:
         probe = self._needs_probe(slots)
         if all(self.slots[s].request.exit_rule.kind == "none" for s in slots):
             # fixed depths: start, max-budget loops and finish run as one stage, without a host sync
-            n_loops = max(self.slots[s].request.n_loops or self.cfg.max_loop_iters for s in slots)
+            n_loops = max(self._loop_budget(self.slots[s].request) for s in slots)
             self.stats["loop_rows"] += len(slots) * n_loops
             rows, tokens = self._rows(slots), self._take_pending(slots)
             stage = self._token_stages.setdefault(n_loops, lambda r, tok: self._token_stage(r, tok, n_loops))
