@@ -35,10 +35,11 @@ def _grads(m, x, fn):
     return y.detach(), x.grad, {n: p.grad.clone() for n, p in m.named_parameters()}
 
 
-@pytest.mark.parametrize("grouped", [True, False])
-def test_moe_matches_naive_loop_values_and_grads(grouped, monkeypatch):
-    monkeypatch.setattr(moe_module, "_grouped_mm_available", lambda: grouped)
+@pytest.mark.parametrize("path", ["grouped_mm", "padded_bmm", "gathered_weights"])
+def test_moe_matches_naive_loop_values_and_grads(path, monkeypatch):
+    monkeypatch.setattr(moe_module, "_grouped_mm_available", lambda: path == "grouped_mm")
     m = MoE(tiny_config())
+    m.gather_max_assignments = 10**6 if path == "gathered_weights" else 0
     for p in m.parameters():
         torch.nn.init.normal_(p, std=0.2)
     m.router_bias.normal_(std=0.3)

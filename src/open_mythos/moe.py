@@ -11,7 +11,10 @@ bias by ``rate * sign(mean_load - load_i)``, so over-loaded experts become less 
 
 Dispatch has no Python loop over experts: the (token, expert) assignments are sorted by expert and
 all experts run as one grouped matmul (``F.grouped_mm``); where it is unavailable (old torch, fp32
-on GPU) a capacity-padded batched matmul does the same work.
+on GPU) a capacity-padded batched matmul does the same work. Moving rows into and out of expert
+order is a permutation, so both directions are gathers in forward *and* backward (no scatter-add).
+A few tokens (decoding) skip the sort: each assignment gathers its expert's weights and all of them
+run as one batched matmul.
 """
 
 from __future__ import annotations
@@ -55,6 +58,38 @@ def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return torch.bmm(padded, weight.transpose(1, 2))[expert_ids, slot]
 
 
+class _Dispatch(torch.autograd.Function):
+    """xs = x[order // k]: every token's row once per chosen expert, in expert order.
+
+    Backward gathers with the inverse permutation and sums a token's k rows — no atomic scatter-add
+    (autograd's index_select backward), which is slow in bf16 on GPU."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor, k: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.k = k
+        return x.index_select(0, order // k)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse).view(-1, ctx.k, grad.shape[-1]).sum(1), None, None, None
+
+
+class _Permute(torch.autograd.Function):
+    """rows = x[index] for a permutation ``index`` whose inverse is given: backward is x[inverse]."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: MythosConfig):
         super().__init__()
@@ -69,6 +104,7 @@ class MoE(nn.Module):
         self.register_buffer("router_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
         self.track_load = True
+        self.gather_max_assignments = 16  # at most this many (token, expert) pairs: gathered-weights path
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids (N, k) chosen with the bias, and their gates (N, k) without it."""
@@ -82,24 +118,40 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         expert_ids, gates = self.route(x)
         flat = expert_ids.flatten()
-        order = flat.argsort(stable=True)                     # assignments sorted by expert
-        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
-            0, flat, torch.ones_like(flat))  # tokens per expert; fixed shape (E,) for torch.compile
+        grouped = flat.numel() > self.gather_max_assignments
+        counts = None
+        if grouped or (self.training and self.track_load):  # tokens per expert; fixed shape (E,) for compile
+            counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
+                0, flat, torch.ones_like(flat))
         if self.training and self.track_load:
             self.expert_load += counts.to(self.expert_load.dtype)
-        offsets = counts.cumsum(0).to(torch.int32)
-        sorted_ids = flat[order]
         # grouped_mm is not autocast-aware: run the experts in the autocast dtype ourselves
         dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
-        xs = x.index_select(0, order // self.top_k).to(dtype)  # token row of each sorted assignment
-        h = F.silu(grouped_linear(xs, w1, offsets, sorted_ids)) * grouped_linear(xs, w3, offsets, sorted_ids)
-        ys = grouped_linear(h, w2, offsets, sorted_ids)
-        y = torch.empty_like(ys).index_copy_(0, order, ys)    # back to (token, slot) order
+        xd = x.to(dtype)
+        y = self._grouped(xd, flat, counts, dtype) if grouped else self._gathered(xd, flat, dtype)
         out = (y.view(-1, self.top_k, shape[-1]) * gates.to(y.dtype).unsqueeze(-1)).sum(1)
         if self.shared is not None:
             out = out + self.shared(x)
         return out.view(shape)
+
+    def _grouped(self, x: torch.Tensor, flat: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Sort the assignments by expert, one grouped GEMM per projection, unsort. Returns (N * k, D)
+        in (token, slot) order."""
+        order = flat.argsort(stable=True)                     # assignments sorted by expert
+        inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
+        offsets = counts.cumsum(0).to(torch.int32)
+        sorted_ids = flat[order]
+        w1, w2, w3 = (w.to(dtype) for w in (self.w1, self.w2, self.w3))
+        xs = _Dispatch.apply(x, order, inverse, self.top_k)
+        h = F.silu(grouped_linear(xs, w1, offsets, sorted_ids)) * grouped_linear(xs, w3, offsets, sorted_ids)
+        return _Permute.apply(grouped_linear(h, w2, offsets, sorted_ids), inverse, order)
+
+    def _gathered(self, x: torch.Tensor, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Each assignment through its expert's gathered weights: three batched matmuls of one row each."""
+        xs = x.repeat_interleave(self.top_k, 0).unsqueeze(1)  # (N * k, 1, D)
+        w1, w2, w3 = (w.index_select(0, flat).to(dtype) for w in (self.w1, self.w2, self.w3))
+        h = F.silu(xs @ w1.mT) * (xs @ w3.mT)
+        return (h @ w2.mT).squeeze(1)
 
     @torch.no_grad()
     def update_router_bias(self, rate: float) -> torch.Tensor:
