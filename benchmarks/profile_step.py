@@ -1,6 +1,10 @@
-"""Profile one compiled SPEC training step: top CUDA kernels, and SDPA backends at the SPEC shape.
+"""Where a compiled SPEC training step spends its time: wall time vs GPU time per phase (forward,
+loss, backward, optimizer: the ``record_function`` labels in ``Trainer.train_step``), the top CUDA
+kernels by their own time, and (``--sdpa``) the SDPA backends at the SPEC shape.
 
-    python benchmarks/profile_step.py --attn gqa
+    python benchmarks/profile_step.py --attn gqa [--set compile_mode='reduce-overhead'] [--sdpa]
+
+A phase whose GPU time is well below its wall time is CPU/launch-bound.
 """
 
 from __future__ import annotations
@@ -37,18 +41,29 @@ def sdpa_table() -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", default="gqa")
+    p.add_argument("--set", nargs="*", default=[], help="extra TrainConfig overrides, e.g. compile_mode='reduce-overhead'")
+    p.add_argument("--sdpa", action="store_true", help="also time each SDPA backend at the SPEC shape")
+    p.add_argument("--rows", type=int, default=25)
     args = p.parse_args()
-    sdpa_table()
+    if args.sdpa:
+        sdpa_table()
     cfg = load_config("shakespeare-tiny", overrides=[*SPEC, f"model.attn_type='{args.attn}'", "compile=true",
-                                                      "out_dir='/tmp/prof'"])
+                                                      "out_dir='/tmp/prof'", *args.set])
     trainer = Trainer(cfg, progress=False)
     for _ in range(3):
         trainer.train_step()
+    steps = [trainer.train_step()["tokens_per_s"] for _ in range(3)]
+    print(f"{args.attn} {' '.join(args.set)}: tokens/s without profiler {[round(t) for t in steps]}", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         rec = trainer.train_step()
-    print("step tokens/s", rec["tokens_per_s"])
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+    events = prof.key_averages()
+    kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profiled step: {8192 / rec['tokens_per_s'] * 1e3:.1f} ms wall, {kernels_ms:.1f} ms of GPU kernels")
+    for e in events:
+        if e.key in ("forward", "loss", "backward", "optimizer"):
+            print(f"  phase {e.key:10s} CPU {e.cpu_time_total / 1e3:7.1f} ms   GPU {e.device_time_total / 1e3:7.1f} ms")
+    print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
 if __name__ == "__main__":

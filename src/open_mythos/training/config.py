@@ -74,6 +74,9 @@ class LoopConfig:
         return max(self.min_loops, min(self.max_loops, n))
 
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
 @dataclass
 class TrainConfig:
     model: MythosConfig = field(default_factory=MythosConfig)
@@ -85,7 +88,8 @@ class TrainConfig:
     grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum each)
     precision: str = "auto"         # auto: bf16 on CUDA with bf16, fp16 + GradScaler on older CUDA, fp32 on CPU
     device: str = "auto"
-    compile: bool = False           # torch.compile the recurrent block (compiled once, reused per loop)
+    compile: bool = False           # torch.compile the blocks (the loop iteration once, reused per loop) and the loss
+    compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_checkpointing: bool = False
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
     seed: int = 0
@@ -109,6 +113,8 @@ class TrainConfig:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.data.seq_len > self.model.max_seq_len:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..attention import attention_backends
@@ -63,8 +64,10 @@ class Trainer:
         model.recurrent.checkpoint_loops = cfg.activation_checkpointing
         if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
             model.recurrent.act.requires_grad_(False)  # every trainable parameter to receive a gradient)
+        self.loss_fn = lm_loss
         if cfg.compile:
-            model.compile_blocks()
+            model.compile_blocks(mode=cfg.compile_mode)
+            self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel)
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
@@ -131,26 +134,16 @@ class Trainer:
             last = micro == cfg.grad_accum - 1
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync, attention_backends():
-                with self.autocast():
+                with record_function("forward"), self.autocast():
                     logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
-                loss = lm_loss(logits, y) / cfg.grad_accum
-                self.scaler.scale(loss).backward()
+                with record_function("loss"):
+                    loss = self.loss_fn(logits, y) / cfg.grad_accum
+                with record_function("backward"):
+                    self.scaler.scale(loss).backward()
             loss_sum += loss.detach()
             depth_sum += depth.mean() / cfg.grad_accum
-        for opt in self.optimizers:
-            self.scaler.unscale_(opt)
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-        loss_value = mean_across_ranks(loss_sum)
-        finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
-        if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
-            for opt in self.optimizers:
-                self.scaler.step(opt)
-            for sched in self.schedulers:
-                sched.step()
-        self.scaler.update()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
+        with record_function("optimizer"):
+            grad_norm, loss_value, finite = self._optimizer_step(loss_sum)
         base = unwrap(model)
         for m in base.moe_layers():
             all_reduce_(m.expert_load)
@@ -172,6 +165,25 @@ class Trainer:
             "rho_A": base.recurrent.injection.spectral_radius(),
             "act_depth": float(mean_across_ranks(depth_sum)),
         }
+
+    def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Unscale, clip, skip a non-finite step, step optimizers and schedulers, zero the gradients."""
+        cfg, model = self.cfg, self.model
+        for opt in self.optimizers:
+            self.scaler.unscale_(opt)
+        params = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
+        loss_value = mean_across_ranks(loss_sum)
+        finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
+        if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
+            for opt in self.optimizers:
+                self.scaler.step(opt)
+            for sched in self.schedulers:
+                sched.step()
+        self.scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        return grad_norm, loss_value, finite
 
     # ------------------------------------------------------------------ the run
     def evaluate(self, n_loops: int | None = None) -> float:

@@ -74,22 +74,21 @@ class BatchedMuon(torch.optim.Optimizer):
         loss = None if closure is None else closure()
         for group in self.param_groups:
             lr, mu = group["lr"], group["momentum"]
-            by_shape: dict[torch.Size, list[tuple[torch.Tensor, torch.Tensor]]] = defaultdict(list)
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buf = state["momentum_buffer"]
-                buf.lerp_(p.grad, 1 - mu)
-                by_shape[p.shape].append((p, p.grad.lerp(buf, mu) if group["nesterov"] else buf))
-            for shape, items in by_shape.items():  # one batched Newton-Schulz per distinct shape
-                updates = newton_schulz(torch.stack([u for _, u in items]), group["ns_steps"], group["eps"])
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
+            torch._foreach_lerp_(bufs, grads, 1 - mu)
+            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
+            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+            for i, p in enumerate(params):
+                by_shape[p.shape].append(i)
+            for shape, idx in by_shape.items():  # one batched Newton-Schulz per distinct shape
+                orth = newton_schulz(torch.stack([updates[i] for i in idx]), group["ns_steps"], group["eps"])
                 scale = math.sqrt(max(1.0, shape[-2] / shape[-1]))
-                for (p, _), update in zip(items, updates):
-                    p.mul_(1 - lr * group["weight_decay"])
-                    p.add_(update, alpha=-lr * scale)
+                torch._foreach_add_([params[i] for i in idx], list(orth.unbind(0)), alpha=-lr * scale)
         return loss
 
 
@@ -145,7 +144,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig) -> list[torch.optim.Opt
         opts.append(BatchedMuon(batched, **hyper))
     adamw_groups = [{"params": params["adamw"], "weight_decay": cfg.weight_decay},
                     {"params": params["adamw_no_decay"], "weight_decay": 0.0}]
-    opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas))
+    adamw_params = params["adamw"] + params["adamw_no_decay"]
+    fused = bool(adamw_params) and all(type(p.data) is torch.Tensor and p.is_cuda for p in adamw_params)
+    opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas,
+                                  fused=fused or None))  # one kernel for all tensors on a GPU (not DTensors)
     return opts
 
 
