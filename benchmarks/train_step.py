@@ -4,8 +4,8 @@
     python benchmarks/train_step.py [--attn gqa mla] [--out benchmarks/results/h100]
 
 Variants, measured in the same run: naive per-expert-loop MoE (the prototype's dispatch) eager,
-our model eager, compiled (torch.compile of each block; the recurrent body once), compiled with
-activation checkpointing of each loop. MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
+our model eager, compiled (torch.compile of each block, the loop iteration once, and the loss), compiled
+with activation checkpointing of each loop, compiled with CUDA graphs (compile_mode='reduce-overhead'). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ SPEC = ["model.vocab_size=32000", "model.dim=1024", "model.n_heads=16", "model.n
 def measure(attn: str, variant: str, steps: int) -> dict:
     overrides = [*SPEC, f"model.attn_type='{attn}'", f"out_dir='/tmp/bench_{attn}_{variant}'",
                  f"compile={str(variant.startswith('compiled')).lower()}",
-                 f"activation_checkpointing={str(variant.endswith('ckpt')).lower()}"]
+                 f"activation_checkpointing={str(variant.endswith('ckpt')).lower()}",
+                 f"compile_mode='{'reduce-overhead' if variant.endswith('cudagraphs') else 'default'}'"]
     original = MoE.forward
     if variant == "naive_moe_eager":
         MoE.forward = lambda self, x: naive_moe(self, x)
@@ -58,7 +59,8 @@ def measure(attn: str, variant: str, steps: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", nargs="+", default=["gqa", "mla"])
-    p.add_argument("--variants", nargs="+", default=["naive_moe_eager", "eager", "compiled", "compiled_ckpt"])
+    p.add_argument("--variants", nargs="+", default=["naive_moe_eager", "eager", "compiled", "compiled_ckpt",
+                                                          "compiled_cudagraphs"])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None)
     args = p.parse_args()

@@ -36,11 +36,12 @@ def test_newton_schulz_orthogonalises():
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon not in this torch")
-def test_batched_muon_equals_torch_muon_per_slice():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batched_muon_equals_torch_muon_per_slice(compiled):
     torch.manual_seed(0)
     stacked = torch.nn.Parameter(torch.randn(4, 24, 16))
     slices = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(4)]
-    ours = BatchedMuon([stacked], lr=0.05, weight_decay=0.1, momentum=0.9)
+    ours = BatchedMuon([stacked], lr=0.05, weight_decay=0.1, momentum=0.9, compile=compiled)
     ref = torch.optim.Muon(slices, lr=0.05, weight_decay=0.1, momentum=0.9)
     for _ in range(3):
         grad = torch.randn(4, 24, 16)

@@ -120,9 +120,10 @@ class MoE(nn.Module):
         flat = expert_ids.flatten()
         grouped = flat.numel() > self.gather_max_assignments
         counts = None
-        if grouped or (self.training and self.track_load):  # tokens per expert; fixed shape (E,) for compile
-            counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device).index_add_(
-                0, flat, torch.ones_like(flat))
+        if grouped or (self.training and self.track_load):
+            # tokens per expert, shape (E,) for any routing; a comparison + sum, not an index_add: torch.compile
+            # lowers that to a deterministic sort-based scatter which costs ~0.7 ms on GPU for 32k assignments
+            counts = (flat.unsqueeze(1) == torch.arange(self.n_experts, device=x.device)).sum(0)
         if self.training and self.track_load:
             self.expert_load += counts.to(self.expert_load.dtype)
         # grouped_mm is not autocast-aware: run the experts in the autocast dtype ourselves

@@ -69,7 +69,7 @@ class Trainer:
             model.compile_blocks(mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel)
-        self.optimizers = build_optimizers(unwrap(self.model), cfg.optim)
+        self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
@@ -125,6 +125,8 @@ class Trainer:
         n_loops = cfg.loops.sample(cfg.seed, self.step)
         backprop = cfg.loops.backprop or None
         model.train()
+        if cfg.compile and "reduce-overhead" in cfg.compile_mode:
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs may be reused
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
         depth_sum = torch.zeros((), device=self.device)
