@@ -3,7 +3,8 @@
     python benchmarks/depth_batching.py [--requests 64] [--max-batch 16] [--out benchmarks/results/h100]
 
 Workload: ``--requests`` requests with random prompts (16..128 tokens), ``--new-tokens`` new tokens
-each, greedy, loop budget 8, ACT exit rule. The model is randomly initialised, so its halting unit
+each, greedy, loop budget ``--loops`` (default 8 = the trained depth; larger budgets run the loop
+beyond it, as depth extrapolation does), ACT exit rule. The model is randomly initialised, so its halting unit
 would halt every token at the same loop; it is given random weights scaled so the halting logit
 w.h + b has standard deviation ``--halt-spread`` across tokens (its input's RMS is measured on a
 prefill), which spreads the exit depths over 1..8 (the report gives the distribution).
@@ -68,7 +69,7 @@ def main() -> None:
     runs = {}
     for schedule in ("static", "depth"):
         engine = Engine(model, max_batch=args.max_batch, schedule=schedule, loop_policy=args.policy,
-                        max_len=128 + args.new_tokens, compile=args.compile)
+                        max_len=128 + args.new_tokens, max_loops=args.loops, compile=args.compile)
         engine.run(reqs[: 2 * args.max_batch])  # warm-up: eager first calls, then graph capture
         engine.run(reqs[: 2 * args.max_batch])
         engine.stats = dict.fromkeys(engine.stats, 0)
