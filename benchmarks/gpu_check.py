@@ -54,16 +54,19 @@ def main() -> int:
     for prm in ref.parameters():
         torch.nn.init.normal_(prm, std=0.02)
     fast = copy.deepcopy(ref).to(torch.bfloat16)
-    x = torch.randn(4096, 1024, device=dev)
-    g = torch.randn_like(x)
-    xr, xf = x.clone().requires_grad_(), x.bfloat16().requires_grad_()
-    ids, _ = fast.route(xf.detach())  # same experts on both sides: bf16 and fp32 scores can differ on ties
-    yr = naive_moe(ref, xr, ids)
-    yr.backward(g)
-    yf = fast(xf)
-    yf.backward(g.bfloat16())
-    checks["moe_bf16_vs_naive_fp32"] = {"out": rel(yf, yr), "grad_x": rel(xf.grad, xr.grad),
-                                        "grad_w1": rel(fast.w1.grad, ref.w1.grad), "limit": 2e-2}
+    for name, tokens in (("moe_bf16_vs_naive_fp32", 4096), ("moe_gathered_bf16_vs_naive_fp32", 3)):
+        ref.zero_grad()
+        fast.zero_grad()
+        x = torch.randn(tokens, 1024, device=dev)  # 4096 tokens: sorted + grouped_mm; 3: gathered weights
+        g = torch.randn_like(x)
+        xr, xf = x.clone().requires_grad_(), x.bfloat16().requires_grad_()
+        ids, _ = fast.route(xf.detach())  # same experts on both sides: bf16 and fp32 scores can differ on ties
+        yr = naive_moe(ref, xr, ids)
+        yr.backward(g)
+        yf = fast(xf)
+        yf.backward(g.bfloat16())
+        checks[name] = {"out": rel(yf, yr), "grad_x": rel(xf.grad, xr.grad),
+                        "grad_w1": rel(fast.w1.grad, ref.w1.grad), "limit": 2e-2}
 
     for attn in ("gqa", "mla"):
         # 2. compiled vs eager, bf16 autocast

@@ -79,11 +79,9 @@ def test_trainer_end_to_end(tmp_path):
 
 
 def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
-    import open_mythos.training.loop as loop
-
     cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "max_bad_steps=3"))
     trainer = Trainer(cfg, progress=False)
-    real = loop.lm_loss
+    real = trainer.loss_fn
     calls = {"n": 0}
 
     def flaky(logits, labels):
@@ -91,7 +89,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         loss = real(logits, labels)
         return loss * float("nan") if calls["n"] == 2 else loss
 
-    monkeypatch.setattr(loop, "lm_loss", flaky)
+    monkeypatch.setattr(trainer, "loss_fn", flaky)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train_step()
     trainer.step += 1
@@ -100,7 +98,7 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
     assert not rec["finite"]
     assert all(torch.equal(after_good[n], p) for n, p in trainer.model.named_parameters())
     assert any(not torch.equal(before[n], after_good[n]) for n in before)
-    monkeypatch.setattr(loop, "lm_loss", lambda logits, labels: real(logits, labels) * float("inf"))
+    monkeypatch.setattr(trainer, "loss_fn", lambda logits, labels: real(logits, labels) * float("inf"))
     with pytest.raises(RuntimeError, match="3 consecutive steps with a non-finite"):
         trainer.train()
 
