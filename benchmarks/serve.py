@@ -7,7 +7,7 @@ For each concurrency c, 2c requests (prompt 64 bytes-tokens, --max-tokens new to
 n_loops 8 or the model's max) are sent by c concurrent streaming clients; reported: requests/s,
 generated tokens/s, mean time to first token. Every concurrency is warmed up once first (CUDA graph
 capture, compilation). Baseline in the same run: concurrency 1 (one request at a time, i.e. no
-batching).
+batching). ``--schedule depth token`` measures several engine schedules, one server each.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--schedule", nargs="+", default=["depth"], choices=["depth", "token", "static"],
+                   help="engine schedules to measure, each with its own server, in the same run")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -71,20 +73,22 @@ def main() -> None:
         model = spec_model("gqa", device)
     else:
         model = OpenMythos(demo_config()).to(device).eval()
-    engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile)
-    server, url = serve_in_thread(build_app(engine, ByteTokenizer(), "bench", max_pending=1024))
     loops = min(8, model.cfg.max_loop_iters)
     body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True, "n_loops": loops}
-    for c in args.concurrency:  # warm-up: every batch bucket the timed rounds will use gets its graphs / compile
-        asyncio.run(load(url, c, c, body))
     results = {}
-    for c in args.concurrency:
-        results[f"concurrency_{c}"] = asyncio.run(load(url, c, 2 * c, body))
-        print(c, results[f"concurrency_{c}"], flush=True)
-    base = results[f"concurrency_{args.concurrency[0]}"]["tokens_per_s"]
-    for r in results.values():
-        r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base
-    server.should_exit = True
+    for schedule in args.schedule:
+        engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile, schedule=schedule)
+        server, url = serve_in_thread(build_app(engine, ByteTokenizer(), "bench", max_pending=1024))
+        for c in args.concurrency:  # warm-up: every batch bucket the timed rounds will use gets its graphs / compile
+            asyncio.run(load(url, c, c, body))
+        rows = results[schedule] = {}
+        for c in args.concurrency:
+            rows[f"concurrency_{c}"] = asyncio.run(load(url, c, 2 * c, body))
+            print(schedule, c, rows[f"concurrency_{c}"], flush=True)
+        base = rows[f"concurrency_{args.concurrency[0]}"]["tokens_per_s"]
+        for r in rows.values():
+            r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base
+        server.should_exit = True
     write_report("serve" + ("_spec" if args.spec else "_demo"), {
         "benchmark": "serve", "env": env_info(), "model": "SPEC gqa bf16" if args.spec else "demo (random, tiny)",
         "max_batch": args.max_batch, "max_tokens": args.max_tokens, "n_loops": loops, "compiled_stages": args.compile,

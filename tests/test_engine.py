@@ -41,7 +41,7 @@ def _mixed_requests(vocab=97, n=8, seed=1):
 
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
 @pytest.mark.parametrize("policy", ["per_loop", "shared"])
-@pytest.mark.parametrize("schedule", ["depth", "static"])
+@pytest.mark.parametrize("schedule", ["depth", "token", "static"])
 def test_fixed_depth_engine_equals_model_generate(attn, policy, schedule):
     """Without early exit the engine decodes exactly like OpenMythos.generate (itself tested equal
     to the full-sequence forward): ragged prompts in one batch, per-request loop budgets."""
@@ -98,7 +98,7 @@ def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):
     reqs = _mixed_requests()
     alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in reqs]
     assert len({tuple(d) for c in alone for d in [c.depths[1:]] if d}) > 1  # exit depths do vary
-    for schedule in ("depth", "static"):
+    for schedule in ("depth", "token", "static"):
         for max_batch in (3, 8):
             out = Engine(model, max_batch=max_batch, max_loops=6, schedule=schedule).run(reqs)
             for a, b in zip(alone, out):
@@ -140,6 +140,18 @@ def test_depth_batching_only_pays_for_the_loops_tokens_run():
     static = Engine(model, max_batch=4, max_loops=6, schedule="static")
     static.run(reqs)
     assert static.stats["loop_rows"] > depth.stats["loop_rows"]
+
+
+def test_token_schedule_fills_a_freed_slot_at_the_next_token():
+    """static: a new request waits for the whole batch; token: it takes the first freed slot."""
+    model = _model()
+    reqs = [Request(PROMPTS[0], 2, 2, GREEDY), Request(PROMPTS[1], 8, 2, GREEDY), Request(PROMPTS[2], 8, 2, GREEDY)]
+    runs = {}
+    for schedule in ("token", "static"):
+        engine = Engine(model, max_batch=2, schedule=schedule)
+        runs[schedule] = (engine.run(reqs), engine.stats["ticks"])
+    assert [c.tokens for c in runs["token"][0]] == [c.tokens for c in runs["static"][0]]
+    assert runs["token"][1] < runs["static"][1]  # the third request starts after 2 tokens, not after 8
 
 
 def _logits_at_depths(model, ids, depths):

@@ -23,8 +23,10 @@ runs on a batch of work at mixed depths (with 3 slots, as drawn, every exit is f
 
 ``schedule="static"`` (the baseline): the batch moves in lock-step, one whole token per tick; a
 token that exits is frozen (no state or cache writes) until the deepest token of the batch is done,
-and new requests are admitted only when the whole batch has finished. Both schedules compute the
-same tokens for every request; only the work differs.
+and new requests are admitted only when the whole batch has finished. ``schedule="token"``
+(iteration-level continuous batching, as in Orca/vLLM): the same lock-step whole-token ticks, but
+waiting requests take free slots at every tick. Every schedule computes the same tokens for every
+request; only the work differs.
 
 Prompts are prefilled with the full-sequence forward at the request's full loop budget (exit
 rules apply to generated tokens): the requests admitted in one tick with the same budget form one
@@ -47,7 +49,7 @@ from .exit import ExitRule
 from .graphs import StageGraphs
 from .slots import SlotKVCache
 
-SCHEDULES = ("depth", "static")
+SCHEDULES = ("depth", "token", "static")
 
 
 @dataclass
@@ -207,7 +209,7 @@ class Engine:
         """One engine tick; returns the tokens produced (and cancellations), in slot order."""
         self.stats["ticks"] += 1
         events = self._apply_cancellations()
-        if self.schedule == "depth" or not self.slots:
+        if self.schedule != "static" or not self.slots:
             self._admit(events)
         if self.slots:
             (self._depth_tick if self.schedule == "depth" else self._static_tick)(events)
