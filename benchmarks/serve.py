@@ -5,8 +5,8 @@
 Without --spec: the random tiny demo model (CPU-sized); with --spec: the SPEC config in bf16 (GPU).
 For each concurrency c, 2c requests (prompt 64 bytes-tokens, --max-tokens new tokens, greedy,
 n_loops 8 or the model's max) are sent by c concurrent streaming clients; reported: requests/s,
-generated tokens/s, mean time to first token. Every concurrency is warmed up once first (CUDA graph
-capture, compilation). Baseline in the same run: concurrency 1 (one request at a time, i.e. no
+generated tokens/s, mean time to first token. Every concurrency is first run once untimed with the
+same load (CUDA graph capture and compilation of the buckets it uses). Baseline in the same run: concurrency 1 (one request at a time, i.e. no
 batching). ``--schedule depth token`` measures several engine schedules, one server each.
 """
 
@@ -79,8 +79,8 @@ def main() -> None:
     for schedule in args.schedule:
         engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile, schedule=schedule)
         server, url = serve_in_thread(build_app(engine, ByteTokenizer(), "bench", max_pending=1024))
-        for c in args.concurrency:  # warm-up: every batch bucket the timed rounds will use gets its graphs / compile
-            asyncio.run(load(url, c, c, body))
+        for c in args.concurrency:  # warm-up with the timed load itself: the prefill and stage buckets it
+            asyncio.run(load(url, c, 2 * c, body))  # uses get compiled and captured before timing
         rows = results[schedule] = {}
         for c in args.concurrency:
             rows[f"concurrency_{c}"] = asyncio.run(load(url, c, 2 * c, body))

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
     p.add_argument("--max-loops", type=int, default=None, help="largest per-request n_loops (default: the config's)")
-    p.add_argument("--schedule", choices=["depth", "token", "static"], default="depth",
+    p.add_argument("--schedule", choices=["depth", "token", "static"], default="token",
                    help="depth: continuous depth-wise batching; token: whole tokens, requests join every token; static: whole batches")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")

@@ -125,7 +125,7 @@ class Trainer:
         n_loops = cfg.loops.sample(cfg.seed, self.step)
         backprop = cfg.loops.backprop or None
         model.train()
-        if cfg.compile and "reduce-overhead" in cfg.compile_mode:
+        if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes with CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs may be reused
         t0 = time.perf_counter()
         loss_sum = torch.zeros((), device=self.device)
