@@ -5,8 +5,9 @@
 Without --spec: the random tiny demo model (CPU-sized); with --spec: the SPEC config in bf16 (GPU).
 For each concurrency c, 2c requests (prompt 64 bytes-tokens, --max-tokens new tokens, greedy,
 n_loops 8 or the model's max) are sent by c concurrent streaming clients; reported: requests/s,
-generated tokens/s, mean time to first token. Every concurrency is first run once untimed with the
-same load (CUDA graph capture and compilation of the buckets it uses). Baseline in the same run: concurrency 1 (one request at a time, i.e. no
+generated tokens/s, mean time to first token. Before the server listens, ``Engine.warmup`` runs (and
+captures) every batch and prompt-length bucket, as ``mythos serve`` does; ``--untimed-round`` also
+runs each concurrency's load once before timing it. Baseline in the same run: concurrency 1 (one request at a time, i.e. no
 batching). ``--schedule depth token`` measures several engine schedules, one server each.
 """
 
@@ -63,6 +64,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--schedule", nargs="+", default=["depth"], choices=["depth", "token", "static"],
                    help="engine schedules to measure, each with its own server, in the same run")
+    p.add_argument("--untimed-round", action="store_true",
+                   help="after the engine's warm-up, also run each concurrency's load once untimed")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -78,16 +81,22 @@ def main() -> None:
     results = {}
     for schedule in args.schedule:
         engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile, schedule=schedule)
+        t0 = time.perf_counter()
+        shapes = engine.warmup(loops)  # what `mythos serve` does before it listens
+        warmup_s = time.perf_counter() - t0
+        print(schedule, f"warm-up: {shapes} shapes in {warmup_s:.1f} s", flush=True)
         server, url = serve_in_thread(build_app(engine, ByteTokenizer(), "bench", max_pending=1024))
-        for c in args.concurrency:  # warm-up with the timed load itself: the prefill and stage buckets it
-            asyncio.run(load(url, c, 2 * c, body))  # uses get compiled and captured before timing
-        rows = results[schedule] = {}
+        if args.untimed_round:
+            for c in args.concurrency:
+                asyncio.run(load(url, c, 2 * c, body))
+        rows = results[schedule] = {"warmup_s": warmup_s}
         for c in args.concurrency:
             rows[f"concurrency_{c}"] = asyncio.run(load(url, c, 2 * c, body))
             print(schedule, c, rows[f"concurrency_{c}"], flush=True)
         base = rows[f"concurrency_{args.concurrency[0]}"]["tokens_per_s"]
-        for r in rows.values():
-            r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base
+        for name, r in rows.items():
+            if name.startswith("concurrency_"):
+                r["tokens_per_s_vs_first"] = r["tokens_per_s"] / base
         server.should_exit = True
     write_report("serve" + ("_spec" if args.spec else "_demo"), {
         "benchmark": "serve", "env": env_info(), "model": "SPEC gqa bf16" if args.spec else "demo (random, tiny)",

@@ -154,6 +154,34 @@ def test_token_schedule_fills_a_freed_slot_at_the_next_token():
     assert runs["token"][1] < runs["static"][1]  # the third request starts after 2 tokens, not after 8
 
 
+class _RecordingGraphs:
+    """Stands in for StageGraphs on the CPU: runs each stage eagerly and records its graph key."""
+
+    def __init__(self):
+        self.keys = set()
+
+    def __call__(self, key, stage, *inputs):
+        self.keys.add(key)
+        return stage(*inputs)
+
+
+@pytest.mark.parametrize("schedule", ["depth", "token"])
+def test_warmup_covers_every_shape_a_workload_meets_and_changes_no_output(schedule):
+    """After warmup() a mixed workload (ragged prompts, any batch size, with and without an exit rule)
+    needs no stage shape that warm-up did not already run (so no capture while a client waits)."""
+    model = _model()
+    reqs = [dataclasses.replace(r, n_loops=None) for r in _mixed_requests(n=10) if r.exit_rule.kind in ("none", "act")]
+    fresh = Engine(model, max_batch=3, max_len=40, schedule=schedule).run(reqs)
+    engine = Engine(model, max_batch=3, max_len=40, schedule=schedule)
+    engine.graphs = _RecordingGraphs()
+    assert engine.warmup() == 3 * 3 + 3  # batch buckets 1, 2, 3 x prompt buckets 16, 32, 40; + exit-rule runs
+    assert not engine.slots and not engine.waiting and engine.stats["tokens"] == 0
+    warmed = set(engine.graphs.keys)
+    out = engine.run(reqs)
+    assert engine.graphs.keys == warmed
+    assert [(c.tokens, c.depths) for c in out] == [(c.tokens, c.depths) for c in fresh]
+
+
 def _logits_at_depths(model, ids, depths):
     return {d: model(torch.tensor([ids]), d)[0, -1].float() for d in depths}
 

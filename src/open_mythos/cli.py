@@ -115,6 +115,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy, max_loops=args.max_loops,
                     schedule=args.schedule)
+    if engine.graphs is not None and not args.no_warmup:  # capture every CUDA graph before clients arrive
+        t0 = time.perf_counter()
+        shapes = engine.warmup()
+        print(f"[warm-up: {shapes} batch/prompt shapes captured in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     name = args.model_name or ("open-mythos-demo" if args.demo else os.path.basename(os.path.normpath(args.model)))
     app = build_app(engine, tok, name, max_pending=args.max_pending)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout,
@@ -230,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", choices=["depth", "token", "static"], default="token",
                    help="depth: continuous depth-wise batching; token: whole tokens, requests join every token; static: whole batches")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
+    p.add_argument("--no-warmup", action="store_true", help="on a GPU: skip capturing every batch/prompt shape at start-up")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")

@@ -230,6 +230,26 @@ class Engine:
                     done[ev.request_id] = Completion(ev.request_id, toks, depths, ev.finish_reason)
         return [done[i] for i in ids]
 
+    def warmup(self, n_loops: int | None = None) -> int:
+        """Run dummy requests through every batch bucket and every prompt-length bucket, without and
+        with an exit rule (the fixed-depth token stage and the start/loop/finish stages), so that
+        compilation and CUDA-graph capture happen now instead of while a client waits (a server
+        calls this before it listens). Each shape runs twice: a stage's first call of a shape runs
+        eagerly (and compiles), the second captures its graph. Leaves no request, slot or counter
+        behind; returns the number of shapes."""
+        if self.slots or self.waiting:
+            raise RuntimeError("warmup() needs an idle engine (no waiting or running requests)")
+        budget = n_loops or self.cfg.max_loop_iters
+        lengths = sorted({min(self._bucket_len(n), self.max_len) for n in range(1, self.max_len - 1)})
+        shapes = [(b, n, ExitRule()) for b in self._buckets for n in lengths]
+        shapes += [(b, lengths[0], ExitRule("act")) for b in self._buckets]
+        for batch, length, rule in shapes + shapes:  # the longest prompt of a length bucket leaving room for 2 tokens
+            prompt = [0] * min(length, self.max_len - 2)
+            self.run([Request(prompt, 2, budget, SamplingParams(temperature=0), rule) for _ in range(batch)])
+        self.stats = dict.fromkeys(self.stats, 0)
+        self.depth_histogram.clear()
+        return len(shapes)
+
     def _apply_cancellations(self) -> list[TokenEvent]:
         events = []
         if not self._cancel:
