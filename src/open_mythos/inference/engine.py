@@ -91,12 +91,16 @@ class _Slot:
 class Engine:
     def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
                  loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth",
-                 cuda_graphs: bool | None = None, compile: bool = False):
+                 cuda_graphs: bool | None = None, compile: bool = False, sync_every: int = 1):
         cfg = model.cfg
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
+        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        # depth schedule: loop iterations per host sync; a row that exits in between stays frozen until it
+        self.sync_every = sync_every
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
@@ -312,7 +316,9 @@ class Engine:
         looping = sorted(s for s in self.slots if s not in self._exited)
         probe = self._needs_probe(list(self.slots))
         if looping:
-            done = self._loop(looping, probe).tolist()
+            for _ in range(self.sync_every):  # no host sync in between: exited rows are frozen by the stage
+                done = self._loop(looping, probe)
+            done = done.tolist()
             self._exited.update((s, probe) for s, d in zip(looping, done) if d)
         if self._exited and 4 * len(self._exited) >= len(self.slots):  # also when every slot has exited
             exited, self._exited = self._exited, {}
