@@ -1,4 +1,4 @@
-"""`mythos serve`: an OpenAI-compatible HTTP server (FastAPI) on the depth-batching engine."""
+"""`mythos serve`: an OpenAI-compatible HTTP server (FastAPI) on the inference engine."""
 
 from .app import build_app, serve_in_thread
 

@@ -1,4 +1,4 @@
-"""OpenAI-compatible HTTP API on the continuous depth-batching engine (FastAPI).
+"""OpenAI-compatible HTTP API on the inference engine (continuous batching; FastAPI).
 
     POST /v1/completions        {"prompt": str | [token ids], "max_tokens", "temperature", "top_p",
                                  "stop", "seed", "stream", + extensions "top_k", "n_loops", "exit_rule"}
