@@ -243,6 +243,8 @@ class Engine:
         behind; returns the number of shapes."""
         if self.slots or self.waiting:
             raise RuntimeError("warmup() needs an idle engine (no waiting or running requests)")
+        if self.max_len < 3:
+            raise ValueError(f"warmup() needs max_len >= 3 (a prompt and 2 new tokens), got {self.max_len}")
         budget = n_loops or self.cfg.max_loop_iters
         lengths = sorted({min(self._bucket_len(n), self.max_len) for n in range(1, self.max_len - 1)})
         shapes = [(b, n, ExitRule()) for b in self._buckets for n in lengths]
