@@ -103,6 +103,20 @@ def test_non_finite_steps_are_skipped_then_stop(tmp_path, monkeypatch):
         trainer.train()
 
 
+def test_compiled_training_steps_match_eager(tmp_path):
+    """compile=true (compiled blocks, loop iteration, loss and Newton-Schulz) trains like eager: same
+    losses over steps that depend on every earlier update."""
+    losses = {}
+    for compiled in (False, True):
+        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(
+            tmp_path / str(compiled), f"compile={str(compiled).lower()}", "loops.schedule='fixed'",
+            "optim.muon_impl='batched'"))
+        trainer = Trainer(cfg, progress=False)
+        losses[compiled] = [trainer.train_step()["loss"] for _ in range(3)]
+    assert losses[False][-1] < losses[False][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     from conftest import tiny_config
 
