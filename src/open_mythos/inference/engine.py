@@ -99,7 +99,7 @@ class Engine:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
-        # depth schedule: loop iterations per host sync; a row that exits in between stays frozen until it
+        # depth schedule: loop iterations per host sync; a row that exits in between stays frozen until the sync
         self.sync_every = sync_every
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_seq_len:
