@@ -61,6 +61,21 @@ def test_fixed_depth_engine_equals_model_generate(attn, policy, schedule):
     assert [c.tokens for c in out] == ref and [c.depths for c in out] == [[n] * 6 for n in budgets]
 
 
+@pytest.mark.parametrize("attn", ["gqa", "mla"])
+def test_compiled_single_row_engine_equals_model_generate(attn):
+    """compile=True at batch 1: every stage is one row, so each Linear runs as a matvec reduction and the
+    MoE ranks its top-k and reads the chosen experts in place (layers.matvec, moe.topk_by_rank)."""
+    model = _model(attn)
+    engine = Engine(model, max_batch=1, schedule="static", compile=True)
+    for rule in (ExitRule(), ExitRule("act")):
+        for p in PROMPTS[:2]:
+            alone = Engine(model, max_batch=1, schedule="static").run([Request(p, 6, 3, GREEDY, rule)])[0]
+            out = engine.run([Request(p, 6, 3, GREEDY, rule)])[0]
+            assert (out.tokens, out.depths) == (alone.tokens, alone.depths)
+            if rule.kind == "none":
+                assert out.tokens == model.generate(torch.tensor([p]), 6, 3, temperature=0)[0, len(p):].tolist()
+
+
 def test_padded_batched_prefill_gives_each_prompts_own_logits_and_cache():
     """The engine prefills ragged prompts as one right-padded batch into arbitrary slots: each row's
     last-token logits (``logits_at``) and cache entries equal those of the prompt's own forward."""

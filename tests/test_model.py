@@ -5,8 +5,10 @@ import pickle
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from open_mythos import OpenMythos
+from open_mythos.layers import Linear
 
 from conftest import tiny_config
 
@@ -174,3 +176,20 @@ def test_compiled_blocks_match_eager_values_and_grads():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
     assert model(ids, 5).shape == ref.shape  # another loop count reuses the compiled body
+
+
+@torch.no_grad()
+def test_linear_single_row_compiled_matches_f_linear():
+    """Linear's decode path (one row under torch.compile: a matvec reduction) equals F.linear, with and
+    without bias, and returns the autocast dtype inside an autocast region like F.linear."""
+    for bias in (False, True):
+        lin = Linear(48, 80, bias=bias)
+        compiled = torch.compile(lin, dynamic=False)
+        for shape in ((1, 48), (1, 1, 48), (3, 48)):  # (3, 48): several rows take F.linear
+            x = torch.randn(shape)
+            torch.testing.assert_close(compiled(x), F.linear(x, lin.weight, lin.bias), rtol=1e-5, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(1, 48)
+        y = compiled(x)
+        assert y.dtype == F.linear(x, lin.weight, lin.bias).dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.linear(x, lin.weight, lin.bias).float(), rtol=2e-2, atol=2e-2)

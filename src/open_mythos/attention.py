@@ -14,7 +14,7 @@ from torch import nn
 
 from .cache import KVCache
 from .config import MythosConfig
-from .layers import RMSNorm, apply_rope
+from .layers import Linear, RMSNorm, apply_rope
 
 
 def attention_backends():
@@ -60,10 +60,10 @@ class GQAttention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.dropout = cfg.dropout
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     @property
     def rope_dim(self) -> int:
@@ -107,15 +107,15 @@ class MLAttention(nn.Module):
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)
         q_out = cfg.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank > 0:
-            self.wq_a = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
+            self.wq_a = Linear(cfg.dim, cfg.q_lora_rank, bias=False)
             self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.norm_eps)
-            self.wq_b = nn.Linear(cfg.q_lora_rank, q_out, bias=False)
+            self.wq_b = Linear(cfg.q_lora_rank, q_out, bias=False)
         else:
-            self.wq = nn.Linear(cfg.dim, q_out, bias=False)
-        self.wkv_a = nn.Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
+            self.wq = Linear(cfg.dim, q_out, bias=False)
+        self.wkv_a = Linear(cfg.dim, cfg.kv_lora_rank + cfg.qk_rope_head_dim, bias=False)
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, cfg.norm_eps)
-        self.wkv_b = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
+        self.wkv_b = Linear(cfg.kv_lora_rank, cfg.n_heads * (cfg.qk_nope_head_dim + cfg.v_head_dim), bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.v_head_dim, cfg.dim, bias=False)
         self.absorb_decode = True  # False: expand the latent to per-head k/v also when decoding
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:

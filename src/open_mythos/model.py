@@ -19,7 +19,7 @@ from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
 from .hub import CONFIG_NAME, WEIGHTS_NAME, write_config
-from .layers import RMSNorm, rope_angles, scaled_init_std
+from .layers import Linear, RMSNorm, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
 from .sampling import SamplingParams, sample_next
@@ -34,7 +34,7 @@ class OpenMythos(nn.Module):
         self.recurrent = RecurrentBlock(cfg)
         self.coda = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
         self.reset_parameters()

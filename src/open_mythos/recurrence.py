@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
-from .layers import RMSNorm, sinusoid
+from .layers import Linear, RMSNorm, sinusoid
 
 
 class LTIInjection(nn.Module):
@@ -69,7 +69,7 @@ class ACTHalting(nn.Module):
     def __init__(self, dim: int, threshold: float):
         super().__init__()
         self.threshold = threshold
-        self.proj = nn.Linear(dim, 1)
+        self.proj = Linear(dim, 1)
         nn.init.zeros_(self.proj.weight)
         nn.init.constant_(self.proj.bias, -1.0)  # p ≈ 0.27 at init: a few loops before halting
 

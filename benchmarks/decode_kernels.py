@@ -1,0 +1,109 @@
+"""Batch-1 decode is hundreds of tiny kernels: which implementation of each is fastest?
+
+    python benchmarks/decode_kernels.py [--rows 1 4] [--out benchmarks/results/h100]
+
+For the SPEC config's decode shapes (bf16), the time per call of each candidate, measured as 50
+back-to-back calls replayed from one CUDA graph (the regime of the engine's decode graphs: no
+launch overhead, only kernel time and the gaps between kernels):
+
+  linear  y = x W^T, x (rows, K):  cuBLAS (F.linear)  vs  torch.compile of the same (inductor may
+          pick its own kernel)  vs  torch.compile of (x[:, None, :] * W).sum(-1) in fp32 -- a
+          reduction kernel that spreads the N outputs over many thread blocks
+  bmm     gathered experts (rows*k, 1, K) @ (rows*k, K, H): torch.bmm vs the compiled reduction
+  topk    top-4 of 64 router scores: torch.topk vs k rounds of compiled argmax + mask
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from common import env_info, write_report
+
+REPEATS = 50
+
+
+def graph_time(fn, *args) -> float:
+    """Microseconds per call of ``fn(*args)``, from a CUDA graph of REPEATS back-to-back calls."""
+    for _ in range(3):  # compile / autotune / cuBLAS warm-up outside the graph
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEATS):
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / REPEATS)
+    return best
+
+
+def reduce_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T as a broadcast multiply + fp32 sum: (..., K) x (N, K) -> (..., N)."""
+    return (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
+
+
+def topk_rounds(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row by k rounds of argmax (ties: lowest index first)."""
+    ids = []
+    s = scores
+    for _ in range(k):
+        i = s.argmax(-1, keepdim=True)
+        ids.append(i)
+        s = s.scatter(-1, i, float("-inf"))
+    return torch.cat(ids, -1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", nargs="+", type=int, default=[1, 4])
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    dev, bf = "cuda", torch.bfloat16
+    compiled_linear = torch.compile(F.linear, dynamic=False)
+    compiled_reduce = torch.compile(reduce_linear, dynamic=False)
+    compiled_topk = torch.compile(topk_rounds, dynamic=False)
+    compiled_bmm_reduce = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(x.dtype), dynamic=False)
+    # (name, N, K): GQA q / k+v / fused qkv / o, router, shared gate+up (2 x 256 each), router + shared gate+up
+    # fused, shared down, LM head
+    shapes = [("wq_or_wo", 1024, 1024), ("wk", 256, 1024), ("wqkv", 1536, 1024), ("router", 64, 1024),
+              ("shared_w1", 512, 1024), ("router_shared_w13", 64 + 1024, 1024), ("shared_w2", 1024, 512),
+              ("head", 32000, 1024)]
+    rows_out = []
+    for rows in args.rows:
+        for name, n, k in shapes:
+            x, w = torch.randn(rows, k, device=dev, dtype=bf), torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5
+            err = (reduce_linear(x, w).float() - F.linear(x, w).float()).abs().max().item()
+            rows_out.append({"op": "linear", "shape": name, "rows": rows, "N": n, "K": k,
+                             "cublas_us": graph_time(F.linear, x, w),
+                             "compiled_linear_us": graph_time(compiled_linear, x, w),
+                             "compiled_reduce_us": graph_time(compiled_reduce, x, w), "max_abs_diff": err})
+            print(rows_out[-1], flush=True)
+        for name, n, k in [("expert_w1", 256, 1024), ("expert_w13", 512, 1024), ("expert_w2", 1024, 256)]:
+            a = rows * 4
+            x, w = torch.randn(a, 1, k, device=dev, dtype=bf), torch.randn(a, n, k, device=dev, dtype=bf) / k ** 0.5
+            rows_out.append({"op": "gathered_bmm", "shape": name, "rows": rows, "N": n, "K": k,
+                             "bmm_us": graph_time(lambda x, w: x @ w.mT, x, w),
+                             "compiled_reduce_us": graph_time(compiled_bmm_reduce, x, w)})
+            print(rows_out[-1], flush=True)
+        scores = torch.rand(rows, 64, device=dev)
+        same = torch.equal(torch.topk(scores, 4).indices.sort(-1).values, topk_rounds(scores, 4).sort(-1).values)
+        rows_out.append({"op": "topk", "shape": "64 choose 4", "rows": rows, "same_set": same,
+                         "torch_topk_us": graph_time(lambda s: torch.topk(s, 4), scores),
+                         "compiled_topk_us": graph_time(torch.compile(lambda s: torch.topk(s, 4)), scores),
+                         "compiled_rounds_us": graph_time(compiled_topk, scores, 4)})
+        print(rows_out[-1], flush=True)
+    write_report("decode_kernels", {"env": env_info(), "repeats_per_graph": REPEATS, "rows": rows_out}, args.out)
+
+
+if __name__ == "__main__":
+    main()
