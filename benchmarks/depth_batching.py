@@ -10,7 +10,8 @@ w.h + b has standard deviation ``--halt-spread`` across tokens (its input's RMS 
 prefill), which spreads the exit depths over 1..8 (the report gives the distribution).
 
 Both schedules run the same requests with the same exit rule and the same CUDA-graph stages
-(``--sync-every 1 2``: one depth run per number of loop iterations per host sync); the report
+(``--sync-every 1 2``: one depth run per number of loop iterations per host sync; ``--finish-fraction
+0.25 0.5``: per fraction of the slots that must have exited before they are finished together); the report
 checks that every request's tokens and depths are identical and gives tokens/s, the ratio to
 static, and the recurrent-block row evaluations each run paid for.
 """
@@ -59,6 +60,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--sync-every", nargs="+", type=int, default=[1],
                    help="depth schedule: loop iterations per host sync (one depth run per value)")
+    p.add_argument("--finish-fraction", nargs="+", type=float, default=[0.25],
+                   help="depth schedule: finish exited tokens once this fraction of the slots has (one run per value)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -70,15 +73,15 @@ def main() -> None:
     reqs = [Request(pr, args.new_tokens, args.loops, SamplingParams(temperature=0), ExitRule("act"))
             for pr in prompts]
     runs = {}
-    variants = [("static", 1)] + [("depth", k) for k in args.sync_every]
-    for schedule, sync_every in variants:
+    variants = [("static", 1, 0.25)] + [("depth", k, f) for f in args.finish_fraction for k in args.sync_every]
+    for schedule, sync_every, fraction in variants:
         engine = Engine(model, max_batch=args.max_batch, schedule=schedule, loop_policy=args.policy,
                         max_len=128 + args.new_tokens, max_loops=args.loops, compile=args.compile,
-                        sync_every=sync_every)
-        name = schedule if sync_every == 1 else f"depth_sync_every_{sync_every}"
-        engine.run(reqs[: 2 * args.max_batch])  # warm-up: eager first calls, then graph capture
-        engine.run(reqs[: 2 * args.max_batch])
-        engine.stats = dict.fromkeys(engine.stats, 0)
+                        sync_every=sync_every, finish_fraction=fraction)
+        name = schedule + ("" if sync_every == 1 else f"_sync_every_{sync_every}") + (
+            "" if schedule == "static" else f"_finish_{fraction:g}")
+        warm_s, _ = timed(lambda: engine.warmup(args.loops))  # every batch / prompt bucket: compile + capture
+        print(f"{name}: warm-up {warm_s:.0f} s", flush=True)
         seconds, out = timed(lambda: engine.run(reqs))
         tokens = sum(len(c.tokens) for c in out)
         runs[name] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,

@@ -113,9 +113,11 @@ def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):
     reqs = _mixed_requests()
     alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in reqs]
     assert len({tuple(d) for c in alone for d in [c.depths[1:]] if d}) > 1  # exit depths do vary
-    for schedule, sync_every in (("depth", 1), ("depth", 3), ("token", 1), ("static", 1)):
+    for schedule, sync_every, fraction in (("depth", 1, 0.25), ("depth", 3, 0.25), ("depth", 1, 0.6),
+                                           ("token", 1, 0.25), ("static", 1, 0.25)):
         for max_batch in (3, 8):
-            out = Engine(model, max_batch=max_batch, max_loops=6, schedule=schedule, sync_every=sync_every).run(reqs)
+            out = Engine(model, max_batch=max_batch, max_loops=6, schedule=schedule, sync_every=sync_every,
+                         finish_fraction=fraction).run(reqs)
             for a, b in zip(alone, out):
                 assert (a.tokens, a.depths, a.finish_reason) == (b.tokens, b.depths, b.finish_reason)
 
@@ -320,6 +322,8 @@ def test_bad_engine_and_rule_settings():
         Engine(model, max_len=1000)
     with pytest.raises(ValueError, match="sync_every"):
         Engine(model, sync_every=0)
+    with pytest.raises(ValueError, match="finish_fraction"):
+        Engine(model, finish_fraction=0.0)
     with pytest.raises(ValueError, match="exit rule kind"):
         ExitRule("entropy")
     with pytest.raises(ValueError, match="probability"):

@@ -91,7 +91,8 @@ class _Slot:
 class Engine:
     def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
                  loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth",
-                 cuda_graphs: bool | None = None, compile: bool = False, sync_every: int = 1):
+                 cuda_graphs: bool | None = None, compile: bool = False, sync_every: int = 1,
+                 finish_fraction: float = 0.25):
         cfg = model.cfg
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -99,8 +100,12 @@ class Engine:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
+        if not 0 < finish_fraction <= 1:
+            raise ValueError(f"finish_fraction must be in (0, 1], got {finish_fraction!r}")
         # depth schedule: loop iterations per host sync; a row that exits in between stays frozen until the sync
         self.sync_every = sync_every
+        # depth schedule: exited tokens wait, frozen, until this fraction of the running slots has exited
+        self.finish_fraction = finish_fraction
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
@@ -310,8 +315,8 @@ class Engine:
         self.free.sort()
 
     def _depth_tick(self, events: list[TokenEvent]) -> None:
-        """One loop iteration for every slot still looping. Exited tokens wait, frozen, until a
-        quarter of the slots have exited (or none is looping), then finish and start together:
+        """One loop iteration for every slot still looping. Exited tokens wait, frozen, until
+        ``finish_fraction`` of the slots have exited (or none is looping), then finish and start together:
         the start and finish stages cost about as much for 2 rows as for 32, so running them
         every tick for the one or two tokens that just exited would cost more than the loops."""
         self._start([s for s, st in self.slots.items() if st.pending is not None])
@@ -322,7 +327,7 @@ class Engine:
                 done = self._loop(looping, probe)
             done = done.tolist()
             self._exited.update((s, probe) for s, d in zip(looping, done) if d)
-        if self._exited and 4 * len(self._exited) >= len(self.slots):  # also when every slot has exited
+        if self._exited and len(self._exited) >= self.finish_fraction * len(self.slots):  # or every slot exited
             exited, self._exited = self._exited, {}
             for with_probe in (False, True):  # finish reads the KL probe's logits where the loop made them
                 group = sorted(s for s, p in exited.items() if p == with_probe)
