@@ -11,10 +11,11 @@ three stages; the scheduler runs each stage batched over the slots that are in i
     finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
 
 ``schedule="depth"`` (continuous depth-wise batching): every engine tick runs ONE loop iteration
-for every looping slot, whatever its depth. Tokens that exit wait, frozen, until a quarter of the
-slots have exited; then they are finished together and their requests' next tokens start in the
-next tick, and a finished request frees its slot for the next waiting one, so the recurrent block
-runs on a batch of work at mixed depths (with 3 slots, as drawn, every exit is finished at once):
+for every looping slot, whatever its depth. Tokens that exit wait, frozen, until ``finish_fraction``
+(default a quarter) of the slots have exited; then they are finished together and their requests'
+next tokens start in the next tick, and a finished request frees its slot for the next waiting one,
+so the recurrent block runs on a batch of work at mixed depths (with 3 slots, as drawn, every exit
+is finished at once):
 
     tick      1    2    3    4    5    6
     slot 0   a1·0 a1·1 a1·2 a2·0 a2·1 a3·0       (a1·0 = request a, token 1, loop 0)
@@ -316,9 +317,9 @@ class Engine:
 
     def _depth_tick(self, events: list[TokenEvent]) -> None:
         """One loop iteration for every slot still looping. Exited tokens wait, frozen, until
-        ``finish_fraction`` of the slots have exited (or none is looping), then finish and start together:
-        the start and finish stages cost about as much for 2 rows as for 32, so running them
-        every tick for the one or two tokens that just exited would cost more than the loops."""
+        ``finish_fraction`` of the slots have exited (or none is looping), then finish and start
+        together: the start and finish stages cost about as much for 2 rows as for 32, so running
+        them every tick for the one or two tokens that just exited would cost more than the loops."""
         self._start([s for s, st in self.slots.items() if st.pending is not None])
         looping = sorted(s for s in self.slots if s not in self._exited)
         probe = self._needs_probe(list(self.slots))
