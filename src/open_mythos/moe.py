@@ -120,11 +120,15 @@ class MoE(nn.Module):
         self.track_load = True
         self.gather_max_assignments = 16  # at most this many (token, expert) pairs: gathered-weights path
 
+    def _few(self, n_tokens: int) -> bool:
+        """Whether n_tokens tokens (decoding) take the gathered-weights path instead of the sort."""
+        return n_tokens * self.top_k <= self.gather_max_assignments
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert ids (N, k) chosen with the bias, and their gates (N, k) without it."""
         scores = torch.sigmoid(self.router(x).float())
         biased = scores + self.router_bias
-        if torch.compiler.is_compiling() and x.shape[0] * self.top_k <= self.gather_max_assignments:
+        if torch.compiler.is_compiling() and self._few(x.shape[0]):
             expert_ids = topk_by_rank(biased, self.top_k)  # decoding: one fused kernel instead of a ~9 us sort
         else:
             expert_ids = torch.topk(biased, self.top_k, dim=-1).indices
@@ -136,7 +140,7 @@ class MoE(nn.Module):
         x = x.reshape(-1, shape[-1])
         expert_ids, gates = self.route(x)
         flat = expert_ids.flatten()
-        grouped = flat.numel() > self.gather_max_assignments
+        grouped = not self._few(x.shape[0])
         counts = None
         if grouped or (self.training and self.track_load):
             # tokens per expert, shape (E,) for any routing; a comparison + sum, not an index_add: torch.compile
