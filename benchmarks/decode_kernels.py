@@ -7,10 +7,11 @@ back-to-back calls replayed from one CUDA graph (the regime of the engine's deco
 launch overhead, only kernel time and the gaps between kernels):
 
   linear  y = x W^T, x (rows, K):  cuBLAS (F.linear)  vs  torch.compile of the same (inductor may
-          pick its own kernel)  vs  torch.compile of (x[:, None, :] * W).sum(-1) in fp32 -- a
-          reduction kernel that spreads the N outputs over many thread blocks
-  bmm     gathered experts (rows*k, 1, K) @ (rows*k, K, H): torch.bmm vs the compiled reduction
-  topk    top-4 of 64 router scores: torch.topk vs k rounds of compiled argmax + mask
+          pick its own kernel)  vs  compiled ``layers.matvec``: (x[:, None, :] * W).sum(-1) in fp32,
+          a reduction kernel that spreads the N outputs over many thread blocks
+  bmm     gathered experts (rows*k, K) by (rows*k, H, K): ``matvec`` eager (torch.bmm) vs compiled
+  topk    top-4 of 64 router scores: torch.topk vs compiled ``moe.topk_by_rank`` vs k rounds of
+          compiled argmax + mask
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from common import env_info, write_report
+
+from open_mythos.layers import matvec
+from open_mythos.moe import topk_by_rank
 
 REPEATS = 50
 
@@ -47,11 +51,6 @@ def graph_time(fn, *args) -> float:
     return best
 
 
-def reduce_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x W^T as a broadcast multiply + fp32 sum: (..., K) x (N, K) -> (..., N)."""
-    return (x.unsqueeze(-2).float() * w.float()).sum(-1).to(x.dtype)
-
-
 def topk_rounds(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row by k rounds of argmax (ties: lowest index first)."""
     ids = []
@@ -69,10 +68,11 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev, bf = "cuda", torch.bfloat16
+    torch._dynamo.config.recompile_limit = 64  # one compile per shape; past the default 8 dynamo would run eagerly
     compiled_linear = torch.compile(F.linear, dynamic=False)
-    compiled_reduce = torch.compile(reduce_linear, dynamic=False)
-    compiled_topk = torch.compile(topk_rounds, dynamic=False)
-    compiled_bmm_reduce = torch.compile(lambda x, w: (x.float() * w.float()).sum(-1).to(x.dtype), dynamic=False)
+    compiled_matvec = torch.compile(matvec, dynamic=False)
+    compiled_rounds = torch.compile(topk_rounds, dynamic=False)
+    compiled_rank = torch.compile(topk_by_rank, dynamic=False)
     # (name, N, K): GQA q / k+v / fused qkv / o, router, shared gate+up (2 x 256 each), router + shared gate+up
     # fused, shared down, LM head
     shapes = [("wq_or_wo", 1024, 1024), ("wk", 256, 1024), ("wqkv", 1536, 1024), ("router", 64, 1024),
@@ -82,25 +82,27 @@ def main() -> None:
     for rows in args.rows:
         for name, n, k in shapes:
             x, w = torch.randn(rows, k, device=dev, dtype=bf), torch.randn(n, k, device=dev, dtype=bf) / k ** 0.5
-            err = (reduce_linear(x, w).float() - F.linear(x, w).float()).abs().max().item()
+            err = (compiled_matvec(x, w).float() - F.linear(x, w).float()).abs().max().item()
             rows_out.append({"op": "linear", "shape": name, "rows": rows, "N": n, "K": k,
                              "cublas_us": graph_time(F.linear, x, w),
                              "compiled_linear_us": graph_time(compiled_linear, x, w),
-                             "compiled_reduce_us": graph_time(compiled_reduce, x, w), "max_abs_diff": err})
+                             "compiled_reduce_us": graph_time(compiled_matvec, x, w), "max_abs_diff": err})
             print(rows_out[-1], flush=True)
         for name, n, k in [("expert_w1", 256, 1024), ("expert_w13", 512, 1024), ("expert_w2", 1024, 256)]:
             a = rows * 4
-            x, w = torch.randn(a, 1, k, device=dev, dtype=bf), torch.randn(a, n, k, device=dev, dtype=bf) / k ** 0.5
+            x, w = torch.randn(a, k, device=dev, dtype=bf), torch.randn(a, n, k, device=dev, dtype=bf) / k ** 0.5
             rows_out.append({"op": "gathered_bmm", "shape": name, "rows": rows, "N": n, "K": k,
-                             "bmm_us": graph_time(lambda x, w: x @ w.mT, x, w),
-                             "compiled_reduce_us": graph_time(compiled_bmm_reduce, x, w)})
+                             "bmm_us": graph_time(matvec, x, w),
+                             "compiled_reduce_us": graph_time(compiled_matvec, x, w)})
             print(rows_out[-1], flush=True)
         scores = torch.rand(rows, 64, device=dev)
-        same = torch.equal(torch.topk(scores, 4).indices.sort(-1).values, topk_rounds(scores, 4).sort(-1).values)
-        rows_out.append({"op": "topk", "shape": "64 choose 4", "rows": rows, "same_set": same,
+        ref = torch.topk(scores, 4).indices
+        same = torch.equal(ref, compiled_rank(scores, 4)) and torch.equal(ref, topk_rounds(scores, 4))
+        rows_out.append({"op": "topk", "shape": "64 choose 4", "rows": rows, "same_ids": same,
                          "torch_topk_us": graph_time(lambda s: torch.topk(s, 4), scores),
                          "compiled_topk_us": graph_time(torch.compile(lambda s: torch.topk(s, 4)), scores),
-                         "compiled_rounds_us": graph_time(compiled_topk, scores, 4)})
+                         "compiled_rank_us": graph_time(compiled_rank, scores, 4),
+                         "compiled_rounds_us": graph_time(compiled_rounds, scores, 4)})
         print(rows_out[-1], flush=True)
     write_report("decode_kernels", {"env": env_info(), "repeats_per_graph": REPEATS, "rows": rows_out}, args.out)
 
