@@ -82,15 +82,14 @@ class SlotKVCache:
                 continue
             rows, pos = self._rows, self._positions
             ls = self._loop_slot if recurrent else torch.zeros_like(rows)
-            depth = buf.shape[1]
-            loop_slots = torch.arange(depth, device=rows.device)
+            loop_slots = torch.arange(buf.shape[1], device=rows.device)
             fill = (loop_slots >= ls[:, None]) & self._write[:, None]                # (B, depth)
-            # one scatter into the flattened buffer; entries that must not change go to the scratch
-            # row's (the last slot's) position 0, which only padding rows ever read
-            index = torch.where(fill, (rows[:, None] * depth + loop_slots) * self.max_len + pos[:, None],
-                                (self.n_slots - 1) * depth * self.max_len)
-            flat = buf.view(-1, *buf.shape[3:])
-            flat.index_copy_(0, index.flatten(), value.expand(-1, depth, *value.shape[2:]).flatten(0, 1).to(buf.dtype))
+            # one scatter; entries that must not change go to the scratch row's (the last slot's)
+            # position 0, which only padding rows ever read. index_put_ on the buffer itself: compiled,
+            # index_copy_ into a flattened view of it copied the whole buffer (benchmarks/cache_write.py)
+            index = (torch.where(fill, rows[:, None], self.n_slots - 1), torch.where(fill, loop_slots, 0),
+                     torch.where(fill, pos[:, None], 0))
+            buf.index_put_(index, value.expand(-1, buf.shape[1], *value.shape[2:]).to(buf.dtype))
             out[name] = buf[rows, ls]                                             # (B, max_len, ...)
         return out
 
