@@ -9,11 +9,17 @@ would halt every token at the same loop; it is given random weights scaled so th
 w.h + b has standard deviation ``--halt-spread`` across tokens (its input's RMS is measured on a
 prefill), which spreads the exit depths over 1..8 (the report gives the distribution).
 
-Both schedules run the same requests with the same exit rule and the same CUDA-graph stages
-(``--sync-every 1 2``: one depth run per number of loop iterations per host sync; ``--finish-fraction
-0.25 0.5``: per fraction of the slots that must have exited before they are finished together); the report
-checks that every request's tokens and depths are identical and gives tokens/s, the ratio to
-static, and the recurrent-block row evaluations each run paid for.
+Both schedules run the same requests with the same exit rule and the same compiled stages, replayed
+from CUDA graphs (``--sync-every 1 2``: one depth run per number of loop iterations per tick, for each
+``--prefill-batch``: free slots gathered before waiting requests are admitted and prefilled together); the
+report checks that every request's tokens and depths are identical and gives tokens/s, the ratio to
+static, milliseconds per tick, and the recurrent-block row evaluations each run paid for.
+
+Two throughputs per run: ``tokens_per_s`` over the whole run (all requests submitted at once, until
+the last one finishes), and ``sustained_tokens_per_s`` over the part of it while requests were still
+waiting for a slot (every slot busy: what a server under load delivers). They differ for the depth
+schedule because requests whose tokens keep exiting late take many more ticks than the others, so
+the run ends with a long drain in which a few deep requests hold a few slots.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from __future__ import annotations
 import argparse
 import collections
 import math
+import time
 
 import torch
 
@@ -46,6 +53,26 @@ def spread_halting(model, prompt: torch.Tensor, spread: float, bias: float) -> N
         model.recurrent.act.proj.bias.fill_(bias)
 
 
+def run_measured(engine: Engine, requests: list[Request]) -> tuple[dict, list[tuple[list[int], list[int]]]]:
+    """Engine.run, step by step, timing the whole run and its sustained part (until no request waits)."""
+    ids = [engine.submit(r) for r in requests]
+    outputs = {i: ([], []) for i in ids}
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    begin, tokens, sustained = time.perf_counter(), 0, None
+    while engine.has_work():
+        for ev in engine.step():
+            outputs[ev.request_id][0].append(ev.token)
+            outputs[ev.request_id][1].append(ev.depth)
+            tokens += 1
+        if sustained is None and not engine.waiting:
+            sustained = (tokens, time.perf_counter() - begin)
+    seconds = time.perf_counter() - begin
+    return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
+            "sustained_tokens_per_s": sustained[0] / sustained[1], "sustained_tokens": sustained[0],
+            "sustained_seconds": sustained[1]}, [outputs[i] for i in ids]
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", default="gqa")
@@ -59,9 +86,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--sync-every", nargs="+", type=int, default=[1],
-                   help="depth schedule: loop iterations per host sync (one depth run per value)")
-    p.add_argument("--finish-fraction", nargs="+", type=float, default=[0.25],
-                   help="depth schedule: finish exited tokens once this fraction of the slots has (one run per value)")
+                   help="depth schedule: loop iterations per tick (one depth run per value)")
+    p.add_argument("--prefill-batch", nargs="+", type=int, default=[1],
+                   help="depth schedule: free slots gathered before admitting waiting requests (one run per value)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 
@@ -73,24 +100,22 @@ def main() -> None:
     reqs = [Request(pr, args.new_tokens, args.loops, SamplingParams(temperature=0), ExitRule("act"))
             for pr in prompts]
     runs = {}
-    variants = [("static", 1, 0.25)] + [("depth", k, f) for f in args.finish_fraction for k in args.sync_every]
-    for schedule, sync_every, fraction in variants:
+    variants = [("static", 1, 1)] + [("depth", k, b) for b in args.prefill_batch for k in args.sync_every]
+    for schedule, sync_every, prefill_batch in variants:
         engine = Engine(model, max_batch=args.max_batch, schedule=schedule, loop_policy=args.policy,
                         max_len=128 + args.new_tokens, max_loops=args.loops, compile=args.compile,
-                        sync_every=sync_every, finish_fraction=fraction)
+                        sync_every=sync_every, prefill_batch=prefill_batch)
         name = schedule + ("" if sync_every == 1 else f"_sync_every_{sync_every}") + (
-            "" if schedule == "static" else f"_finish_{fraction:g}")
+            "" if prefill_batch == 1 else f"_prefill_batch_{prefill_batch}")
         warm_s, _ = timed(lambda: engine.warmup(args.loops))  # every batch / prompt bucket: compile + capture
         print(f"{name}: warm-up {warm_s:.0f} s", flush=True)
-        seconds, out = timed(lambda: engine.run(reqs))
-        tokens = sum(len(c.tokens) for c in out)
-        runs[name] = {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
-                      "loop_row_evaluations": engine.stats["loop_rows"], "ticks": engine.stats["ticks"],
-                      "completions": out}
+        result, out = run_measured(engine, reqs)
+        runs[name] = result | {"loop_row_evaluations": engine.stats["loop_rows"], "ticks": engine.stats["ticks"],
+                               "ms_per_tick": 1e3 * result["seconds"] / engine.stats["ticks"], "completions": out}
         print(name, {k: v for k, v in runs[name].items() if k != "completions"}, flush=True)
-    same = all((a.tokens, a.depths) == (b.tokens, b.depths) for name, r in runs.items() if name != "static"
+    same = all(a == b for name, r in runs.items() if name != "static"
                for a, b in zip(runs["static"]["completions"], r["completions"]))
-    depths = collections.Counter(d for c in runs["static"]["completions"] for d in c.depths[1:])
+    depths = collections.Counter(d for _, c in runs["static"]["completions"] for d in c[1:])
     total = sum(depths.values())
     for r in runs.values():
         del r["completions"]
@@ -101,7 +126,9 @@ def main() -> None:
         "exit_depth_distribution": {d: depths[d] / total for d in sorted(depths)},
         "mean_exit_depth": sum(d * c for d, c in depths.items()) / total,
         "outputs_identical": same, "results": runs,
-        "speedup_vs_static": {k: r["tokens_per_s"] / runs["static"]["tokens_per_s"] for k, r in runs.items()}},
+        "speedup_vs_static": {k: r["tokens_per_s"] / runs["static"]["tokens_per_s"] for k, r in runs.items()},
+        "sustained_speedup_vs_static": {k: r["sustained_tokens_per_s"] / runs["static"]["sustained_tokens_per_s"]
+                                        for k, r in runs.items()}},
         args.out)
 
 

@@ -95,6 +95,34 @@ def test_padded_batched_prefill_gives_each_prompts_own_logits_and_cache():
                 torch.testing.assert_close(batched._buffers[key][name][rows[i], :, : len(p)], buf[0, :, : len(p)])
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_slot_cache_decode_write_fills_forward_and_skips_masked_rows(compiled):
+    """One decode write: each writing row's value lands at (row, loop slots ls.., position) and nowhere
+    else in the real slots; a row with write=False changes nothing; the read returns each row's keys
+    at its loop slot. Compiled as the engine's stages are, too."""
+    cache = SlotKVCache(5, 8, "per_loop", 4)
+    rows, pos, ls = torch.tensor([2, 0, 3, 4]), torch.tensor([5, 1, 7, 0]), torch.tensor([1, 0, 3, 2])
+    write = torch.tensor([True, True, False, False])  # row 3 frozen; row 4 is the scratch (padding)
+    value = torch.randn(4, 1, 2, 3)
+
+    def step(rows, pos, ls, write, value):
+        cache.bind(rows, pos, ls, write)
+        return cache.update(("recurrent", 0), k=value)["k"].clone()
+
+    cache.bind(rows, pos, ls, write)
+    cache.update(("recurrent", 0), k=torch.zeros(4, 1, 2, 3))  # allocate
+    buf = cache._buffers["recurrent"]["k"]
+    buf.copy_(torch.randn_like(buf))
+    before = buf.clone()
+    read = (torch.compile(step) if compiled else step)(rows, pos, ls, write, value)
+    expected = before.clone()
+    for r, p_, l, w, v in zip(rows.tolist(), pos.tolist(), ls.tolist(), write.tolist(), value):
+        if w:
+            expected[r, l:, p_] = v[0]
+    torch.testing.assert_close(buf[:4], expected[:4], rtol=0, atol=0)  # the real slots; 4 is scratch
+    torch.testing.assert_close(read, buf[rows, ls], rtol=0, atol=0)
+
+
 def test_engine_uses_the_models_loop_embedding_scale():
     """The engine builds its own loop-embedding table: it must apply cfg.loop_embed_scale like the model."""
     model = _model(loop_embed_scale=0.05)
@@ -113,30 +141,30 @@ def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):
     reqs = _mixed_requests()
     alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in reqs]
     assert len({tuple(d) for c in alone for d in [c.depths[1:]] if d}) > 1  # exit depths do vary
-    for schedule, sync_every, fraction in (("depth", 1, 0.25), ("depth", 3, 0.25), ("depth", 1, 0.6),
-                                           ("token", 1, 0.25), ("static", 1, 0.25)):
+    for schedule, sync_every, prefill_batch in (("depth", 1, 1), ("depth", 3, 1), ("depth", 1, 3), ("token", 1, 1),
+                                                ("token", 1, 2), ("static", 1, 1)):
         for max_batch in (3, 8):
             out = Engine(model, max_batch=max_batch, max_loops=6, schedule=schedule, sync_every=sync_every,
-                         finish_fraction=fraction).run(reqs)
+                         prefill_batch=min(prefill_batch, max_batch)).run(reqs)
             for a, b in zip(alone, out):
                 assert (a.tokens, a.depths, a.finish_reason) == (b.tokens, b.depths, b.finish_reason)
 
 
-def test_request_arriving_while_exited_tokens_wait_changes_nothing():
-    """Depth schedule: exited tokens wait for a finish batch. A request that arrives meanwhile (here
-    one with the KL rule, which switches the stages to the probing variant) must not change how the
-    waiting token finishes: every request still equals running it alone."""
+@pytest.mark.parametrize("sync_every", [1, 4])
+def test_request_arriving_mid_token_changes_nothing(sync_every):
+    """Depth schedule: a request that arrives while the running tokens are mid-loop (here one with
+    the KL rule, which switches the ticks to the probing variant, and with sync_every 4 a tick that
+    runs past the other tokens' exits) must not change how they finish: every request still equals
+    running it alone."""
     model = _model(max_loop_iters=6)
-    # five tokens loop 6 times; the sixth request's budget of 2 makes its token exit first and wait
+    # six tokens loop 6 times; the seventh request's budget of 2 makes its tokens exit first
     early = [Request(p, 4, 6, GREEDY) for p in PROMPTS + [[3, 1], [4, 4, 4]]] + [Request([8], 4, 2, GREEDY)]
     late = Request([5, 6, 7], 4, 6, GREEDY, ExitRule("kl", 1e-3))
     alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in [*early, late]]
-    engine = Engine(model, max_batch=8, max_loops=6)
+    engine = Engine(model, max_batch=8, max_loops=6, sync_every=sync_every)
     ids = [engine.submit(r) for r in early]
-    events = []
-    for _ in range(3):  # admission + prefill, then loops 1 and 2 of the second tokens
-        events += engine.step()
-    assert list(engine._exited) == [5]  # one of six slots exited: under a quarter, so it waits
+    events = engine.step()  # admission + prefill, then the second tokens' first loops
+    assert 0 < int(engine.t[0]) < 6  # the fixed-depth tokens are mid-loop
     ids.append(engine.submit(late))
     for _ in range(200):
         if not engine.has_work():
@@ -157,6 +185,30 @@ def test_depth_batching_only_pays_for_the_loops_tokens_run():
     static = Engine(model, max_batch=4, max_loops=6, schedule="static")
     static.run(reqs)
     assert static.stats["loop_rows"] > depth.stats["loop_rows"]
+
+
+def test_prefill_batch_gathers_freed_slots_before_admitting():
+    """prefill_batch=2: with requests waiting, one freed slot stays empty until a second one frees,
+    then both prompts are prefilled together; a lone waiting request is admitted at once."""
+    model = _model()
+    engine = Engine(model, max_batch=3, prefill_batch=2)
+    lengths = [2, 6, 9, 4, 4]  # the first slot frees after 2 tokens, the second after 6
+    ids = [engine.submit(Request([1 + i, 2], n, 2, GREEDY)) for i, n in enumerate(lengths)]
+    admitted_at = {}
+    tick = 0
+    while engine.has_work():
+        tick += 1
+        engine.step()
+        for st in engine.slots.values():
+            admitted_at.setdefault(st.request_id, tick)
+    assert admitted_at[ids[3]] == admitted_at[ids[4]]  # admitted together, once two slots were free
+    assert admitted_at[ids[3]] > 2 + 1  # not when the first slot freed (after its 2 tokens)
+    late = Engine(model, max_batch=3, prefill_batch=2)
+    late.submit(Request([1, 2], 9, 2, GREEDY))
+    late.step()
+    late.submit(Request([3, 4], 2, 2, GREEDY))  # only one waits: it does not wait for a second slot
+    late.step()
+    assert len(late.slots) == 2
 
 
 def test_token_schedule_fills_a_freed_slot_at_the_next_token():
@@ -322,8 +374,8 @@ def test_bad_engine_and_rule_settings():
         Engine(model, max_len=1000)
     with pytest.raises(ValueError, match="sync_every"):
         Engine(model, sync_every=0)
-    with pytest.raises(ValueError, match="finish_fraction"):
-        Engine(model, finish_fraction=0.0)
+    with pytest.raises(ValueError, match="prefill_batch"):
+        Engine(model, max_batch=4, prefill_batch=5)
     with pytest.raises(ValueError, match="exit rule kind"):
         ExitRule("entropy")
     with pytest.raises(ValueError, match="probability"):

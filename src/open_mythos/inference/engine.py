@@ -10,12 +10,11 @@ three stages; the scheduler runs each stage batched over the slots that are in i
              exit when t = n_loops or the request's exit rule fires (see exit.py)
     finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
 
-``schedule="depth"`` (continuous depth-wise batching): every engine tick runs ONE loop iteration
-for every looping slot, whatever its depth. Tokens that exit wait, frozen, until ``finish_fraction``
-(default a quarter) of the slots have exited; then they are finished together and their requests'
-next tokens start in the next tick, and a finished request frees its slot for the next waiting one,
-so the recurrent block runs on a batch of work at mixed depths (with 3 slots, as drawn, every exit
-is finished at once):
+``schedule="depth"`` (continuous depth-wise batching): every engine tick is ONE stage over all
+running slots, replayed as one CUDA graph with one host sync: it starts the pending tokens, runs
+one loop iteration for every slot whatever its depth, and finishes the tokens that exited in it
+(all three masked per row, so the batch keeps its shape). A finished request frees its slot for
+the next waiting one, so the recurrent block runs on a full batch of work at mixed depths:
 
     tick      1    2    3    4    5    6
     slot 0   a1·0 a1·1 a1·2 a2·0 a2·1 a3·0       (a1·0 = request a, token 1, loop 0)
@@ -93,7 +92,7 @@ class Engine:
     def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
                  loop_policy: str = "per_loop", max_loops: int | None = None, schedule: str = "depth",
                  cuda_graphs: bool | None = None, compile: bool = False, sync_every: int = 1,
-                 finish_fraction: float = 0.25):
+                 prefill_batch: int = 1):
         cfg = model.cfg
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
@@ -101,12 +100,14 @@ class Engine:
             raise ValueError(f"max_batch must be an int >= 1, got {max_batch!r}")
         if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
-        if not 0 < finish_fraction <= 1:
-            raise ValueError(f"finish_fraction must be in (0, 1], got {finish_fraction!r}")
-        # depth schedule: loop iterations per host sync; a row that exits in between stays frozen until the sync
+        if isinstance(prefill_batch, bool) or not isinstance(prefill_batch, int) or not 1 <= prefill_batch <= max_batch:
+            raise ValueError(f"prefill_batch must be an int in [1, max_batch={max_batch}], got {prefill_batch!r}")
+        # depth schedule: loop iterations per tick (one graph, one host sync); a row that exits before
+        # the tick's last one stays frozen until the tick's finish
         self.sync_every = sync_every
-        # depth schedule: exited tokens wait, frozen, until this fraction of the running slots has exited
-        self.finish_fraction = finish_fraction
+        # while slots are running, waiting requests are admitted once this many slots are free (or all
+        # of them fit), so that their prompts are prefilled as one batch instead of one by one
+        self.prefill_batch = prefill_batch
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_seq_len:
             raise ValueError(f"max_len must be in [1, max_seq_len={cfg.max_seq_len}], got {max_len}")
@@ -133,7 +134,6 @@ class Engine:
                 setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
         self.waiting: deque[tuple[int, Request]] = deque()
         self.slots: dict[int, _Slot] = {}
-        self._exited: dict[int, bool] = {}  # depth schedule: exited slot -> KL probe ran; waiting for `finish`
         self.free = list(range(max_batch))
         self._cancel: dict[int, str] = {}
         self._row_tensors: dict[tuple, torch.Tensor] = {}
@@ -280,6 +280,8 @@ class Engine:
     def _admit(self, events: list[TokenEvent]) -> None:
         """Move waiting requests into free slots; prefill them (batched per loop budget) and emit
         each one's first token."""
+        if self.slots and len(self.free) < min(self.prefill_batch, len(self.waiting)):
+            return
         by_budget: dict[int, list[int]] = {}
         while self.free and self.waiting:
             rid, req = self.waiting.popleft()
@@ -292,8 +294,8 @@ class Engine:
             by_budget.setdefault(self._loop_budget(req), []).append(slot)
         for n_loops, slots in by_budget.items():
             logits = self._prefill(slots, n_loops)
-            self._sample(slots, logits, logits.argmax(-1), torch.full_like(logits[:, 0], n_loops, dtype=torch.long),
-                         events)
+            depth = torch.full_like(logits[:, 0], n_loops, dtype=torch.long)
+            self._sample(slots, logits, logits.argmax(-1), depth, torch.ones_like(depth, dtype=torch.bool), events)
 
     def _configure_slot(self, slot: int, req: Request) -> None:
         rule = req.exit_rule
@@ -311,29 +313,17 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         del self.slots[slot]
-        self._exited.pop(slot, None)
         self.free.append(slot)
         self.free.sort()
 
     def _depth_tick(self, events: list[TokenEvent]) -> None:
-        """One loop iteration for every slot still looping. Exited tokens wait, frozen, until
-        ``finish_fraction`` of the slots have exited (or none is looping), then finish and start
-        together: the start and finish stages cost about as much for 2 rows as for 32, so running
-        them every tick for the one or two tokens that just exited would cost more than the loops."""
-        self._start([s for s, st in self.slots.items() if st.pending is not None])
-        looping = sorted(s for s in self.slots if s not in self._exited)
-        probe = self._needs_probe(list(self.slots))
-        if looping:
-            for _ in range(self.sync_every):  # no host sync in between: exited rows are frozen by the stage
-                done = self._loop(looping, probe)
-            done = done.tolist()
-            self._exited.update((s, probe) for s, d in zip(looping, done) if d)
-        if self._exited and len(self._exited) >= self.finish_fraction * len(self.slots):  # or every slot exited
-            exited, self._exited = self._exited, {}
-            for with_probe in (False, True):  # finish reads the KL probe's logits where the loop made them
-                group = sorted(s for s, p in exited.items() if p == with_probe)
-                if group:
-                    self._finish(group, with_probe, events)
+        """start + ``sync_every`` loop iterations + finish for every running slot, as one stage."""
+        slots = sorted(self.slots)
+        probe = self._needs_probe(slots)
+        self.stats["loop_rows"] += len(slots) * self.sync_every
+        rows, tokens = self._rows(slots), self._take_pending(slots)
+        stage = self._depth_stage_probe if probe else self._depth_stage
+        self._sample(slots, *self._run(stage, ("depth", rows.numel(), probe), rows, tokens), events)
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = sorted(self.slots)
@@ -371,11 +361,11 @@ class Engine:
         return self._row_tensors[key]
 
     def _take_pending(self, slots: list[int]) -> torch.Tensor:
-        """The slots' sampled tokens, padded like their rows; clears them."""
-        tokens = [self.slots[s].pending for s in slots]
+        """The slots' sampled tokens, padded like their rows, -1 where none waits (no start); clears them."""
+        tokens = [-1 if self.slots[s].pending is None else self.slots[s].pending for s in slots]
         for s in slots:
             self.slots[s].pending = None
-        return torch.tensor(tokens + [0] * (self._bucket(len(slots)) - len(slots)), device=self.device)
+        return torch.tensor(tokens + [-1] * (self._bucket(len(slots)) - len(slots)), device=self.device)
 
     def _run(self, stage, key: tuple, *inputs: torch.Tensor):
         return self.graphs(key, stage, *inputs) if self.graphs is not None else stage(*inputs)
@@ -395,14 +385,20 @@ class Engine:
     def _finish(self, slots: list[int], probe: bool, events: list[TokenEvent]) -> None:
         """finish stage: logits of the exited tokens (from the KL probe if it ran), sample, emit."""
         rows = self._rows(slots)
+        every = torch.ones_like(rows, dtype=torch.bool)
         self._sample(slots, *self._run(self._finish_stage_probe if probe else self._finish_stage,
-                                       ("finish", rows.numel(), probe), rows), events)
+                                       ("finish", rows.numel(), probe), rows, every), events)
 
     def _sample(self, slots: list[int], logits: torch.Tensor, greedy: torch.Tensor, depth: torch.Tensor,
-                events: list[TokenEvent]) -> None:
+                finished: torch.Tensor, events: list[TokenEvent]) -> None:
+        """Pick and emit the next token of every slot whose token ``finished`` (greedy: the stage's
+        argmax; otherwise sampled here from its logits with the request's generator)."""
         logits = logits[: len(slots)]
-        greedy, depth = torch.stack((greedy, depth))[:, : len(slots)].tolist()  # one host sync for all rows
+        # one host sync for all rows
+        greedy, depth, finished = torch.stack((greedy, depth, finished.long()))[:, : len(slots)].tolist()
         for i, slot in enumerate(slots):
+            if not finished[i]:
+                continue
             s = self.slots[slot]
             if s.request.sampling.temperature == 0:
                 token = greedy[i]
@@ -437,39 +433,53 @@ class Engine:
         return self.model(ids, n_loops, self.cache.bind_prefill(rows), logits_at=last).float()
 
     def _start_stage(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """start: e = Prelude(embed(token)) at each row's position; reset the loop state."""
+        """start: e = Prelude(embed(token)) at each row's position and a reset loop state, for the rows
+        with a token (>= 0); the other rows are left unchanged."""
+        start = tokens >= 0
         pos = self.pos[rows]
-        self.cache.bind(rows, pos, torch.zeros_like(rows), torch.ones_like(rows, dtype=torch.bool))
+        self.cache.bind(rows, pos, torch.zeros_like(rows), start)
         rope = self._rope(pos)
-        x = self.model.embed(tokens[:, None])
+        x = self.model.embed(tokens.clamp(min=0)[:, None])
         for i, block in enumerate(self.model.prelude):
             x = block(x, rope, self.cache, ("prelude", i))
-        self.e[rows] = x[:, 0]
+        self.e[rows] = _where_rows(start, x[:, 0], self.e[rows])
         for buf in (self.h, self.mix, self.cum, self.psum, self.t, self.done):
-            buf.index_fill_(0, rows, 0)  # not `buf[rows] = 0`: that copies a CPU scalar (no CUDA graph)
+            buf[rows] = buf[rows].masked_fill(_rows_mask(start, buf), 0)
 
     def _token_stage(self, rows: torch.Tensor, tokens: torch.Tensor, n_loops: int):
         """A whole fixed-depth token: start, n_loops loop stages, finish (static schedule, no exit rule)."""
         self._start_stage(rows, tokens)
         for _ in range(n_loops):
             self._loop_stage(rows)
-        return self._finish_stage(rows)
+        return self._finish_stage(rows, torch.ones_like(rows, dtype=torch.bool))
+
+    def _depth_stage(self, rows: torch.Tensor, tokens: torch.Tensor, probe: bool = False):
+        """A depth tick: start the rows' pending tokens (>= 0), run ``sync_every`` loop iterations of
+        every row at its own depth, finish the rows whose token exited (masks, not row subsets: one
+        shape per bucket)."""
+        self._start_stage(rows, tokens)
+        for _ in range(self.sync_every):  # a row that exits is frozen by the loop stage until the finish
+            done = (self._loop_stage_probe if probe else self._loop_stage)(rows)
+        return (self._finish_stage_probe if probe else self._finish_stage)(rows, done)
+
+    def _depth_stage_probe(self, rows: torch.Tensor, tokens: torch.Tensor):
+        return self._depth_stage(rows, tokens, probe=True)
 
     def _loop_stage_probe(self, rows: torch.Tensor) -> torch.Tensor:
         return self._loop_stage(rows, probe=True)
 
-    def _finish_stage_probe(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self._finish_stage(rows, probe=True)
+    def _finish_stage_probe(self, rows: torch.Tensor, finish: torch.Tensor):
+        return self._finish_stage(rows, finish, probe=True)
 
-    def _finish_stage(self, rows: torch.Tensor, probe: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(logits (B, vocab) fp32, greedy token (B,), loops run (B,)) of the rows' tokens; moves them
-        one position on."""
+    def _finish_stage(self, rows: torch.Tensor, finish: torch.Tensor, probe: bool = False):
+        """(logits (B, vocab) fp32, greedy token (B,), loops run (B,), ``finish``) of the rows' tokens;
+        moves the rows marked in ``finish`` one position on (the others write nothing)."""
         if probe:
             logits = self.logits[rows]
         else:
-            logits = self._coda_logits(rows, self.pos[rows], self.out[rows], torch.ones_like(rows, dtype=torch.bool))
-        self.pos[rows] = (self.pos[rows] + 1).clamp(max=self.max_len - 1)  # clamp: the padding rows
-        return logits, logits.argmax(-1), self.t[rows]
+            logits = self._coda_logits(rows, self.pos[rows], self.out[rows], finish)
+        self.pos[rows] = (self.pos[rows] + finish.long()).clamp(max=self.max_len - 1)  # clamp: the padding rows
+        return logits, logits.argmax(-1), self.t[rows], finish
 
     def _loop_stage(self, rows: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """loop: for ``rows``: one recurrent iteration each at its own depth; returns which
@@ -501,7 +511,7 @@ class Engine:
         out, mix, cum = self._output_state(rows, h_new, p, last=exit_now)
 
         def keep(new, old):  # frozen rows keep their state
-            return torch.where(running.view(-1, *[1] * (new.dim() - 1)), new, old)
+            return _where_rows(running, new, old)
 
         self.h[rows] = keep(h_new, h)
         self.out[rows] = keep(out, self.out[rows])
@@ -554,3 +564,13 @@ class Engine:
             s.pending = token
         else:
             self._release(slot)
+
+
+def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A per-row mask (B,) shaped to broadcast over ``like`` (B, ...)."""
+    return mask.view(-1, *[1] * (like.dim() - 1))
+
+
+def _where_rows(mask: torch.Tensor, new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+    """Row b of ``new`` where mask[b], else of ``old``."""
+    return torch.where(_rows_mask(mask, new), new, old)

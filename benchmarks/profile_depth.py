@@ -1,0 +1,111 @@
+"""Where a depth-schedule tick's time goes, at steady state with every slot busy.
+
+    python benchmarks/profile_depth.py [--max-batch 64] [--loops 32]
+
+SPEC config, bf16, compiled stages and CUDA graphs, the ACT-exit workload of depth_batching.py.
+After warm-up, requests fill every slot; then it reports (milliseconds):
+  tick        wall time of Engine.step() (graph replay + host sync + scheduling in Python)
+  depth_graph the depth tick's CUDA graph replayed alone (GPU time of start + loop + finish)
+  start / loop / finish   each stage alone, as its own graph over the same rows
+and a torch.profiler table of a few ticks (host-side time by operator).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from decode import spec_model
+from depth_batching import spread_halting
+
+from open_mythos.inference import Engine, ExitRule, Request
+from open_mythos.sampling import SamplingParams
+
+
+def gpu_ms(fn, n: int = 50) -> float:
+    """Milliseconds per call of ``fn`` called back to back (CUDA events; launch overhead hidden when
+    the GPU is the bottleneck)."""
+    for _ in range(3):  # a graph key's first call runs eagerly, the second captures
+        fn()
+    torch.cuda.synchronize()
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(n):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return begin.elapsed_time(end) / n
+
+
+def host_ms(fn, n: int = 20) -> float:
+    """Host milliseconds spent inside one call of ``fn`` started on an idle GPU (e.g. a graph launch)."""
+    total = 0.0
+    for _ in range(n):
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        fn()
+        total += time.perf_counter() - begin
+    torch.cuda.synchronize()
+    return 1e3 * total / n
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--loops", type=int, default=32)
+    p.add_argument("--sync-every", type=int, default=1)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    model = spec_model("gqa", "cuda")
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, model.cfg.vocab_size, (64,), generator=g).tolist() for _ in range(4 * args.max_batch)]
+    spread_halting(model, torch.tensor([prompts[0]], device="cuda"), 2.0, 1.0)
+    engine = Engine(model, max_batch=args.max_batch, max_len=256, max_loops=args.loops, compile=True,
+                    sync_every=args.sync_every)
+    engine.warmup(args.loops)
+    for pr in prompts:
+        engine.submit(Request(pr, 128, args.loops, SamplingParams(temperature=0), ExitRule("act")))
+    for _ in range(20):  # admission of the first max_batch requests, then steady ticks
+        engine.step()
+    assert len(engine.slots) == args.max_batch
+    report = {"max_batch": args.max_batch, "loop_budget": args.loops, "sync_every": args.sync_every}
+    torch.cuda.synchronize()
+    report["tick_wall"] = gpu_ms(engine.step)
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(10):
+            engine.step()
+        torch.cuda.synchronize()
+    tables = [prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+              for key in ("cpu_time_total", "cuda_time_total")]
+
+    slots = sorted(engine.slots)
+    rows = engine._rows(slots)
+    tokens = torch.zeros_like(rows)
+    done = torch.ones_like(rows, dtype=torch.bool)
+
+    def loops4(r):
+        for _ in range(4):
+            engine._loop_stage(r)
+
+    stages = {"depth_tick": (engine._depth_stage, (rows, tokens)), "start": (engine._start_stage, (rows, tokens)),
+              "loop": (engine._loop_stage, (rows,)), "loop_x4": (loops4, (rows,)),
+              "finish": (engine._finish_stage, (rows, done))}
+    with torch.inference_mode():
+        for name, (stage, inputs) in stages.items():
+            replay = lambda: engine._run(stage, ("profile_" + name, rows.numel()), *inputs)  # noqa: E731
+            report[name + "_gpu"] = gpu_ms(replay)
+            report[name + "_launch_host"] = host_ms(replay)
+    print(json.dumps(report, indent=1), flush=True)
+    if args.out:
+        with open(args.out + "/profile_depth.json", "w") as f:
+            json.dump(report, f, indent=1)
+        with open(args.out + "/profile_depth_tables.txt", "w") as f:
+            f.write("\n\n".join(tables))
+
+
+if __name__ == "__main__":
+    main()
