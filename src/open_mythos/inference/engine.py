@@ -35,6 +35,7 @@ batch, right-padded to a power-of-two length, so each (batch, length) bucket is 
 
 from __future__ import annotations
 
+import functools
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -86,6 +87,7 @@ class _Slot:
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
     pending: int | None = None  # sampled token waiting for its `start` stage
+    loops: int = 0              # depth schedule: loop iterations given to the current token so far
 
 
 class Engine:
@@ -317,13 +319,25 @@ class Engine:
         self.free.sort()
 
     def _depth_tick(self, events: list[TokenEvent]) -> None:
-        """start + ``sync_every`` loop iterations + finish for every running slot, as one stage."""
+        """start + ``sync_every`` loop iterations + finish for every running slot, as one stage. The
+        start runs only if a slot has a token to start, the finish (and the host sync that reads its
+        tokens) only if some slot's token can exit in this tick."""
         slots = sorted(self.slots)
         probe = self._needs_probe(slots)
+        start = finish = False
+        for s in slots:
+            st = self.slots[s]
+            if st.pending is not None:
+                start, st.loops = True, 0
+            st.loops += self.sync_every
+            rule = st.request.exit_rule
+            finish |= st.loops >= self._loop_budget(st.request) or (rule.kind != "none" and st.loops >= rule.min_loops)
         self.stats["loop_rows"] += len(slots) * self.sync_every
         rows, tokens = self._rows(slots), self._take_pending(slots)
-        stage = self._depth_stage_probe if probe else self._depth_stage
-        self._sample(slots, *self._run(stage, ("depth", rows.numel(), probe), rows, tokens), events)
+        stage = functools.partial(self._depth_stage, probe=probe, start=start, finish=finish)
+        out = self._run(stage, ("depth", rows.numel(), probe, start, finish), rows, tokens)
+        if finish:
+            self._sample(slots, *out, events)
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = sorted(self.slots)
@@ -453,17 +467,17 @@ class Engine:
             self._loop_stage(rows)
         return self._finish_stage(rows, torch.ones_like(rows, dtype=torch.bool))
 
-    def _depth_stage(self, rows: torch.Tensor, tokens: torch.Tensor, probe: bool = False):
+    def _depth_stage(self, rows: torch.Tensor, tokens: torch.Tensor, probe: bool, start: bool, finish: bool):
         """A depth tick: start the rows' pending tokens (>= 0), run ``sync_every`` loop iterations of
         every row at its own depth, finish the rows whose token exited (masks, not row subsets: one
-        shape per bucket)."""
-        self._start_stage(rows, tokens)
+        shape per bucket). ``start`` / ``finish`` False: no row needs that stage in this tick."""
+        if start:
+            self._start_stage(rows, tokens)
         for _ in range(self.sync_every):  # a row that exits is frozen by the loop stage until the finish
             done = (self._loop_stage_probe if probe else self._loop_stage)(rows)
-        return (self._finish_stage_probe if probe else self._finish_stage)(rows, done)
-
-    def _depth_stage_probe(self, rows: torch.Tensor, tokens: torch.Tensor):
-        return self._depth_stage(rows, tokens, probe=True)
+        if finish:
+            return (self._finish_stage_probe if probe else self._finish_stage)(rows, done)
+        return None
 
     def _loop_stage_probe(self, rows: torch.Tensor) -> torch.Tensor:
         return self._loop_stage(rows, probe=True)
