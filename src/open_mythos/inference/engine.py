@@ -132,8 +132,14 @@ class Engine:
             raise ValueError("cuda_graphs=True needs the model on a CUDA device")
         self.graphs = StageGraphs() if cuda_graphs else None
         if compile:  # fuse each stage's small elementwise kernels (one compile per stage and bucket)
-            for name in ("_start_stage", "_loop_stage", "_loop_stage_probe", "_finish_stage", "_finish_stage_probe"):
+            stages = ("_start_stage", "_loop_stage", "_loop_stage_probe", "_finish_stage", "_finish_stage_probe")
+            for name in stages:
                 setattr(self, name, torch.compile(getattr(self, name), dynamic=False))
+            # dynamo counts a function's compiled variants over every engine of the process; past its
+            # limit (default 8) a stage would silently run uncompiled, so each engine makes room for its own
+            dynamo = torch._dynamo.config
+            dynamo.recompile_limit += len(self._buckets)
+            dynamo.accumulated_recompile_limit += len(stages) * len(self._buckets)
         self.waiting: deque[tuple[int, Request]] = deque()
         self.slots: dict[int, _Slot] = {}
         self.free = list(range(max_batch))
