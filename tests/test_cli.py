@@ -44,3 +44,18 @@ def test_generate_bad_input_is_a_clear_error(capsys):
     assert "max_output_tokens" in capsys.readouterr().err
     assert main(["generate", "--prompt", "x"]) == 2
     assert "--model" in capsys.readouterr().err
+
+
+def test_serve_passes_engine_settings_and_rejects_bad_ones(monkeypatch, capsys):
+    import open_mythos.serving as serving
+    import uvicorn
+
+    built = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.setdefault("app", app))
+    monkeypatch.setattr(serving, "build_app", lambda engine, *a, **kw: built.setdefault("engine", engine))
+    args = ["serve", "--demo", "--schedule", "depth", "--max-batch", "4"]
+    assert main([*args, "--sync-every", "2", "--prefill-batch", "3"]) == 0
+    engine = built["engine"]
+    assert (engine.schedule, engine.sync_every, engine.prefill_batch, engine.max_batch) == ("depth", 2, 3, 4)
+    assert main([*args, "--prefill-batch", "5"]) == 2
+    assert "prefill_batch must be an int in [1, max_batch=4]" in capsys.readouterr().err

@@ -114,7 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy, max_loops=args.max_loops,
-                    schedule=args.schedule)
+                    schedule=args.schedule, sync_every=args.sync_every, prefill_batch=args.prefill_batch)
     if engine.graphs is not None and not args.no_warmup:  # capture every CUDA graph before clients arrive
         t0 = time.perf_counter()
         shapes = engine.warmup()
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-loops", type=int, default=None, help="largest per-request n_loops (default: the config's)")
     p.add_argument("--schedule", choices=["depth", "token", "static"], default="token",
                    help="depth: continuous depth-wise batching; token: whole tokens, requests join every token; static: whole batches")
+    p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick (per host sync)")
+    p.add_argument("--prefill-batch", type=int, default=1,
+                   help="depth/token schedule: with slots running, admit waiting requests once this many slots are free")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--no-warmup", action="store_true", help="on a GPU: skip capturing every batch/prompt shape at start-up")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")

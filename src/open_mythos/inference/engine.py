@@ -11,10 +11,12 @@ three stages; the scheduler runs each stage batched over the slots that are in i
     finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
 
 ``schedule="depth"`` (continuous depth-wise batching): every engine tick is ONE stage over all
-running slots, replayed as one CUDA graph with one host sync: it starts the pending tokens, runs
-one loop iteration for every slot whatever its depth, and finishes the tokens that exited in it
-(all three masked per row, so the batch keeps its shape). A finished request frees its slot for
-the next waiting one, so the recurrent block runs on a full batch of work at mixed depths:
+running slots, replayed as one CUDA graph with at most one host sync: it starts the pending
+tokens, runs one loop iteration (``sync_every``: k) for every slot whatever its depth, and finishes
+the tokens that exited in it (all three masked per row, so the batch keeps its shape; start and
+finish are left out of ticks where no row needs them). A finished request frees its slot for the
+next waiting one (``prefill_batch``: once that many slots are free, so that admitted prompts are
+prefilled together), so the recurrent block runs on a full batch of work at mixed depths:
 
     tick      1    2    3    4    5    6
     slot 0   a1·0 a1·1 a1·2 a2·0 a2·1 a3·0       (a1·0 = request a, token 1, loop 0)
