@@ -17,25 +17,9 @@ import argparse
 
 import torch
 
-from common import env_info, write_report
+from common import GRAPH_REPEATS, env_info, graph_time, write_report
 
 from open_mythos.inference.slots import SlotKVCache
-
-
-def graph_us(fn, n: int = 100) -> float:
-    for _ in range(3):
-        fn()
-    graph = torch.cuda.CUDAGraph()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(graph):
-        fn()
-    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    begin.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return 1e3 * begin.elapsed_time(end) / n
 
 
 def flat_index_copy(cache: SlotKVCache, eager: bool):
@@ -92,12 +76,13 @@ def main() -> None:
         compiled = torch.compile(step, dynamic=False)
         with torch.inference_mode():
             value = float(compiled())
-            results[name] = {"us": graph_us(compiled), "read_sum": value}
+            results[name] = {"us": graph_time(compiled), "read_sum": value}
         reference = value if reference is None else reference
         results[name]["same_as_library"] = value == reference
         print(name, results[name], flush=True)
     write_report("cache_write", {"benchmark": "cache_write", "env": env_info(), "slots": B, "loop_slots": args.loops,
-                                 "max_len": args.max_len, "k_and_v_buffer_MiB": buffer_mb, "results": results},
+                                 "max_len": args.max_len, "repeats_per_graph": GRAPH_REPEATS,
+                                 "k_and_v_buffer_MiB": buffer_mb, "results": results},
                  args.out)
 
 

@@ -42,6 +42,32 @@ def time_fn(fn, warmup: int = 3, iters: int = 10) -> float:
     return statistics.median(timed(fn)[0] for _ in range(iters))
 
 
+GRAPH_REPEATS = 50  # calls per CUDA graph in graph_time
+
+
+def graph_time(fn, *args, repeats: int = GRAPH_REPEATS) -> float:
+    """Microseconds per call of ``fn(*args)``, from a CUDA graph of ``repeats`` back-to-back calls
+    (best of 5 replays): the kernels' time without launch overhead."""
+    for _ in range(3):  # compile / autotune / cuBLAS warm-up outside the graph
+        fn(*args)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeats):
+            fn(*args)
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(5):
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e3 / repeats)
+    return best
+
+
 def write_report(name: str, report: dict, out_dir: str | None) -> None:
     text = json.dumps(report, indent=1)
     print(text)

@@ -21,35 +21,10 @@ import argparse
 import torch
 import torch.nn.functional as F
 
-from common import env_info, write_report
+from common import GRAPH_REPEATS, env_info, graph_time, write_report
 
 from open_mythos.layers import matvec
 from open_mythos.moe import topk_by_rank
-
-REPEATS = 50
-
-
-def graph_time(fn, *args) -> float:
-    """Microseconds per call of ``fn(*args)``, from a CUDA graph of REPEATS back-to-back calls."""
-    for _ in range(3):  # compile / autotune / cuBLAS warm-up outside the graph
-        fn(*args)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(REPEATS):
-            fn(*args)
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / REPEATS)
-    return best
-
 
 def topk_rounds(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices of the k largest scores per row by k rounds of argmax (ties: lowest index first)."""
@@ -104,7 +79,7 @@ def main() -> None:
                          "compiled_rank_us": graph_time(compiled_rank, scores, 4),
                          "compiled_rounds_us": graph_time(compiled_rounds, scores, 4)})
         print(rows_out[-1], flush=True)
-    write_report("decode_kernels", {"env": env_info(), "repeats_per_graph": REPEATS, "rows": rows_out}, args.out)
+    write_report("decode_kernels", {"env": env_info(), "repeats_per_graph": GRAPH_REPEATS, "rows": rows_out}, args.out)
 
 
 if __name__ == "__main__":
