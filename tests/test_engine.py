@@ -195,12 +195,10 @@ def test_prefill_batch_gathers_freed_slots_before_admitting():
     lengths = [2, 6, 9, 4, 4]  # the first slot frees after 2 tokens, the second after 6
     ids = [engine.submit(Request([1 + i, 2], n, 2, GREEDY)) for i, n in enumerate(lengths)]
     admitted_at = {}
-    tick = 0
     while engine.has_work():
-        tick += 1
         engine.step()
         for st in engine.slots.values():
-            admitted_at.setdefault(st.request_id, tick)
+            admitted_at.setdefault(st.request_id, engine.stats["ticks"])
     assert admitted_at[ids[3]] == admitted_at[ids[4]]  # admitted together, once two slots were free
     assert admitted_at[ids[3]] > 2 + 1  # not when the first slot freed (after its 2 tokens)
     late = Engine(model, max_batch=3, prefill_batch=2)
