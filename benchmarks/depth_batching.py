@@ -54,9 +54,18 @@ def spread_halting(model, prompt: torch.Tensor, spread: float, bias: float) -> N
 
 
 def run_measured(engine: Engine, requests: list[Request]) -> tuple[dict, list[tuple[list[int], list[int]]]]:
-    """Engine.run, step by step, timing the whole run and its sustained part (until no request waits)."""
+    """Engine.run, step by step, timing the whole run, its sustained part (until no request waits),
+    and the admissions (prefills: each ends in a host sync, so their wall time is their GPU time)."""
     ids = [engine.submit(r) for r in requests]
     outputs = {i: ([], []) for i in ids}
+    admit, admit_s = engine._admit, [0.0]
+
+    def timed_admit(events):
+        t0 = time.perf_counter()
+        admit(events)
+        admit_s[0] += time.perf_counter() - t0
+
+    engine._admit = timed_admit
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     begin, tokens, sustained = time.perf_counter(), 0, None
@@ -70,7 +79,7 @@ def run_measured(engine: Engine, requests: list[Request]) -> tuple[dict, list[tu
     seconds = time.perf_counter() - begin
     return {"tokens_per_s": tokens / seconds, "seconds": seconds, "tokens": tokens,
             "sustained_tokens_per_s": sustained[0] / sustained[1], "sustained_tokens": sustained[0],
-            "sustained_seconds": sustained[1]}, [outputs[i] for i in ids]
+            "sustained_seconds": sustained[1], "admission_seconds": admit_s[0]}, [outputs[i] for i in ids]
 
 
 def main() -> None:
@@ -110,8 +119,11 @@ def main() -> None:
         warm_s, _ = timed(lambda: engine.warmup(args.loops))  # every batch / prompt bucket: compile + capture
         print(f"{name}: warm-up {warm_s:.0f} s", flush=True)
         result, out = run_measured(engine, reqs)
-        runs[name] = result | {"loop_row_evaluations": engine.stats["loop_rows"], "ticks": engine.stats["ticks"],
-                               "ms_per_tick": 1e3 * result["seconds"] / engine.stats["ticks"], "completions": out}
+        ticks, rows = engine.stats["ticks"], engine.stats["loop_rows"]
+        runs[name] = result | {"loop_row_evaluations": rows, "ticks": ticks,
+                               "ms_per_tick": 1e3 * result["seconds"] / ticks, "completions": out}
+        if schedule == "depth":  # every depth tick runs sync_every loop iterations of each running row
+            runs[name]["mean_running_rows"] = rows / (ticks * sync_every)
         print(name, {k: v for k, v in runs[name].items() if k != "completions"}, flush=True)
     same = all(a == b for name, r in runs.items() if name != "static"
                for a, b in zip(runs["static"]["completions"], r["completions"]))

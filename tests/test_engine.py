@@ -187,26 +187,34 @@ def test_depth_batching_only_pays_for_the_loops_tokens_run():
     assert static.stats["loop_rows"] > depth.stats["loop_rows"]
 
 
-def test_prefill_batch_gathers_freed_slots_before_admitting():
-    """prefill_batch=2: with requests waiting, one freed slot stays empty until a second one frees,
-    then both prompts are prefilled together; a lone waiting request is admitted at once."""
+def test_prefill_batch_prefills_ahead_onto_standby_rows():
+    """prefill_batch=2 (one standby row): waiting requests are prefilled two at a time once two rows
+    are free, and a prefilled request waits on standby until a running slot frees, so while
+    requests wait every tick runs max_batch rows; a lone waiting request is admitted at once."""
     model = _model()
     engine = Engine(model, max_batch=3, prefill_batch=2)
-    lengths = [2, 6, 9, 4, 4]  # the first slot frees after 2 tokens, the second after 6
+    lengths = [2, 6, 9, 4, 4, 3, 5]
     ids = [engine.submit(Request([1 + i, 2], n, 2, GREEDY)) for i, n in enumerate(lengths)]
-    admitted_at = {}
+    admitted_at, prefill_sizes, ticks = {}, [], []
+    prefill, tick = engine._prefill, engine._depth_tick
+    engine._prefill = lambda slots, n_loops: prefill_sizes.append(len(slots)) or prefill(slots, n_loops)
+    engine._depth_tick = lambda events: ticks.append((len(engine.running()), bool(engine.waiting or engine.standby),
+                                                      len(engine.slots))) or tick(events)
     while engine.has_work():
+        before = set(engine.slots)
         engine.step()
-        for st in engine.slots.values():
-            admitted_at.setdefault(st.request_id, engine.stats["ticks"])
-    assert admitted_at[ids[3]] == admitted_at[ids[4]]  # admitted together, once two slots were free
-    assert admitted_at[ids[3]] > 2 + 1  # not when the first slot freed (after its 2 tokens)
+        for slot in set(engine.slots) - before:
+            admitted_at.setdefault(engine.slots[slot].request_id, engine.stats["ticks"])
+    assert all(running == 3 for running, loaded, _ in ticks if loaded)  # under load no running slot is empty
+    assert max(rows for *_, rows in ticks) == 4 and all(running <= 3 for running, *_ in ticks)
+    assert prefill_sizes[0] == 3 and all(n == 2 for n in prefill_sizes[1:-1])  # the last one may be alone
+    assert admitted_at[ids[3]] == admitted_at[ids[4]] == 2 + 1  # the first slot freed after its 2 tokens
     late = Engine(model, max_batch=3, prefill_batch=2)
     late.submit(Request([1, 2], 9, 2, GREEDY))
     late.step()
-    late.submit(Request([3, 4], 2, 2, GREEDY))  # only one waits: it does not wait for a second slot
+    late.submit(Request([3, 4], 2, 2, GREEDY))  # only one waits: it does not wait for a second row
     late.step()
-    assert len(late.slots) == 2
+    assert len(late.running()) == 2 and not late.standby
 
 
 def test_token_schedule_fills_a_freed_slot_at_the_next_token():
@@ -374,6 +382,8 @@ def test_bad_engine_and_rule_settings():
         Engine(model, sync_every=0)
     with pytest.raises(ValueError, match="prefill_batch"):
         Engine(model, max_batch=4, prefill_batch=5)
+    with pytest.raises(ValueError, match="prefill_batch applies to the depth and token"):
+        Engine(model, max_batch=4, prefill_batch=2, schedule="static")
     with pytest.raises(ValueError, match="exit rule kind"):
         ExitRule("entropy")
     with pytest.raises(ValueError, match="probability"):

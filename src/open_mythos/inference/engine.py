@@ -15,8 +15,11 @@ running slots, replayed as one CUDA graph with at most one host sync: it starts 
 tokens, runs one loop iteration (``sync_every``: k) for every slot whatever its depth, and finishes
 the tokens that exited in it (all three masked per row, so the batch keeps its shape; start and
 finish are left out of ticks where no row needs them). A finished request frees its slot for the
-next waiting one (``prefill_batch``: once that many slots are free, so that admitted prompts are
-prefilled together), so the recurrent block runs on a full batch of work at mixed depths:
+next waiting one, so the recurrent block runs on a full batch of work at mixed depths. With
+``prefill_batch`` n > 1, prompts are prefilled n at a time ahead of need: the cache has n - 1
+*standby* rows beyond ``max_batch``, a batch of waiting requests is admitted and prefilled once n
+rows are free, and its requests wait prefilled on standby until a running slot frees, so a freed
+slot is refilled at the next tick without a prefill of its own:
 
     tick      1    2    3    4    5    6
     slot 0   a1·0 a1·1 a1·2 a2·0 a2·1 a3·0       (a1·0 = request a, token 1, loop 0)
@@ -106,11 +109,14 @@ class Engine:
             raise ValueError(f"sync_every must be an int >= 1, got {sync_every!r}")
         if isinstance(prefill_batch, bool) or not isinstance(prefill_batch, int) or not 1 <= prefill_batch <= max_batch:
             raise ValueError(f"prefill_batch must be an int in [1, max_batch={max_batch}], got {prefill_batch!r}")
+        if schedule == "static" and prefill_batch != 1:
+            raise ValueError("prefill_batch applies to the depth and token schedules (static admits whole batches)")
         # depth schedule: loop iterations per tick (one graph, one host sync); a row that exits before
         # the tick's last one stays frozen until the tick's finish
         self.sync_every = sync_every
-        # while slots are running, waiting requests are admitted once this many slots are free (or all
-        # of them fit), so that their prompts are prefilled as one batch instead of one by one
+        # while slots are running, waiting requests are admitted once this many rows are free (or all
+        # of them fit), so that their prompts are prefilled as one batch instead of one by one; the
+        # prefill_batch - 1 standby rows hold prefilled requests until a running slot frees
         self.prefill_batch = prefill_batch
         max_len = cfg.max_seq_len if max_len is None else max_len
         if not 1 <= max_len <= cfg.max_seq_len:
@@ -122,12 +128,14 @@ class Engine:
             raise ValueError(f"max_loops must be >= 1, got {self.max_loops}")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        # one extra "scratch" slot: rows padded up to a bucket size point at it and write only there
-        self.scratch = max_batch
+        # rows: max_batch running + standby, and one "scratch" row: rows padded up to a bucket size
+        # point at it and write only there
+        n_rows = max_batch + prefill_batch - 1
+        self.scratch = n_rows
         self._buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        self.cache = SlotKVCache(max_batch + 1, max_len, loop_policy, self.max_loops)
+        self.cache = SlotKVCache(n_rows + 1, max_len, loop_policy, self.max_loops)
         self.loop_table = loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, self.device, self.dtype)
-        self._alloc_state(max_batch + 1)
+        self._alloc_state(n_rows + 1)
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda"
         if cuda_graphs and self.device.type != "cuda":
@@ -143,8 +151,9 @@ class Engine:
             dynamo.recompile_limit += len(self._buckets)
             dynamo.accumulated_recompile_limit += len(stages) * len(self._buckets)
         self.waiting: deque[tuple[int, Request]] = deque()
-        self.slots: dict[int, _Slot] = {}
-        self.free = list(range(max_batch))
+        self.slots: dict[int, _Slot] = {}      # running and standby requests by row
+        self.standby: deque[int] = deque()     # prefilled rows waiting to run, in admission order
+        self.free = list(range(n_rows))
         self._cancel: dict[int, str] = {}
         self._row_tensors: dict[tuple, torch.Tensor] = {}
         self._token_stages: dict[int, object] = {}
@@ -235,6 +244,10 @@ class Engine:
             (self._depth_tick if self.schedule == "depth" else self._static_tick)(events)
         return events
 
+    def running(self) -> list[int]:
+        """The rows that the next tick runs (every occupied row that is not on standby), sorted."""
+        return sorted(s for s in self.slots if s not in self.standby)
+
     def run(self, requests: list[Request]) -> list[Completion]:
         """Submit ``requests`` and step until all are done; completions in submission order."""
         ids = [self.submit(r) for r in requests]
@@ -288,24 +301,33 @@ class Engine:
         return events
 
     def _admit(self, events: list[TokenEvent]) -> None:
-        """Move waiting requests into free slots; prefill them (batched per loop budget) and emit
-        each one's first token."""
+        """Fill free running slots from standby; move waiting requests into free rows (at most
+        max_batch at a time), prefill them (batched per loop budget), emit each one's first token,
+        and let them run or wait on standby."""
+        self._promote()
         if self.slots and len(self.free) < min(self.prefill_batch, len(self.waiting)):
             return
         by_budget: dict[int, list[int]] = {}
-        while self.free and self.waiting:
+        while self.free and self.waiting and len(self.standby) < self.max_batch:
             rid, req = self.waiting.popleft()
             slot = self.free.pop(0)
             gen = None
             if req.seed is not None:
                 gen = torch.Generator(device=self.device).manual_seed(req.seed)
             self.slots[slot] = _Slot(rid, req, gen)
+            self.standby.append(slot)
             self._configure_slot(slot, req)
             by_budget.setdefault(self._loop_budget(req), []).append(slot)
         for n_loops, slots in by_budget.items():
             logits = self._prefill(slots, n_loops)
             depth = torch.full_like(logits[:, 0], n_loops, dtype=torch.long)
             self._sample(slots, logits, logits.argmax(-1), depth, torch.ones_like(depth, dtype=torch.bool), events)
+        self._promote()
+
+    def _promote(self) -> None:
+        """Standby requests take the free running slots, first admitted first."""
+        while self.standby and len(self.slots) - len(self.standby) < self.max_batch:
+            self.standby.popleft()
 
     def _configure_slot(self, slot: int, req: Request) -> None:
         rule = req.exit_rule
@@ -323,6 +345,8 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         del self.slots[slot]
+        if slot in self.standby:  # a request can end at its first token, before it ran
+            self.standby.remove(slot)
         self.free.append(slot)
         self.free.sort()
 
@@ -330,7 +354,7 @@ class Engine:
         """start + ``sync_every`` loop iterations + finish for every running slot, as one stage. The
         start runs only if a slot has a token to start, the finish (and the host sync that reads its
         tokens) only if some slot's token can exit in this tick."""
-        slots = sorted(self.slots)
+        slots = self.running()
         probe = self._needs_probe(slots)
         start = finish = False
         for s in slots:
@@ -348,7 +372,7 @@ class Engine:
             self._sample(slots, *out, events)
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
-        slots = sorted(self.slots)
+        slots = self.running()
         probe = self._needs_probe(slots)
         if all(self.slots[s].request.exit_rule.kind == "none" for s in slots):
             # fixed depths: start, max-budget loops and finish run as one stage, without a host sync

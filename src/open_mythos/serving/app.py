@@ -241,7 +241,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
         lines = []
         for name, help_ in (("requests_total", "requests accepted"), ("requests_rejected_total", "requests refused (429)"),
                             ("tokens_total", "tokens generated"), ("queue_depth", "requests waiting for a slot"),
-                            ("running", "requests holding a slot"), ("tokens_per_s", "tokens/s over the last 10 s"),
+                            ("running", "requests holding a slot (running or prefilled on standby)"), ("tokens_per_s", "tokens/s over the last 10 s"),
                             ("mean_exit_depth", "mean loops per generated token")):
             lines += [f"# HELP mythos_{name} {help_}", f"mythos_{name} {m[name]}"]
         return PlainTextResponse("\n".join(lines) + "\n")
