@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import sys
 
 import torch
@@ -109,6 +110,13 @@ def main() -> int:
             for _ in range(2):
                 out = engine.run(reqs)
                 wrong += sum((a.tokens, a.depths) != (b.tokens, b.depths) for a, b in zip(eager, out))
+        # greedy only: pipelined depth ticks (the device starts each token), standby rows, 2 loops per tick
+        greedy = [dataclasses.replace(r, sampling=SamplingParams(temperature=0)) for r in reqs]
+        eager = Engine(model, max_batch=4, cuda_graphs=False).run(greedy)
+        engine = Engine(model, max_batch=4, cuda_graphs=True, sync_every=2, prefill_batch=3)
+        for _ in range(2):
+            out = engine.run(greedy)
+            wrong += sum((a.tokens, a.depths) != (b.tokens, b.depths) for a, b in zip(eager, out))
         fixed = [Request(r.prompt, 16, 4, SamplingParams(temperature=0)) for r in reqs[:4]]
         ref = [model.generate(torch.tensor([r.prompt], device=dev), 16, 4, temperature=0)[0, len(r.prompt):].tolist()
                for r in fixed]

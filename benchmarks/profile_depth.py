@@ -8,6 +8,8 @@ After warm-up, requests fill every slot; then it reports (milliseconds):
   <stage>_gpu       a stage's CUDA graph replayed back to back, per replay: depth_tick (start + loop +
                     finish), start, loop, loop_x4 (four loop iterations), finish
   <stage>_launch_host  host time of one replay's launch on an idle GPU
+  overlap           40 ticks and one 64 x 128-token prefill, one after the other and concurrently
+                    (two streams): whether prefills could hide behind ticks
 and torch.profiler tables of a few ticks (by host time and by GPU time) in ``--out``.
 """
 
@@ -24,6 +26,7 @@ from decode import spec_model
 from depth_batching import spread_halting
 
 from open_mythos.inference import Engine, ExitRule, Request
+from open_mythos.inference.graphs import StageGraphs
 from open_mythos.sampling import SamplingParams
 
 
@@ -52,6 +55,48 @@ def host_ms(fn, n: int = 20) -> float:
         total += time.perf_counter() - begin
     torch.cuda.synchronize()
     return 1e3 * total / n
+
+
+def overlap_with_prefill(engine: Engine, tick, rows: torch.Tensor, loops: int,
+                         n_ticks: int = 40) -> dict:
+    """Could prefills hide behind ticks? Replays n_ticks depth ticks (high-priority stream) and one
+    prefill of max_batch prompts of 128 tokens (another stream, its own graph pool), first one
+    after the other, then concurrently. The prefill writes the running rows' cache: the numbers
+    are timings only."""
+    tick_stream = torch.cuda.Stream(priority=-1)
+    side = torch.cuda.Stream()
+    prefill_graphs = StageGraphs()
+    ids = torch.randint(0, engine.cfg.vocab_size, (rows.numel(), 128), device="cuda")
+    last = torch.full((rows.numel(),), 127, device="cuda")
+    prefill = lambda: prefill_graphs(("prefill",), lambda r, x, at: engine._prefill_stage(r, x, at, loops),  # noqa: E731
+                                     rows, ids, last)
+    ticks = lambda: [engine._run(tick, ("profile_depth_tick", rows.numel()), rows)  # noqa: E731
+                     for _ in range(n_ticks)]
+    for _ in range(2):
+        prefill()
+    torch.cuda.synchronize()
+
+    def elapsed(fn, stream) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(stream):
+            begin.record()
+            fn()
+            end.record()
+        return begin, end
+
+    out = {}
+    for name, fn, stream in (("ticks_alone", ticks, tick_stream), ("prefill_alone", prefill, side)):
+        b, e = elapsed(fn, stream)
+        torch.cuda.synchronize()
+        out[name + "_ms"] = b.elapsed_time(e)
+    pb, pe = elapsed(prefill, side)
+    tb, te = elapsed(ticks, tick_stream)
+    torch.cuda.synchronize()
+    out["concurrent_ticks_ms"] = tb.elapsed_time(te)
+    out["concurrent_prefill_ms"] = pb.elapsed_time(pe)
+    out["concurrent_both_ms"] = max(pb.elapsed_time(pe), pb.elapsed_time(te))
+    out["serial_both_ms"] = out["ticks_alone_ms"] + out["prefill_alone_ms"]
+    return {"overlap": out}
 
 
 def main() -> None:
@@ -84,9 +129,7 @@ def main() -> None:
     tables = [prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
               for key in ("cpu_time_total", "cuda_time_total")]
 
-    slots = sorted(engine.slots)
-    rows = engine._rows(slots)
-    tokens = torch.zeros_like(rows)
+    rows = engine._rows(engine.running())
     done = torch.ones_like(rows, dtype=torch.bool)
 
     def loops4(r):
@@ -94,7 +137,7 @@ def main() -> None:
             engine._loop_stage(r)
 
     tick = functools.partial(engine._depth_stage, probe=False, start=True, finish=True)
-    stages = {"depth_tick": (tick, (rows, tokens)), "start": (engine._start_stage, (rows, tokens)),
+    stages = {"depth_tick": (tick, (rows,)), "start": (engine._start_stage, (rows,)),
               "loop": (engine._loop_stage, (rows,)), "loop_x4": (loops4, (rows,)),
               "finish": (engine._finish_stage, (rows, done))}
     with torch.inference_mode():
@@ -102,6 +145,7 @@ def main() -> None:
             replay = lambda: engine._run(stage, ("profile_" + name, rows.numel()), *inputs)  # noqa: E731
             report[name + "_gpu"] = gpu_ms(replay)
             report[name + "_launch_host"] = host_ms(replay)
+        report |= overlap_with_prefill(engine, tick, rows, args.loops)
     print(json.dumps(report, indent=1), flush=True)
     if args.out:
         with open(args.out + "/profile_depth.json", "w") as f:

@@ -180,11 +180,34 @@ def test_depth_batching_only_pays_for_the_loops_tokens_run():
     reqs = _mixed_requests(n=10, seed=3)
     depth = Engine(model, max_batch=4, max_loops=6, schedule="depth")
     out = depth.run(reqs)
-    # the first token of each request comes from the prefill; every other token ran its own depth
-    assert depth.stats["loop_rows"] == sum(sum(c.depths[1:]) for c in out)
+    # the first token of each request comes from the prefill; every other token ran its own depth,
+    # besides rows of requests that had ended (see the next test)
+    assert depth.stats["loop_rows"] - depth.stats["lag_rows"] == sum(sum(c.depths[1:]) for c in out)
     static = Engine(model, max_batch=4, max_loops=6, schedule="static")
     static.run(reqs)
     assert static.stats["loop_rows"] > depth.stats["loop_rows"]
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_depth_ticks_are_pipelined_for_greedy_requests(sync_every):
+    """Greedy requests: the device starts each sampled token itself and the host reads a tick's tokens
+    only after launching the next one, so each request's row runs exactly one tick past its last
+    token; a request that samples on the host is read before the next tick (no lag)."""
+    model = _model(max_loop_iters=6)
+    reqs = [dataclasses.replace(r, sampling=GREEDY, max_new_tokens=r.max_new_tokens + 1) for r in _mixed_requests()]
+    engine = Engine(model, max_batch=3, max_loops=6, sync_every=sync_every)
+    ids = [engine.submit(r) for r in reqs]
+    events = engine.step()
+    assert len(engine._unread) == 1  # the first tick is launched, not read
+    while engine.has_work():
+        events += engine.step()
+    assert engine.stats["lag_rows"] == len(reqs) * sync_every
+    for rid, r in zip(ids, reqs):  # and the tokens are those of running each request alone
+        ref = Engine(model, max_batch=1, max_loops=6, sync_every=sync_every).run([r])[0]
+        assert [e.token for e in events if e.request_id == rid] == ref.tokens
+    sampled = Engine(model, max_batch=3, max_loops=6, sync_every=sync_every)
+    sampled.run([dataclasses.replace(r, sampling=SamplingParams(temperature=0.7), seed=1) for r in reqs])
+    assert sampled.stats["lag_rows"] == 0
 
 
 def test_prefill_batch_prefills_ahead_onto_standby_rows():
@@ -208,7 +231,8 @@ def test_prefill_batch_prefills_ahead_onto_standby_rows():
     assert all(running == 3 for running, loaded, _ in ticks if loaded)  # under load no running slot is empty
     assert max(rows for *_, rows in ticks) == 4 and all(running <= 3 for running, *_ in ticks)
     assert prefill_sizes[0] == 3 and all(n == 2 for n in prefill_sizes[1:-1])  # the last one may be alone
-    assert admitted_at[ids[3]] == admitted_at[ids[4]] == 2 + 1  # the first slot freed after its 2 tokens
+    # the first slot frees after its 2 loops (2 ticks), read one tick later (pipelined), refilled at the next
+    assert admitted_at[ids[3]] == admitted_at[ids[4]] == 2 + 1 + 1
     late = Engine(model, max_batch=3, prefill_batch=2)
     late.submit(Request([1, 2], 9, 2, GREEDY))
     late.step()

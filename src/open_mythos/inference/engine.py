@@ -91,8 +91,19 @@ class _Slot:
     request: Request
     generator: torch.Generator | None
     tokens: list[int] = field(default_factory=list)
-    pending: int | None = None  # sampled token waiting for its `start` stage
-    loops: int = 0              # depth schedule: loop iterations given to the current token so far
+    pending: bool = False       # its next token waits (in the engine's next_tok) for a `start` stage
+    loops: int = 0              # depth schedule: loop iterations launched for the current token so far
+
+
+@dataclass
+class _Tick:
+    """A launched depth tick whose results the host has not read yet."""
+    rows: list[tuple[int, int]]          # (slot, request id) of each row, in row order
+    started: bool                        # whether it ran the start stage
+    could_exit: set[int]                 # slots whose token may have exited in it
+    logits: torch.Tensor | None          # (B, vocab) of its finish stage (static: overwritten by the next replay)
+    results: torch.Tensor | None         # (3, B) greedy token, loops run, finished; None: no finish stage
+    ready: torch.cuda.Event | None       # set when ``results`` (a host copy on CUDA) may be read
 
 
 class Engine:
@@ -151,6 +162,7 @@ class Engine:
             dynamo.recompile_limit += len(self._buckets)
             dynamo.accumulated_recompile_limit += len(stages) * len(self._buckets)
         self.waiting: deque[tuple[int, Request]] = deque()
+        self._unread: deque[_Tick] = deque()   # depth ticks launched but not read (at most one)
         self.slots: dict[int, _Slot] = {}      # running and standby requests by row
         self.standby: deque[int] = deque()     # prefilled rows waiting to run, in admission order
         self.free = list(range(n_rows))
@@ -159,8 +171,10 @@ class Engine:
         self._token_stages: dict[int, object] = {}
         self._prefill_stages: dict[int, object] = {}
         self._next_id = 0
-        # work counters: loop_rows = recurrent-block row evaluations (the cost early exit saves)
-        self.stats = {"ticks": 0, "loop_rows": 0, "tokens": 0}
+        # work counters: loop_rows = recurrent-block row evaluations (the cost early exit saves), of which
+        # lag_rows ran for requests that had already ended (a depth tick launched before the host read
+        # the tick that ended them)
+        self.stats = {"ticks": 0, "loop_rows": 0, "lag_rows": 0, "tokens": 0}
         self.depth_histogram: Counter[int] = Counter()  # loops run -> tokens generated with that depth
 
     def _alloc_state(self, n: int) -> None:
@@ -174,6 +188,8 @@ class Engine:
         self.psum = torch.zeros(n, **f32)                            # sum of halting probabilities (exit rule)
         self.prev_logp = torch.zeros(n, V, **f32)                    # log p_t for the KL rule
         self.logits = torch.zeros(n, V, **f32)                       # logits of the last KL probe
+        self.next_tok = torch.zeros(n, device=dev, dtype=torch.long) # the token the next start stage starts
+        self.pending = torch.zeros(n, device=dev, dtype=torch.bool)  # whether next_tok waits for it
         self.t = torch.zeros(n, device=dev, dtype=torch.long)        # loops done for the current token
         self.pos = torch.zeros_like(self.t)                          # position of the current token
         self.budget = torch.ones_like(self.t)                        # n_loops per slot
@@ -229,8 +245,9 @@ class Engine:
         self._cancel[request_id] = reason
 
     def has_work(self) -> bool:
-        """Whether `step` has anything to do (waiting or running requests, pending cancellations)."""
-        return bool(self.waiting or self.slots or self._cancel)
+        """Whether `step` has anything to do (waiting or running requests, pending cancellations,
+        a tick whose tokens are not read yet)."""
+        return bool(self.waiting or self.slots or self._cancel or self._unread)
 
     # ------------------------------------------------------------------------------ scheduling
     @torch.inference_mode()
@@ -242,6 +259,8 @@ class Engine:
             self._admit(events)
         if self.slots:
             (self._depth_tick if self.schedule == "depth" else self._static_tick)(events)
+        while self._unread and not self.slots:  # the last tick ran only finished requests' rows
+            self._read(self._unread.popleft(), events)
         return events
 
     def running(self) -> list[int]:
@@ -319,9 +338,7 @@ class Engine:
             self._configure_slot(slot, req)
             by_budget.setdefault(self._loop_budget(req), []).append(slot)
         for n_loops, slots in by_budget.items():
-            logits = self._prefill(slots, n_loops)
-            depth = torch.full_like(logits[:, 0], n_loops, dtype=torch.long)
-            self._sample(slots, logits, logits.argmax(-1), depth, torch.ones_like(depth, dtype=torch.bool), events)
+            self._sample(self._pairs(slots), *self._prefill(slots, n_loops), events)
         self._promote()
 
     def _promote(self) -> None:
@@ -351,25 +368,55 @@ class Engine:
         self.free.sort()
 
     def _depth_tick(self, events: list[TokenEvent]) -> None:
-        """start + ``sync_every`` loop iterations + finish for every running slot, as one stage. The
-        start runs only if a slot has a token to start, the finish (and the host sync that reads its
-        tokens) only if some slot's token can exit in this tick."""
+        """start + ``sync_every`` loop iterations + finish for every running slot, as one stage, then
+        read the tokens of the tick before it (pipelined: the host reads tick n while the GPU runs
+        tick n + 1; the device starts greedy tokens itself). The start runs only if a slot may have a
+        token to start, the finish only if some slot's token may exit in this tick."""
         slots = self.running()
+        unread = self._unread[-1].could_exit if self._unread else set()
         probe = self._needs_probe(slots)
         start = finish = False
+        could_exit = set()
         for s in slots:
             st = self.slots[s]
-            if st.pending is not None:
-                start, st.loops = True, 0
+            if st.pending:
+                start, st.pending, st.loops = True, False, 0
+            start |= s in unread  # its token may have exited in the unread tick: the device starts the next
             st.loops += self.sync_every
             rule = st.request.exit_rule
-            finish |= st.loops >= self._loop_budget(st.request) or (rule.kind != "none" and st.loops >= rule.min_loops)
+            if s in unread or st.loops >= self._loop_budget(st.request) or (
+                    rule.kind != "none" and st.loops >= rule.min_loops):
+                could_exit.add(s)
+        finish = bool(could_exit)
         self.stats["loop_rows"] += len(slots) * self.sync_every
-        rows, tokens = self._rows(slots), self._take_pending(slots)
+        rows = self._rows(slots)
         stage = functools.partial(self._depth_stage, probe=probe, start=start, finish=finish)
-        out = self._run(stage, ("depth", rows.numel(), probe, start, finish), rows, tokens)
+        out = self._run(stage, ("depth", rows.numel(), probe, start, finish), rows)
+        logits, results, ready = None, None, None
         if finish:
-            self._sample(slots, *out, events)
+            logits, results = out
+            if self.device.type == "cuda":  # copied to the host behind the tick, read after the next launch
+                results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
+        self._unread.append(_Tick(self._pairs(slots), start, could_exit, logits, results, ready))
+        # host sampling (temperature > 0) must write its token before the next tick starts it
+        keep = int(all(self.slots[s].request.sampling.temperature == 0 for s in slots))
+        while len(self._unread) > keep:
+            self._read(self._unread.popleft(), events)
+
+    def _read(self, tick: _Tick, events: list[TokenEvent]) -> None:
+        """Emit the tokens that exited in ``tick``; a slot whose next token the tick after it has
+        already started (on the device) counts that tick's loops for it."""
+        ended = sum(1 for slot, rid in tick.rows if slot not in self.slots or self.slots[slot].request_id != rid)
+        self.stats["lag_rows"] += ended * self.sync_every
+        if tick.results is None:
+            return
+        if tick.ready is not None:
+            tick.ready.synchronize()
+        later = self._unread[0] if self._unread else None
+        started = set(later.rows) if later is not None and later.started else set()
+        self._sample(tick.rows, tick.logits, tick.results, events, started)
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = self.running()
@@ -378,9 +425,9 @@ class Engine:
             # fixed depths: start, max-budget loops and finish run as one stage, without a host sync
             n_loops = max(self._loop_budget(self.slots[s].request) for s in slots)
             self.stats["loop_rows"] += len(slots) * n_loops
-            rows, tokens = self._rows(slots), self._take_pending(slots)
-            stage = self._token_stages.setdefault(n_loops, lambda r, tok: self._token_stage(r, tok, n_loops))
-            self._sample(slots, *self._run(stage, ("token", rows.numel(), n_loops), rows, tokens), events)
+            rows = self._rows(slots)
+            stage = self._token_stages.setdefault(n_loops, lambda r: self._token_stage(r, n_loops))
+            self._sample(self._pairs(slots), *self._run(stage, ("token", rows.numel(), n_loops), rows), events)
             return
         self._start(slots)
         while not bool(self._loop(slots, probe).all()):  # the batch waits for its deepest token
@@ -406,21 +453,17 @@ class Engine:
             self._row_tensors[key] = torch.tensor(slots + pad, device=self.device)
         return self._row_tensors[key]
 
-    def _take_pending(self, slots: list[int]) -> torch.Tensor:
-        """The slots' sampled tokens, padded like their rows, -1 where none waits (no start); clears them."""
-        tokens = [-1 if self.slots[s].pending is None else self.slots[s].pending for s in slots]
-        for s in slots:
-            self.slots[s].pending = None
-        return torch.tensor(tokens + [-1] * (self._bucket(len(slots)) - len(slots)), device=self.device)
+    def _pairs(self, slots: list[int]) -> list[tuple[int, int]]:
+        return [(s, self.slots[s].request_id) for s in slots]
 
     def _run(self, stage, key: tuple, *inputs: torch.Tensor):
         return self.graphs(key, stage, *inputs) if self.graphs is not None else stage(*inputs)
 
     def _start(self, slots: list[int]) -> None:
-        if not slots:
-            return
-        rows, tokens = self._rows(slots), self._take_pending(slots)
-        self._run(self._start_stage, ("start", rows.numel()), rows, tokens)
+        for s in slots:
+            self.slots[s].pending = False
+        rows = self._rows(slots)
+        self._run(self._start_stage, ("start", rows.numel()), rows)
 
     def _loop(self, slots: list[int], probe: bool) -> torch.Tensor:
         self.stats["loop_rows"] += len(slots)
@@ -432,32 +475,41 @@ class Engine:
         """finish stage: logits of the exited tokens (from the KL probe if it ran), sample, emit."""
         rows = self._rows(slots)
         every = torch.ones_like(rows, dtype=torch.bool)
-        self._sample(slots, *self._run(self._finish_stage_probe if probe else self._finish_stage,
-                                       ("finish", rows.numel(), probe), rows, every), events)
+        self._sample(self._pairs(slots), *self._run(self._finish_stage_probe if probe else self._finish_stage,
+                                                    ("finish", rows.numel(), probe), rows, every), events)
 
-    def _sample(self, slots: list[int], logits: torch.Tensor, greedy: torch.Tensor, depth: torch.Tensor,
-                finished: torch.Tensor, events: list[TokenEvent]) -> None:
-        """Pick and emit the next token of every slot whose token ``finished`` (greedy: the stage's
-        argmax; otherwise sampled here from its logits with the request's generator)."""
-        logits = logits[: len(slots)]
-        # one host sync for all rows
-        greedy, depth, finished = torch.stack((greedy, depth, finished.long()))[:, : len(slots)].tolist()
-        for i, slot in enumerate(slots):
-            if not finished[i]:
+    def _sample(self, rows: list[tuple[int, int]], logits: torch.Tensor, results: torch.Tensor,
+                events: list[TokenEvent], started: set[tuple[int, int]] = frozenset()) -> None:
+        """Emit the next token of every (slot, request id) row whose token finished, unless the slot
+        has changed hands since: greedy, the stage's argmax (already in ``next_tok`` on the device);
+        otherwise sampled here from its logits with the request's generator and written there.
+        ``started``: rows whose next token a later tick has already started."""
+        greedy, depth, finished = results[:, : len(rows)].tolist()  # one host sync for all rows
+        sampled = []
+        for i, (slot, rid) in enumerate(rows):
+            s = self.slots.get(slot)
+            if not finished[i] or s is None or s.request_id != rid:
                 continue
-            s = self.slots[slot]
-            if s.request.sampling.temperature == 0:
-                token = greedy[i]
-            else:
+            token = greedy[i]
+            if s.request.sampling.temperature != 0:
                 token = int(sample_next(logits[i: i + 1], s.request.sampling, s.generator)[0])
-            self._emit(slot, token, depth[i], events)
+                sampled.append((slot, token))
+            if self._emit(slot, token, depth[i], events):
+                if (slot, rid) in started:
+                    s.loops = self.sync_every
+                else:
+                    s.pending = True
+        if sampled:
+            slots, tokens = zip(*sampled)
+            self.next_tok[torch.tensor(slots, device=self.device)] = torch.tensor(tokens, device=self.device)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return rope_angles(positions[:, None], self.cfg.rope_dim, self.cfg.rope_theta)
 
-    def _prefill(self, slots: list[int], n_loops: int) -> torch.Tensor:
+    def _prefill(self, slots: list[int], n_loops: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt forward of the slots' requests at ``n_loops`` loops, as one batch right-padded to a
-        length bucket; the logits (B, vocab) fp32 of each prompt's last token."""
+        length bucket: the logits (B, vocab) fp32 of each prompt's last token and the results of
+        ``_finish_stage`` (every row finished at n_loops)."""
         prompts = [self.slots[s].request.prompt for s in slots]
         length = min(self._bucket_len(max(map(len, prompts))), self.max_len)
         rows = self._rows(slots)
@@ -468,43 +520,54 @@ class Engine:
             last[i] = len(p) - 1
         stage = self._prefill_stages.setdefault(n_loops, lambda r, x, at: self._prefill_stage(r, x, at, n_loops))
         key = ("prefill", rows.numel(), length, n_loops)
-        return self._run(stage, key, rows, ids.to(self.device), last.to(self.device))[: len(slots)]
+        return self._run(stage, key, rows, ids.to(self.device), last.to(self.device))
 
     @staticmethod
     def _bucket_len(n: int) -> int:
         """Prompt lengths are padded to powers of two (>= 16): a few shapes, each one CUDA graph."""
         return max(16, 1 << (n - 1).bit_length())
 
-    def _prefill_stage(self, rows: torch.Tensor, ids: torch.Tensor, last: torch.Tensor, n_loops: int) -> torch.Tensor:
-        return self.model(ids, n_loops, self.cache.bind_prefill(rows), logits_at=last).float()
+    def _prefill_stage(self, rows: torch.Tensor, ids: torch.Tensor, last: torch.Tensor, n_loops: int):
+        logits = self.model(ids, n_loops, self.cache.bind_prefill(rows), logits_at=last).float()
+        every = torch.ones_like(rows, dtype=torch.bool)
+        return logits, self._results(rows, logits, torch.full_like(rows, n_loops), every)
 
-    def _start_stage(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
-        """start: e = Prelude(embed(token)) at each row's position and a reset loop state, for the rows
-        with a token (>= 0); the other rows are left unchanged."""
-        start = tokens >= 0
+    def _results(self, rows: torch.Tensor, logits: torch.Tensor, depth: torch.Tensor, finish: torch.Tensor):
+        """(3, B): greedy token, loops run, finished; the greedy token of each finished row becomes its
+        next token (a host-sampled one overwrites it)."""
+        greedy = logits.argmax(-1)
+        self.next_tok[rows] = torch.where(finish, greedy, self.next_tok[rows])
+        self.pending[rows] = self.pending[rows] | finish
+        return torch.stack((greedy, depth, finish.long()))
+
+    def _start_stage(self, rows: torch.Tensor) -> None:
+        """start: e = Prelude(embed(next token)) at each row's position and a reset loop state, for the
+        rows whose next token is pending; the other rows are left unchanged."""
+        start, tokens = self.pending[rows], self.next_tok[rows]
+        self.pending[rows] = self.pending[rows] & ~start
         pos = self.pos[rows]
         self.cache.bind(rows, pos, torch.zeros_like(rows), start)
         rope = self._rope(pos)
-        x = self.model.embed(tokens.clamp(min=0)[:, None])
+        x = self.model.embed(tokens[:, None])
         for i, block in enumerate(self.model.prelude):
             x = block(x, rope, self.cache, ("prelude", i))
         self.e[rows] = _where_rows(start, x[:, 0], self.e[rows])
         for buf in (self.h, self.mix, self.cum, self.psum, self.t, self.done):
             buf[rows] = buf[rows].masked_fill(_rows_mask(start, buf), 0)
 
-    def _token_stage(self, rows: torch.Tensor, tokens: torch.Tensor, n_loops: int):
+    def _token_stage(self, rows: torch.Tensor, n_loops: int):
         """A whole fixed-depth token: start, n_loops loop stages, finish (static schedule, no exit rule)."""
-        self._start_stage(rows, tokens)
+        self._start_stage(rows)
         for _ in range(n_loops):
             self._loop_stage(rows)
         return self._finish_stage(rows, torch.ones_like(rows, dtype=torch.bool))
 
-    def _depth_stage(self, rows: torch.Tensor, tokens: torch.Tensor, probe: bool, start: bool, finish: bool):
-        """A depth tick: start the rows' pending tokens (>= 0), run ``sync_every`` loop iterations of
+    def _depth_stage(self, rows: torch.Tensor, probe: bool, start: bool, finish: bool):
+        """A depth tick: start the rows' pending tokens, run ``sync_every`` loop iterations of
         every row at its own depth, finish the rows whose token exited (masks, not row subsets: one
         shape per bucket). ``start`` / ``finish`` False: no row needs that stage in this tick."""
         if start:
-            self._start_stage(rows, tokens)
+            self._start_stage(rows)
         for _ in range(self.sync_every):  # a row that exits is frozen by the loop stage until the finish
             done = (self._loop_stage_probe if probe else self._loop_stage)(rows)
         if finish:
@@ -518,14 +581,14 @@ class Engine:
         return self._finish_stage(rows, finish, probe=True)
 
     def _finish_stage(self, rows: torch.Tensor, finish: torch.Tensor, probe: bool = False):
-        """(logits (B, vocab) fp32, greedy token (B,), loops run (B,), ``finish``) of the rows' tokens;
-        moves the rows marked in ``finish`` one position on (the others write nothing)."""
+        """(logits (B, vocab) fp32, results (3, B): see ``_results``) of the rows' tokens; moves the
+        rows marked in ``finish`` one position on (the others write nothing)."""
         if probe:
             logits = self.logits[rows]
         else:
             logits = self._coda_logits(rows, self.pos[rows], self.out[rows], finish)
         self.pos[rows] = (self.pos[rows] + finish.long()).clamp(max=self.max_len - 1)  # clamp: the padding rows
-        return logits, logits.argmax(-1), self.t[rows], finish
+        return logits, self._results(rows, logits, self.t[rows], finish)
 
     def _loop_stage(self, rows: torch.Tensor, probe: bool = False) -> torch.Tensor:
         """loop: for ``rows``: one recurrent iteration each at its own depth; returns which
@@ -595,7 +658,8 @@ class Engine:
             x = block(x, rope, self.cache, ("coda", i))
         return self.model.head(self.model.norm(x))[:, 0].float()
 
-    def _emit(self, slot: int, token: int, depth: int, events: list[TokenEvent]) -> None:
+    def _emit(self, slot: int, token: int, depth: int, events: list[TokenEvent]) -> bool:
+        """Record and emit the slot's token; False if it ends the request (the slot is freed)."""
         s = self.slots[slot]
         s.tokens.append(token)
         self.stats["tokens"] += 1
@@ -606,10 +670,9 @@ class Engine:
         elif len(s.tokens) >= s.request.max_new_tokens:
             reason = "length"
         events.append(TokenEvent(s.request_id, token, depth, reason))
-        if reason is None:
-            s.pending = token
-        else:
+        if reason is not None:
             self._release(slot)
+        return reason is None
 
 
 def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
