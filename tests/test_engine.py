@@ -210,6 +210,22 @@ def test_depth_ticks_are_pipelined_for_greedy_requests(sync_every):
     assert sampled.stats["lag_rows"] == 0
 
 
+def test_fixed_depth_depth_ticks_start_and_finish_only_when_a_token_starts_or_ends():
+    """Exit rule none: the host knows when each token reaches its budget, so although it reads each
+    pipelined tick one tick late, only the ticks where a token starts (or ends) run the start (or
+    finish) stage."""
+    model = _model(max_loop_iters=6)
+    engine = Engine(model, max_batch=2, max_loops=6)
+    keys, run = [], engine._run
+    engine._run = lambda stage, key, *inputs: keys.append(key) or run(stage, key, *inputs)
+    n = 5
+    engine.run([Request([1, 2, 3], n, 4, GREEDY)])
+    ticks = [k for k in keys if k[0] == "depth"]  # ("depth", rows, probe, start, finish)
+    assert len(ticks) == 4 * (n - 1) + 1  # 4 loops for each decoded token, then one lag tick
+    assert sum(k[3] for k in ticks) == n  # a start per decoded token, and the lag tick's
+    assert sum(k[4] for k in ticks) == n - 1
+
+
 def test_prefill_batch_prefills_ahead_onto_standby_rows():
     """prefill_batch=2 (one standby row): waiting requests are prefilled two at a time once two rows
     are free, and a prefilled request waits on standby until a running slot frees, so while

@@ -235,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth: continuous depth-wise batching; token: whole tokens, requests join every token; static: whole batches")
     p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick (per host sync)")
     p.add_argument("--prefill-batch", type=int, default=1,
-                   help="depth/token schedule: with slots running, admit waiting requests once this many slots are free")
+                   help="depth/token schedule: prefill waiting requests this many at a time, ahead of need (n-1 standby cache rows)")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--no-warmup", action="store_true", help="on a GPU: skip capturing every batch/prompt shape at start-up")
     p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")

@@ -11,10 +11,12 @@ three stages; the scheduler runs each stage batched over the slots that are in i
     finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
 
 ``schedule="depth"`` (continuous depth-wise batching): every engine tick is ONE stage over all
-running slots, replayed as one CUDA graph with at most one host sync: it starts the pending
-tokens, runs one loop iteration (``sync_every``: k) for every slot whatever its depth, and finishes
-the tokens that exited in it (all three masked per row, so the batch keeps its shape; start and
-finish are left out of ticks where no row needs them). A finished request frees its slot for the
+running slots, replayed as one CUDA graph: it starts the pending tokens, runs one loop iteration
+(``sync_every``: k) for every slot whatever its depth, and finishes the tokens that exited in it
+(all three masked per row, so the batch keeps its shape; start and finish are left out of ticks
+where no row can need them). Ticks are pipelined: the finish stage leaves each greedy token on the
+device for the next start stage, so the host launches tick n + 1 before it reads (and emits) tick
+n's tokens, and its work overlaps the GPU's. A finished request frees its slot for the
 next waiting one, so the recurrent block runs on a full batch of work at mixed depths. With
 ``prefill_batch`` n > 1, prompts are prefilled n at a time ahead of need: the cache has n - 1
 *standby* rows beyond ``max_batch``, a batch of waiting requests is admitted and prefilled once n
@@ -100,7 +102,8 @@ class _Tick:
     """A launched depth tick whose results the host has not read yet."""
     rows: list[tuple[int, int]]          # (slot, request id) of each row, in row order
     started: bool                        # whether it ran the start stage
-    could_exit: set[int]                 # slots whose token may have exited in it
+    exits: set[int]                      # slots whose token exited in it (reached its loop budget)
+    could_exit: set[int]                 # slots whose token may have exited in it (exit rule)
     logits: torch.Tensor | None          # (B, vocab) of its finish stage (static: overwritten by the next replay)
     results: torch.Tensor | None         # (3, B) greedy token, loops run, finished; None: no finish stage
     ready: torch.cuda.Event | None       # set when ``results`` (a host copy on CUDA) may be read
@@ -373,21 +376,23 @@ class Engine:
         tick n + 1; the device starts greedy tokens itself). The start runs only if a slot may have a
         token to start, the finish only if some slot's token may exit in this tick."""
         slots = self.running()
-        unread = self._unread[-1].could_exit if self._unread else set()
+        unread = self._unread[-1] if self._unread else None
         probe = self._needs_probe(slots)
-        start = finish = False
-        could_exit = set()
+        start, exits, could_exit = False, set(), set()
         for s in slots:
             st = self.slots[s]
-            if st.pending:
+            maybe = False
+            if st.pending or (unread is not None and s in unread.exits):  # a token waits to start
                 start, st.pending, st.loops = True, False, 0
-            start |= s in unread  # its token may have exited in the unread tick: the device starts the next
+            elif unread is not None and s in unread.could_exit:  # may have exited: the device starts it if so
+                start = maybe = True
             st.loops += self.sync_every
             rule = st.request.exit_rule
-            if s in unread or st.loops >= self._loop_budget(st.request) or (
-                    rule.kind != "none" and st.loops >= rule.min_loops):
+            if st.loops >= self._loop_budget(st.request):
+                exits.add(s)
+            elif maybe or (rule.kind != "none" and st.loops >= rule.min_loops):
                 could_exit.add(s)
-        finish = bool(could_exit)
+        finish = bool(exits or could_exit)
         self.stats["loop_rows"] += len(slots) * self.sync_every
         rows = self._rows(slots)
         stage = functools.partial(self._depth_stage, probe=probe, start=start, finish=finish)
@@ -399,7 +404,7 @@ class Engine:
                 results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
-        self._unread.append(_Tick(self._pairs(slots), start, could_exit, logits, results, ready))
+        self._unread.append(_Tick(self._pairs(slots), start, exits, could_exit, logits, results, ready))
         # host sampling (temperature > 0) must write its token before the next tick starts it
         keep = int(all(self.slots[s].request.sampling.temperature == 0 for s in slots))
         while len(self._unread) > keep:
@@ -414,9 +419,7 @@ class Engine:
             return
         if tick.ready is not None:
             tick.ready.synchronize()
-        later = self._unread[0] if self._unread else None
-        started = set(later.rows) if later is not None and later.started else set()
-        self._sample(tick.rows, tick.logits, tick.results, events, started)
+        self._sample(tick.rows, tick.logits, tick.results, events, self._unread[0] if self._unread else None)
 
     def _static_tick(self, events: list[TokenEvent]) -> None:
         slots = self.running()
@@ -479,12 +482,14 @@ class Engine:
                                                     ("finish", rows.numel(), probe), rows, every), events)
 
     def _sample(self, rows: list[tuple[int, int]], logits: torch.Tensor, results: torch.Tensor,
-                events: list[TokenEvent], started: set[tuple[int, int]] = frozenset()) -> None:
+                events: list[TokenEvent], later: _Tick | None = None) -> None:
         """Emit the next token of every (slot, request id) row whose token finished, unless the slot
         has changed hands since: greedy, the stage's argmax (already in ``next_tok`` on the device);
         otherwise sampled here from its logits with the request's generator and written there.
-        ``started``: rows whose next token a later tick has already started."""
+        ``later``: the tick launched after the one read, which started the next token of the rows in
+        it whose token may have exited (the host learns here which did)."""
         greedy, depth, finished = results[:, : len(rows)].tolist()  # one host sync for all rows
+        restarted = set(later.rows) if later is not None and later.started else set()
         sampled = []
         for i, (slot, rid) in enumerate(rows):
             s = self.slots.get(slot)
@@ -495,8 +500,11 @@ class Engine:
                 token = int(sample_next(logits[i: i + 1], s.request.sampling, s.generator)[0])
                 sampled.append((slot, token))
             if self._emit(slot, token, depth[i], events):
-                if (slot, rid) in started:
+                if (slot, rid) in restarted:
                     s.loops = self.sync_every
+                    if slot in later.exits and s.loops < self._loop_budget(s.request):
+                        later.exits.discard(slot)  # it counted the loops of the token that exited here
+                        later.could_exit.add(slot)
                 else:
                     s.pending = True
         if sampled:
