@@ -552,7 +552,7 @@ class Engine:
         """start: e = Prelude(embed(next token)) at each row's position and a reset loop state, for the
         rows whose next token is pending; the other rows are left unchanged."""
         start, tokens = self.pending[rows], self.next_tok[rows]
-        self.pending[rows] = self.pending[rows] & ~start
+        self.pending[rows] = torch.zeros_like(start)
         pos = self.pos[rows]
         self.cache.bind(rows, pos, torch.zeros_like(rows), start)
         rope = self._rope(pos)
