@@ -11,7 +11,7 @@ prefill), which spreads the exit depths over 1..8 (the report gives the distribu
 
 Both schedules run the same requests with the same exit rule and the same compiled stages, replayed
 from CUDA graphs (``--sync-every 1 2``: one depth run per number of loop iterations per tick, for each
-``--prefill-batch``: free slots gathered before waiting requests are admitted and prefilled together); the
+``--prefill-batch``: waiting requests prefilled together, ahead of need, onto standby rows); the
 report checks that every request's tokens and depths are identical and gives tokens/s, the ratio to
 static, milliseconds per tick, and the recurrent-block row evaluations each run paid for.
 
@@ -97,7 +97,7 @@ def main() -> None:
     p.add_argument("--sync-every", nargs="+", type=int, default=[1],
                    help="depth schedule: loop iterations per tick (one depth run per value)")
     p.add_argument("--prefill-batch", nargs="+", type=int, default=[1],
-                   help="depth schedule: free slots gathered before admitting waiting requests (one run per value)")
+                   help="depth schedule: waiting requests prefilled together onto standby rows (one run per value)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
 

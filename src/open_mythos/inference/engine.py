@@ -516,8 +516,8 @@ class Engine:
 
     def _prefill(self, slots: list[int], n_loops: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt forward of the slots' requests at ``n_loops`` loops, as one batch right-padded to a
-        length bucket: the logits (B, vocab) fp32 of each prompt's last token and the results of
-        ``_finish_stage`` (every row finished at n_loops)."""
+        length bucket: the logits (B, vocab) fp32 of each prompt's last token and its ``_results``
+        (every row finished at n_loops)."""
         prompts = [self.slots[s].request.prompt for s in slots]
         length = min(self._bucket_len(max(map(len, prompts))), self.max_len)
         rows = self._rows(slots)
