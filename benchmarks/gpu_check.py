@@ -8,6 +8,8 @@
 4. pure-bf16 model vs fp32 model (next-token distributions)
 5. inference engine, fp32: CUDA-graph stages vs eager stages (mixed exit rules, both schedules), and
    the engine at fixed depth vs OpenMythos.generate (fraction of differing tokens; limit 0)
+6. training with step_graph=true (the step as CUDA graphs) vs the uncaptured compiled trainer: losses over
+   sampled loop counts and two micro-batches, bf16 (``--only step_graph`` runs this alone)
 Error = ||out - ref|| / ||ref||; thresholds follow the bf16 / fp32 expectations.
 """
 
@@ -28,6 +30,8 @@ from open_mythos.attention import attention_backends
 from open_mythos.inference import Engine, ExitRule, Request
 from open_mythos.sampling import SamplingParams
 from open_mythos.moe import MoE
+from open_mythos.training.config import load_config
+from open_mythos.training.loop import Trainer
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -41,13 +45,36 @@ def small(attn: str) -> MythosConfig:
                         n_experts_per_tok=4, expert_dim=128, lora_rank=8)
 
 
+def step_graph_checks(checks: dict) -> None:
+    runs = {}
+    for graph in (False, True):
+        cfg = load_config("shakespeare-tiny", overrides=[
+            f"step_graph={str(graph).lower()}", "optim.muon_impl='batched'", "compile=true", "grad_accum=2",
+            "precision='bf16'", "loops.schedule='uniform'", "loops.mean=2", "loops.max_loops=3", "loops.backprop=0",
+            "sample_tokens=0", f"out_dir='/tmp/gpu_check_step_graph_{graph}'"])
+        trainer = Trainer(cfg, progress=False)
+        recs = []
+        for _ in range(10):
+            recs.append(trainer.train_step())
+            trainer.step += 1
+        runs[graph] = recs
+    losses = [torch.tensor([r["loss"] for r in runs[g]]) for g in (False, True)]
+    checks["step_graph_vs_uncaptured_bf16"] = {
+        "loss": rel(losses[1], losses[0]), "limit": 2e-2,
+        "graphed_steps": sum(r["graphed"] for r in runs[True]), "loops": [r["n_loops"] for r in runs[True]]}
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=None)
+    p.add_argument("--only", choices=["step_graph"], default=None, help="run one group of checks")
     args = p.parse_args()
     dev = "cuda"
     checks = {}
     torch.manual_seed(0)
+    step_graph_checks(checks)
+    if args.only == "step_graph":
+        return report(checks, args.out)
 
     # 1. MoE
     cfg = MythosConfig(dim=1024, n_experts=64, n_experts_per_tok=4, expert_dim=256, n_shared_experts=2)
@@ -126,9 +153,13 @@ def main() -> int:
         checks[f"{attn}_engine_vs_generate_fp32"] = {"requests_differing": sum(a != b for a, b in zip(ref, got)),
                                                     "limit": 0}
 
-    ok = all(all(v <= c["limit"] for k, v in c.items() if isinstance(v, (int, float)) and k != "limit")
-             for c in checks.values())
-    write_report("gpu_check", {"benchmark": "gpu_check", "env": env_info(), "checks": checks, "passed": ok}, args.out)
+    return report(checks, args.out)
+
+
+def report(checks: dict, out: str | None) -> int:
+    ok = all(all(v <= c["limit"] for k, v in c.items()
+                 if isinstance(v, (int, float)) and k not in ("limit", "graphed_steps")) for c in checks.values())
+    write_report("gpu_check", {"benchmark": "gpu_check", "env": env_info(), "checks": checks, "passed": ok}, out)
     return 0 if ok else 1
 
 

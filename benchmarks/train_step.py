@@ -5,7 +5,8 @@
 
 Variants, measured in the same run: naive per-expert-loop MoE (the prototype's dispatch) eager,
 our model eager, compiled (torch.compile of each block, the loop iteration once, and the loss), compiled
-with activation checkpointing of each loop, compiled with CUDA graphs (compile_mode='reduce-overhead'). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
+with activation checkpointing of each loop, compiled with CUDA graphs (compile_mode='reduce-overhead'), compiled
+with the whole step as CUDA graphs (step_graph=true: training/graphs.py). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ def measure(attn: str, variant: str, steps: int) -> dict:
     overrides = [*SPEC, f"model.attn_type='{attn}'", f"out_dir='/tmp/bench_{attn}_{variant}'",
                  f"compile={str(variant.startswith('compiled')).lower()}",
                  f"activation_checkpointing={str(variant.endswith('ckpt')).lower()}",
-                 f"compile_mode='{'reduce-overhead' if variant.endswith('cudagraphs') else 'default'}'"]
+                 f"compile_mode='{'reduce-overhead' if variant.endswith('cudagraphs') else 'default'}'",
+                 f"step_graph={str('step_graph' in variant).lower()}"]
     original = MoE.forward
     if variant == "naive_moe_eager":
         MoE.forward = lambda self, x: naive_moe(self, x)
@@ -60,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", nargs="+", default=["gqa", "mla"])
     p.add_argument("--variants", nargs="+", default=["naive_moe_eager", "eager", "compiled", "compiled_ckpt",
-                                                          "compiled_cudagraphs"])
+                                                          "compiled_cudagraphs", "compiled_step_graph"])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None)
     args = p.parse_args()

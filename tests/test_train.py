@@ -117,6 +117,51 @@ def test_compiled_training_steps_match_eager(tmp_path):
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
 
 
+def test_step_graph_trains_like_the_eager_trainer(tmp_path):
+    """step_graph=true (static gradients zeroed in the step, learning rates the update reads from tensors,
+    one forward graph per loop count: here run uncaptured, on CPU) gives the eager trainer's losses and
+    weights, over sampled loop counts and two micro-batches."""
+    runs = {}
+    for graph in (False, True):
+        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(
+            tmp_path / str(graph), f"step_graph={str(graph).lower()}", "optim.muon_impl='batched'", "grad_accum=2"))
+        trainer = Trainer(cfg, progress=False)
+        recs = []
+        for _ in range(5):
+            recs.append(trainer.train_step())
+            trainer.step += 1
+        runs[graph] = (recs, trainer)
+    (eager, t_eager), (graphed, t_graph) = runs[False], runs[True]
+    assert len({r["n_loops"] for r in eager}) > 1  # several loop counts: several forward graphs
+    assert [r["graphed"] for r in graphed] == [False, *[r["n_loops"] in {q["n_loops"] for q in graphed[:i]}
+                                                        for i, r in enumerate(graphed) if i > 0]]
+    assert [r["loss"] for r in graphed] == pytest.approx([r["loss"] for r in eager], rel=1e-5)
+    assert [r["grad_norm"] for r in graphed] == pytest.approx([r["grad_norm"] for r in eager], rel=1e-4)
+    for (name, p), q in zip(t_eager.model.named_parameters(), t_graph.model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_step_graph_skips_a_non_finite_step(tmp_path, monkeypatch):
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(
+        tmp_path, "step_graph=true", "optim.muon_impl='batched'", "loops.schedule='fixed'"))
+    trainer = Trainer(cfg, progress=False)
+    real = trainer.loss_fn
+    trainer.train_step()
+    monkeypatch.setattr(trainer, "loss_fn", lambda logits, labels: real(logits, labels) * float("nan"))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    rec = trainer.train_step()
+    assert rec["graphed"] and not rec["finite"]
+    assert all(torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
+
+
+def test_step_graph_config_errors():
+    with pytest.raises(ValueError, match="compile_mode='reduce-overhead' adds its own"):
+        load_config("shakespeare-tiny", overrides=["step_graph=true", "optim.muon_impl='batched'",
+                                                   "compile_mode='reduce-overhead'"])
+    with pytest.raises(ValueError, match="muon_impl='batched'"):
+        load_config("shakespeare-tiny", overrides=["step_graph=true", "optim.muon_impl='torch'"])
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     from conftest import tiny_config
 

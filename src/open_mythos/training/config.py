@@ -91,6 +91,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the blocks (the loop iteration once, reused per loop) and the loss
     compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_checkpointing: bool = False
+    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): one GPU, bf16/fp32
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
     seed: int = 0
     out_dir: str = "runs/default"
@@ -115,6 +116,12 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
+        if self.step_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
+            raise ValueError(f"step_graph=true captures the whole step in CUDA graphs; compile_mode="
+                             f"{self.compile_mode!r} adds its own: use 'default' or 'max-autotune-no-cudagraphs'")
+        if self.step_graph and self.optim.muon_impl != "batched":
+            raise ValueError("step_graph=true needs optim.muon_impl='batched' (torch.optim.Muon bakes the "
+                             "learning rate into a captured graph as a constant)")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.data.seq_len > self.model.max_seq_len:

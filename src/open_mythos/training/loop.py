@@ -33,6 +33,7 @@ from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
 from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents
 from .distributed import all_reduce_, init_distributed, mean_across_ranks, unwrap, wrap_model
+from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
 
 
@@ -69,7 +70,11 @@ class Trainer:
             model.compile_blocks(mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel)
-        self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile)
+        if cfg.step_graph and (self.info.world_size > 1 or (self.precision != "bf16" and self.device.type == "cuda")):
+            raise ValueError("step_graph=true runs on one process, in bf16 on a GPU (the fp32 expert path reads its "
+                             f"capacity on the host); got world size {self.info.world_size}, precision {self.precision}")
+        self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
+                                           capturable=cfg.step_graph and self.device.type == "cuda")
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
@@ -77,6 +82,7 @@ class Trainer:
         self._flops: dict[int, float] = {}
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self._restore(ckpt)
+        self.graphs = StepGraphs(self) if cfg.step_graph else None
 
     # ------------------------------------------------------------------ setup
     def _build_data(self) -> None:
@@ -123,29 +129,38 @@ class Trainer:
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
         n_loops = cfg.loops.sample(cfg.seed, self.step)
-        backprop = cfg.loops.backprop or None
         model.train()
         if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes with CUDA graphs
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs may be reused
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), device=self.device)
-        depth_sum = torch.zeros((), device=self.device)
-        for micro in range(cfg.grad_accum):
-            x, y = self.train_loader.next_batch()
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            last = micro == cfg.grad_accum - 1
-            sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
-            with sync, attention_backends():
-                with record_function("forward"), self.autocast():
-                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
-                with record_function("loss"):
-                    loss = self.loss_fn(logits, y) / cfg.grad_accum
-                with record_function("backward"):
-                    self.scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-            depth_sum += depth.mean() / cfg.grad_accum
+        batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
+        graphed = self.graphs is not None and self.graphs.ready(n_loops)
+        if graphed:
+            loss_sum, depth, grad_norm = self.graphs.forward_backward(n_loops, batches)
+        else:
+            with self.graphs.warmup(n_loops) if self.graphs is not None else contextlib.nullcontext():
+                batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
+                           for x, y in batches]
+                loss_sum, depth = self.forward_backward(n_loops, batches, zero_grads=self.graphs is not None)
+                grad_norm = self.clip_gradients()
         with record_function("optimizer"):
-            grad_norm, loss_value, finite = self._optimizer_step(loss_sum)
+            loss_value = mean_across_ranks(loss_sum)
+            finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
+            if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
+                if graphed:
+                    self.graphs.update()
+                else:
+                    with self.graphs.warmup(n_loops) if self.graphs is not None else contextlib.nullcontext():
+                        for opt in self.optimizers:
+                            self.scaler.step(opt)
+                    if self.graphs is not None:
+                        self.graphs.stepped = True
+                for sched in self.schedulers:
+                    sched.step()
+            self.scaler.update()
+            if self.graphs is None:  # step_graph keeps static gradients, zeroed inside the forward graph
+                for opt in self.optimizers:
+                    opt.zero_grad(set_to_none=True)
         base = unwrap(model)
         for m in base.moe_layers():
             all_reduce_(m.expert_load)
@@ -165,27 +180,42 @@ class Trainer:
             "mfu": self._flops[n_loops] * tok_s * self.info.world_size / peak if peak else None,
             "load_imbalance": float(load.max() / load.mean()) if load.sum() > 0 else None,
             "rho_A": base.recurrent.injection.spectral_radius(),
-            "act_depth": float(mean_across_ranks(depth_sum)),
+            "act_depth": float(mean_across_ranks(depth)),
+            "graphed": graphed,
         }
 
-    def _optimizer_step(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Unscale, clip, skip a non-finite step, step optimizers and schedulers, zero the gradients."""
+    def forward_backward(self, n_loops: int, batches: list[tuple[torch.Tensor, torch.Tensor]],
+                         zero_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward with ``n_loops`` loops, loss and backward over the micro-batches (on the device);
+        gradients accumulate into ``.grad``. Returns the loss and the mean ACT depth, as tensors.
+        ``zero_grads``: zero existing gradients first (step_graph keeps them allocated)."""
         cfg, model = self.cfg, self.model
+        if zero_grads and (grads := [p.grad for p in model.parameters() if p.grad is not None]):
+            torch._foreach_zero_(grads)
+        backprop = cfg.loops.backprop or None
+        loss_sum = torch.zeros((), device=self.device)
+        depth_sum = torch.zeros((), device=self.device)
+        for micro, (x, y) in enumerate(batches):
+            last = micro == len(batches) - 1
+            sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
+            with sync, attention_backends():
+                with record_function("forward"), self.autocast():
+                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
+                with record_function("loss"):
+                    loss = self.loss_fn(logits, y) / len(batches)
+                with record_function("backward"):
+                    self.scaler.scale(loss).backward()
+            loss_sum += loss.detach()
+            depth_sum += depth.mean() / len(batches)
+        return loss_sum, depth_sum
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Unscale (fp16) and clip the gradients to ``optim.grad_clip``; returns their total norm."""
         for opt in self.optimizers:
             self.scaler.unscale_(opt)
-        params = [p for p in model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else math.inf)
-        loss_value = mean_across_ranks(loss_sum)
-        finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
-        if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
-            for opt in self.optimizers:
-                self.scaler.step(opt)
-            for sched in self.schedulers:
-                sched.step()
-        self.scaler.update()
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=True)
-        return grad_norm, loss_value, finite
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        clip = self.cfg.optim.grad_clip
+        return torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else math.inf)
 
     # ------------------------------------------------------------------ the run
     def evaluate(self, n_loops: int | None = None) -> float:

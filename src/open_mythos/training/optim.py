@@ -44,7 +44,8 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of each matrix in g (..., m, n) by a quintic iteration
-    X <- a X + (b A + c A^2) X, A = X X^T, in bf16 (Keller Jordan's Muon; same as torch.optim.Muon)."""
+    X <- a X + (b A + c A^2) X, A = X X^T, in bf16 (Keller Jordan's Muon; same as torch.optim.Muon).
+    Returns bf16."""
     a, b, c = coefficients
     x = g.bfloat16()
     transposed = g.shape[-2] > g.shape[-1]
@@ -54,7 +55,24 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     for _ in range(steps):
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
-    return (x.mT if transposed else x).to(g.dtype)
+    return x.mT if transposed else x
+
+
+def muon_direction(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
+                   ns_steps: int, eps: float) -> torch.Tensor:
+    """For same-shape matrices: m <- mu m + (1 - mu) g in place, then NS(g + mu (m - g)) (Nesterov) or NS(m),
+    stacked (n, ..., out, in) in bf16."""
+    for m, g in zip(bufs, grads):
+        m.lerp_(g, 1 - momentum)
+    return newton_schulz(torch.stack([g.lerp(m, momentum) if nesterov else m for g, m in zip(grads, bufs)]),
+                         ns_steps, eps)
+
+
+def muon_apply(params: list[torch.Tensor], directions: torch.Tensor, lr: torch.Tensor, weight_decay: float,
+               scale: float) -> None:
+    """p <- p (1 - lr wd) - lr scale u for each parameter and its direction u (``lr``: a 0-dim tensor)."""
+    for p, u in zip(params, directions.unbind(0)):
+        p.mul_(1 - lr * weight_decay).add_(u.to(p.dtype) * (-lr * scale))
 
 
 class BatchedMuon(torch.optim.Optimizer):
@@ -62,35 +80,36 @@ class BatchedMuon(torch.optim.Optimizer):
 
     Same update as torch.optim.Muon applied to every trailing (out, in) matrix:
     m <- mu m + (1-mu) g;  u = NS(g + mu (m - g)) (Nesterov);  p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) u
+    Same-shape parameters share one batched Newton-Schulz.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
                  nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, compile: bool = False):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       nesterov=nesterov, ns_steps=ns_steps, eps=eps))
-        # compiled: each shape's 5 iterations become a few fused kernels instead of ~25 launches
-        self._orthogonalise = torch.compile(newton_schulz, dynamic=False) if compile else newton_schulz
+        # compiled: the momentum update, the stacking and the 5 iterations become a few fused kernels, and the
+        # parameter update one kernel per matrix (the learning rate is a tensor input: no recompiles)
+        self._direction = torch.compile(muon_direction, dynamic=False) if compile else muon_direction
+        self._apply = torch.compile(muon_apply, dynamic=False) if compile else muon_apply
 
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
         for group in self.param_groups:
-            lr, mu = group["lr"], group["momentum"]
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
-            grads = [p.grad for p in params]
-            bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in params]
-            torch._foreach_lerp_(bufs, grads, 1 - mu)
-            updates = torch._foreach_lerp(grads, bufs, mu) if group["nesterov"] else bufs
-            torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
-            by_shape: dict[torch.Size, list[int]] = defaultdict(list)
-            for i, p in enumerate(params):
-                by_shape[p.shape].append(i)
-            for shape, idx in by_shape.items():  # one batched Newton-Schulz per distinct shape
-                orth = self._orthogonalise(torch.stack([updates[i] for i in idx]), group["ns_steps"], group["eps"])
-                scale = math.sqrt(max(1.0, shape[-2] / shape[-1]))
-                torch._foreach_add_([params[i] for i in idx], list(orth.unbind(0)), alpha=-lr * scale)
+            lr = group["lr"]  # a float, or a 0-dim device tensor (captured step)
+            if not isinstance(lr, torch.Tensor):
+                lr = torch.full((), lr, device=params[0].device)
+            by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
+            for p in params:
+                by_shape[p.shape].append(p)
+            for shape, same in by_shape.items():
+                bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
+                directions = self._direction([p.grad for p in same], bufs, group["momentum"], group["nesterov"],
+                                             group["ns_steps"], group["eps"])
+                self._apply(same, directions, lr, group["weight_decay"], math.sqrt(max(1.0, shape[-2] / shape[-1])))
         return loss
 
 
@@ -130,9 +149,11 @@ class OptimConfig:
             raise ValueError(f"optim.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
 
 
-def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
+                     capturable: bool = False) -> list[torch.optim.Optimizer]:
     """[Muon (2-D), BatchedMuon (expert stacks), AdamW] — empty groups are left out. ``compile``:
-    BatchedMuon's Newton-Schulz iteration runs through torch.compile."""
+    BatchedMuon's Newton-Schulz iteration runs through torch.compile. ``capturable``: AdamW keeps its
+    step count on the GPU, so its step can be captured in a CUDA graph."""
     groups = param_groups(model)
     params = {k: [p for _, p in v] for k, v in groups.items()}
     opts: list[torch.optim.Optimizer] = []
@@ -150,7 +171,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False) 
     adamw_params = params["adamw"] + params["adamw_no_decay"]
     fused = bool(adamw_params) and all(type(p.data) is torch.Tensor and p.is_cuda for p in adamw_params)
     opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas,
-                                  fused=fused or None))  # one kernel for all tensors on a GPU (not DTensors)
+                                  fused=fused or None, capturable=capturable))  # one kernel for all tensors on a GPU (not DTensors)
     return opts
 
 
