@@ -110,3 +110,25 @@ def test_module_apply_still_works():
     seen = []
     model.apply(lambda m: seen.append(type(m).__name__))
     assert "DepthLoRA" in seen
+
+
+def test_matrices_cast_once_per_forward_match_per_loop_casts():
+    """Training under autocast, the shared block's matrices are cast once for all loops: the same forward,
+    gradients within bf16 rounding of the per-loop casts (summed over loops in bf16), and activation
+    checkpointing recomputes the same values."""
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config()).train()
+    ids = torch.randint(0, 97, (2, 8))
+    assert set(model.recurrent.matrices_in(torch.bfloat16)) == {
+        n for n, p in model.recurrent.block.named_parameters(prefix="block") if p.ndim >= 2}
+    results = []
+    for once, ckpt in ((False, False), (True, False), (True, True)):
+        model.zero_grad()
+        model.recurrent.cast_matrices_once, model.recurrent.checkpoint_loops = once, ckpt
+        with torch.autocast("cpu", torch.bfloat16):
+            out = model(ids, 3)
+        out.float().square().mean().backward()
+        results.append((out.float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
+    (out0, g0), (out1, g1), (out2, g2) = results
+    assert torch.equal(out1, out0) and torch.equal(out2, out1) and torch.equal(g2, g1)
+    assert 0 < (g1 - g0).norm() / g0.norm() < 1e-3

@@ -19,7 +19,7 @@ from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
 from .hub import CONFIG_NAME, WEIGHTS_NAME, write_config
-from .layers import Linear, RMSNorm, rope_angles, scaled_init_std
+from .layers import Linear, RMSNorm, compute_dtype, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
 from .sampling import SamplingParams, sample_next
@@ -79,7 +79,7 @@ class OpenMythos(nn.Module):
         x = self.embed(input_ids)
         for i, block in enumerate(self.prelude):
             x = block(x, rope, cache, ("prelude", i))
-        h, act_depth = self.recurrent(x, rope, n_loops, cache, backprop_loops)
+        h, act_depth = self.run_loop(x, rope, n_loops, cache, backprop_loops)
         for i, block in enumerate(self.coda):
             h = block(h, rope, cache, ("coda", i))
         if logits_at is not None:
@@ -88,6 +88,18 @@ class OpenMythos(nn.Module):
         if cache is not None:
             cache.advance(T)
         return (logits, act_depth) if return_act_depth else logits
+
+    def run_loop(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
+                 cache: KVCache | None, backprop_loops: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The recurrent block. Training under autocast, its shared matrices are cast to the autocast dtype
+        once for all n_loops iterations, not once per iteration inside each compiled one (eager autocast's
+        weight cache does the same for F.linear); their gradient is then summed over the loops in that
+        dtype (as FSDP2's mixed precision does) and cast back to fp32 once."""
+        dtype = compute_dtype(e)
+        if self.recurrent.cast_matrices_once and torch.is_grad_enabled() and dtype != e.dtype:
+            weights = self.recurrent.matrices_in(dtype)
+            return torch.func.functional_call(self.recurrent, weights, (e, rope, n_loops, cache, backprop_loops))
+        return self.recurrent(e, rope, n_loops, cache, backprop_loops)
 
     def _check_n_loops(self, n_loops: int | None) -> int:
         if n_loops is None:
@@ -119,6 +131,9 @@ class OpenMythos(nn.Module):
         for block in [*self.prelude, *self.coda]:
             block.compile(**compile_kwargs)
         self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)
+        # CUDA-graph trees (these modes) treat parameters as static inputs: matrices cast once per forward would
+        # be new tensors at every call (re-recorded graphs, measured 20x slower): there, cast inside each iteration
+        self.recurrent.cast_matrices_once = compile_kwargs.get("mode") not in ("reduce-overhead", "max-autotune")
         return self
 
     # ------------------------------------------------------------------------------ router

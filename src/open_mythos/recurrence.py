@@ -138,6 +138,7 @@ class RecurrentBlock(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # Coda sees the state's direction, not its scale
         self.checkpoint_loops = False  # activation checkpointing: recompute each loop in backward
         self.compiled_step = None     # set by OpenMythos.compile_blocks: `step` compiled once, used without cache
+        self.cast_matrices_once = True  # training under autocast: see OpenMythos.run_loop (off under FSDP)
 
     def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
              loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
@@ -151,6 +152,12 @@ class RecurrentBlock(nn.Module):
         if lora is not None:
             out = out + self.lora.delta(x, *lora)
         return self.injection(h, e, out)
+
+    def matrices_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The shared block's weight matrices cast to ``dtype``, by name (for ``torch.func.functional_call``);
+        matrices already in ``dtype`` are left out."""
+        return {name: p.to(dtype) for name, p in self.named_parameters()
+                if name.startswith("block.") and p.ndim >= 2 and p.dtype != dtype}
 
     def forward(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
                 cache: KVCache | None = None, backprop_loops: int | None = None
