@@ -3,6 +3,7 @@ loss, backward, optimizer: the ``record_function`` labels in ``Trainer.train_ste
 kernels by their own time, and (``--sdpa``) the SDPA backends at the SPEC shape.
 
     python benchmarks/profile_step.py --attn gqa [--set compile_mode='reduce-overhead'] [--sdpa]
+    python benchmarks/profile_step.py --attn gqa --set step_graph=true   # also: each graph's GPU time
 
 A phase whose GPU time is well below its wall time is CPU/launch-bound.
 """
@@ -38,6 +39,30 @@ def sdpa_table() -> None:
                 print(f"sdpa {name:14s} {be.name:20s} unsupported ({str(err).splitlines()[0][:80]})")
 
 
+# kernel-name patterns -> category, first match wins (CUDA kernels only: their names, not aten ops)
+CATEGORIES = [("attention", ("sdpa", "flash", "fmha", "attention")),
+              ("grouped GEMM", ("cutlass", "grouped")),
+              ("GEMM", ("nvjet", "gemm", "sm90_xmma", "cublas")),
+              ("sort / top-k", ("sort", "topk", "radix")),
+              ("optimizer (foreach / fused)", ("multi_tensor", "foreach", "fused_adam")),
+              ("triton (fused by inductor)", ("triton_",)),
+              ("copy", ("memcpy", "memset", "copy")),
+              ("elementwise / reduce (aten)", ("elementwise", "reduce", "index"))]
+
+
+def print_categories(events) -> None:
+    """GPU time by kernel category: which kind of work the step is made of."""
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.self_device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        name = e.key.lower()
+        cat = next((c for c, pats in CATEGORIES if any(p in name for p in pats)), "other")
+        totals[cat] = totals.get(cat, 0.0) + e.self_device_time_total / 1e3
+    for cat, ms in sorted(totals.items(), key=lambda kv: -kv[1]):
+        print(f"  kernels {cat:30s} {ms:7.2f} ms")
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", default="gqa")
@@ -54,6 +79,12 @@ def main() -> None:
         trainer.train_step()
     steps = [trainer.train_step()["tokens_per_s"] for _ in range(3)]
     print(f"{args.attn} {' '.join(args.set)}: tokens/s without profiler {[round(t) for t in steps]}", flush=True)
+    if trainer.graphs is not None:  # step_graph: the graphs' own GPU time vs the step's wall time
+        (graph, _), = trainer.graphs.forward_graphs.values()
+        fb, upd = (time_fn(lambda g=g: g.replay(), 2, 5) * 1e3 for g in (graph, trainer.graphs.update_graph))
+        wall = 8192 / max(steps) * 1e3
+        print(f"step graphs: forward+backward {fb:.2f} ms, update {upd:.2f} ms; best step {wall:.2f} ms wall "
+              f"-> {wall - fb - upd:.2f} ms outside the graphs", flush=True)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         rec = trainer.train_step()
@@ -63,6 +94,7 @@ def main() -> None:
     for e in events:
         if e.key in ("forward", "loss", "backward", "optimizer"):
             print(f"  phase {e.key:10s} CPU {e.cpu_time_total / 1e3:7.1f} ms   GPU {e.device_time_total / 1e3:7.1f} ms")
+    print_categories(events)
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
 
 
