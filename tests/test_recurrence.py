@@ -114,8 +114,8 @@ def test_module_apply_still_works():
 
 def test_matrices_cast_once_per_forward_match_per_loop_casts():
     """Training under autocast, the shared block's matrices are cast once for all loops: the same forward,
-    gradients within bf16 rounding of the per-loop casts (summed over loops in bf16), and activation
-    checkpointing recomputes the same values."""
+    gradients within bf16 rounding of the per-loop casts (summed over loops in bf16). Activation
+    checkpointing keeps the per-loop casts (its recomputation runs on the fp32 parameters)."""
     torch.manual_seed(0)
     model = OpenMythos(tiny_config()).train()
     ids = torch.randint(0, 97, (2, 8))
@@ -130,5 +130,5 @@ def test_matrices_cast_once_per_forward_match_per_loop_casts():
         out.float().square().mean().backward()
         results.append((out.float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (out0, g0), (out1, g1), (out2, g2) = results
-    assert torch.equal(out1, out0) and torch.equal(out2, out1) and torch.equal(g2, g1)
+    assert torch.equal(out1, out0) and torch.equal(out2, out0) and torch.equal(g2, g0)
     assert 0 < (g1 - g0).norm() / g0.norm() < 1e-3

@@ -162,6 +162,19 @@ def test_step_graph_config_errors():
         load_config("shakespeare-tiny", overrides=["step_graph=true", "optim.muon_impl='torch'"])
 
 
+def test_compiled_bf16_training_with_activation_checkpointing(tmp_path):
+    """Compiled, under bf16 autocast, activation checkpointing recomputes each loop and trains like without
+    it (there the recurrent matrices are cast per loop: the recomputation sees the fp32 parameters)."""
+    losses = {}
+    for ckpt in (False, True):
+        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(
+            tmp_path / str(ckpt), "compile=true", f"activation_checkpointing={str(ckpt).lower()}",
+            "precision='bf16'", "optim.muon_impl='batched'", "loops.schedule='fixed'"))
+        trainer = Trainer(cfg, progress=False)
+        losses[ckpt] = [trainer.train_step()["loss"] for _ in range(2)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-2)
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     from conftest import tiny_config
 

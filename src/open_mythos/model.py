@@ -94,12 +94,13 @@ class OpenMythos(nn.Module):
         """The recurrent block. Training under autocast, its shared matrices are cast to the autocast dtype
         once for all n_loops iterations, not once per iteration inside each compiled one (eager autocast's
         weight cache does the same for F.linear); their gradient is then summed over the loops in that
-        dtype (as FSDP2's mixed precision does) and cast back to fp32 once."""
+        dtype (as FSDP2's mixed precision does) and cast back to fp32 once. Not with activation
+        checkpointing: its recomputation runs after this call, on the fp32 parameters."""
+        rec = self.recurrent
         dtype = compute_dtype(e)
-        if self.recurrent.cast_matrices_once and torch.is_grad_enabled() and dtype != e.dtype:
-            weights = self.recurrent.matrices_in(dtype)
-            return torch.func.functional_call(self.recurrent, weights, (e, rope, n_loops, cache, backprop_loops))
-        return self.recurrent(e, rope, n_loops, cache, backprop_loops)
+        if rec.cast_matrices_once and not rec.checkpoint_loops and torch.is_grad_enabled() and dtype != e.dtype:
+            return torch.func.functional_call(rec, rec.matrices_in(dtype), (e, rope, n_loops, cache, backprop_loops))
+        return rec(e, rope, n_loops, cache, backprop_loops)
 
     def _check_n_loops(self, n_loops: int | None) -> int:
         if n_loops is None:
