@@ -54,8 +54,9 @@ def print_categories(events) -> None:
     """GPU time by kernel category: which kind of work the step is made of."""
     totals: dict[str, float] = {}
     for e in events:
-        if e.self_device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CUDA:
-            continue
+        if (e.self_device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CUDA
+                or e.key in ("forward", "loss", "backward", "optimizer") or e.key.startswith("Optimizer.")):
+            continue  # record_function ranges, not kernels
         name = e.key.lower()
         cat = next((c for c, pats in CATEGORIES if any(p in name for p in pats)), "other")
         totals[cat] = totals.get(cat, 0.0) + e.self_device_time_total / 1e3

@@ -2,6 +2,7 @@
 `Trainer`, SPEC config, bf16 autocast with fp32 master weights, 8 loops, batch 8 x 1024.
 
     python benchmarks/train_step.py [--attn gqa mla] [--out benchmarks/results/h100]
+    python benchmarks/train_step.py --plot REPORT.json [REPORT.json ...] --out DIR   # train_step.png
 
 Variants, measured in the same run: naive per-expert-loop MoE (the prototype's dispatch) eager,
 our model eager, compiled (torch.compile of each block, the loop iteration once, and the loss), compiled
@@ -12,7 +13,9 @@ with the whole step as CUDA graphs (step_graph=true: training/graphs.py). MFU = 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
+from pathlib import Path
 
 import torch
 
@@ -58,6 +61,24 @@ def measure(attn: str, variant: str, steps: int) -> dict:
     return out
 
 
+def plot(paths: list[str], out: str) -> None:
+    """Tokens/s of every variant in the given reports, one bar group per attention type, target line."""
+    from open_mythos.plot import plt
+
+    rows = [(attn, variant, r["tokens_per_s"]) for path in paths
+            for attn, variants in json.loads(Path(path).read_text())["results"].items() for variant, r in variants.items()]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    labels = [f"{attn.upper()} {variant}" for attn, variant, _ in rows]
+    ax.barh(labels, [t / 1e3 for *_, t in rows], color=["C0" if a == "gqa" else "C1" for a, *_ in rows])
+    ax.axvline(300, color="k", ls="--", label="target 300k")
+    ax.set_xlabel("training tokens/s (thousands), SPEC config, batch 8 x 1024, 8 loops")
+    ax.invert_yaxis()
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fig.savefig(Path(out) / "train_step.png", dpi=120)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", nargs="+", default=["gqa", "mla"])
@@ -65,7 +86,10 @@ def main() -> None:
                                                           "compiled_cudagraphs", "compiled_step_graph"])
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--out", default=None)
+    p.add_argument("--plot", nargs="+", default=None, help="only plot these reports into --out/train_step.png")
     args = p.parse_args()
+    if args.plot:
+        return plot(args.plot, args.out or ".")
     from open_mythos.flops import flops_per_token
     results = {}
     for attn in args.attn:
