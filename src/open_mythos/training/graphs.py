@@ -47,9 +47,9 @@ class StepGraphs:
         return n_loops in self.warm and self.stepped
 
     @contextlib.contextmanager
-    def warmup(self, n_loops: int):
-        """Context for an uncaptured step: runs it on the capture stream, then keeps its gradients as the
-        static ones."""
+    def warmup(self, n_loops: int, optimizer_step: bool = False):
+        """Context for an uncaptured step (its forward/backward, or its ``optimizer_step``): runs it on the
+        capture stream, then keeps its gradients as the static ones."""
         if self.capture:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
@@ -58,6 +58,7 @@ class StepGraphs:
         else:
             yield
         self.warm.add(n_loops)
+        self.stepped |= optimizer_step
         for p in self.trainer.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)

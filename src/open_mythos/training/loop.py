@@ -51,6 +51,9 @@ class Trainer:
         self.info = init_distributed(cfg.device)
         self.device = self.info.device
         self.precision = resolve_precision(cfg.precision, self.device)
+        if cfg.step_graph and (self.info.world_size > 1 or (self.precision != "bf16" and self.device.type == "cuda")):
+            raise ValueError("step_graph=true runs on one process, in bf16 on a GPU (the fp32 expert path reads its "
+                             f"capacity on the host); got world size {self.info.world_size}, precision {self.precision}")
         self.progress = progress
         torch.manual_seed(cfg.seed)
         self.run_dir = Path(cfg.out_dir)
@@ -70,9 +73,6 @@ class Trainer:
             model.compile_blocks(mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel)
-        if cfg.step_graph and (self.info.world_size > 1 or (self.precision != "bf16" and self.device.type == "cuda")):
-            raise ValueError("step_graph=true runs on one process, in bf16 on a GPU (the fp32 expert path reads its "
-                             f"capacity on the host); got world size {self.info.world_size}, precision {self.precision}")
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
                                            capturable=cfg.step_graph and self.device.type == "cuda")
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
@@ -138,7 +138,7 @@ class Trainer:
         if graphed:
             loss_sum, depth, grad_norm = self.graphs.forward_backward(n_loops, batches)
         else:
-            with self.graphs.warmup(n_loops) if self.graphs is not None else contextlib.nullcontext():
+            with self._uncaptured(n_loops):
                 batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                            for x, y in batches]
                 loss_sum, depth = self.forward_backward(n_loops, batches, zero_grads=self.graphs is not None)
@@ -150,11 +150,9 @@ class Trainer:
                 if graphed:
                     self.graphs.update()
                 else:
-                    with self.graphs.warmup(n_loops) if self.graphs is not None else contextlib.nullcontext():
+                    with self._uncaptured(n_loops, optimizer_step=True):
                         for opt in self.optimizers:
                             self.scaler.step(opt)
-                    if self.graphs is not None:
-                        self.graphs.stepped = True
                 for sched in self.schedulers:
                     sched.step()
             self.scaler.update()
@@ -183,6 +181,10 @@ class Trainer:
             "act_depth": float(mean_across_ranks(depth)),
             "graphed": graphed,
         }
+
+    def _uncaptured(self, n_loops: int, optimizer_step: bool = False):
+        """Context for work outside CUDA graphs; with step_graph it warms up the graphs (graphs.py)."""
+        return self.graphs.warmup(n_loops, optimizer_step) if self.graphs is not None else contextlib.nullcontext()
 
     def forward_backward(self, n_loops: int, batches: list[tuple[torch.Tensor, torch.Tensor]],
                          zero_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
