@@ -39,6 +39,7 @@ def sdpa_table() -> None:
                 print(f"sdpa {name:14s} {be.name:20s} unsupported ({str(err).splitlines()[0][:80]})")
 
 
+PHASES = ("forward", "loss", "backward", "optimizer")  # Trainer.train_step's record_function labels
 # kernel-name patterns -> category, first match wins (CUDA kernels only: their names, not aten ops)
 CATEGORIES = [("attention", ("sdpa", "flash", "fmha", "attention")),
               ("grouped GEMM", ("cutlass", "grouped")),
@@ -55,7 +56,7 @@ def print_categories(events) -> None:
     totals: dict[str, float] = {}
     for e in events:
         if (e.self_device_time_total <= 0 or e.device_type != torch.autograd.DeviceType.CUDA
-                or e.key in ("forward", "loss", "backward", "optimizer") or e.key.startswith("Optimizer.")):
+                or e.key in PHASES or e.key.startswith("Optimizer.")):
             continue  # record_function ranges, not kernels
         name = e.key.lower()
         cat = next((c for c, pats in CATEGORIES if any(p in name for p in pats)), "other")
@@ -93,7 +94,7 @@ def main() -> None:
     kernels_ms = sum(e.self_device_time_total for e in events) / 1e3
     print(f"profiled step: {8192 / rec['tokens_per_s'] * 1e3:.1f} ms wall, {kernels_ms:.1f} ms of GPU kernels")
     for e in events:
-        if e.key in ("forward", "loss", "backward", "optimizer"):
+        if e.key in PHASES:
             print(f"  phase {e.key:10s} CPU {e.cpu_time_total / 1e3:7.1f} ms   GPU {e.device_time_total / 1e3:7.1f} ms")
     print_categories(events)
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))

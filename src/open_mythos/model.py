@@ -24,6 +24,8 @@ from .moe import MoE
 from .recurrence import RecurrentBlock
 from .sampling import SamplingParams, sample_next
 
+CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that add cudagraph trees
+
 
 class OpenMythos(nn.Module):
     def __init__(self, cfg: MythosConfig):
@@ -134,7 +136,7 @@ class OpenMythos(nn.Module):
         self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)
         # CUDA-graph trees (these modes) treat parameters as static inputs: matrices cast once per forward would
         # be new tensors at every call (re-recorded graphs, measured 20x slower): there, cast inside each iteration
-        self.recurrent.cast_matrices_once = compile_kwargs.get("mode") not in ("reduce-overhead", "max-autotune")
+        self.recurrent.cast_matrices_once = compile_kwargs.get("mode") not in CUDAGRAPH_COMPILE_MODES
         return self
 
     # ------------------------------------------------------------------------------ router

@@ -138,7 +138,7 @@ class RecurrentBlock(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # Coda sees the state's direction, not its scale
         self.checkpoint_loops = False  # activation checkpointing: recompute each loop in backward
         self.compiled_step = None     # set by OpenMythos.compile_blocks: `step` compiled once, used without cache
-        self.cast_matrices_once = True  # training under autocast: see OpenMythos.run_loop (off under FSDP)
+        self.cast_matrices_once = True  # training under autocast: see OpenMythos.run_loop (off: FSDP, cudagraph trees)
 
     def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
              loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from ..config import MythosConfig, check_field_types
+from ..model import CUDAGRAPH_COMPILE_MODES
 from .data import DataConfig
 from .optim import OptimConfig
 
@@ -91,7 +92,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the blocks (the loop iteration once, reused per loop) and the loss
     compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_checkpointing: bool = False
-    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): one GPU, bf16/fp32
+    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): one process, bf16 on a GPU
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
     seed: int = 0
     out_dir: str = "runs/default"
@@ -116,7 +117,7 @@ class TrainConfig:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"compile_mode must be one of {COMPILE_MODES}, got {self.compile_mode!r}")
-        if self.step_graph and self.compile_mode in ("reduce-overhead", "max-autotune"):
+        if self.step_graph and self.compile_mode in CUDAGRAPH_COMPILE_MODES:
             raise ValueError(f"step_graph=true captures the whole step in CUDA graphs; compile_mode="
                              f"{self.compile_mode!r} adds its own: use 'default' or 'max-autotune-no-cudagraphs'")
         if self.step_graph and self.optim.muon_impl != "batched":

@@ -67,8 +67,9 @@ class StepGraphs:
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Replay (capturing first if new) the forward graph for ``n_loops`` on ``batches``; returns copies
         of (summed loss, mean ACT depth, grad norm)."""
-        if self.inputs is None:
-            self.inputs = [(x.to(self.trainer.device), y.to(self.trainer.device)) for x, y in batches]
+        if self.inputs is None:  # fresh tensors: on a CPU .to() would alias the loader's batch
+            device = self.trainer.device
+            self.inputs = [(torch.empty_like(x, device=device), torch.empty_like(y, device=device)) for x, y in batches]
         for (xs, ys), (x, y) in zip(self.inputs, batches):
             xs.copy_(x, non_blocking=True)
             ys.copy_(y, non_blocking=True)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from ..attention import attention_backends
 from ..eval.perplexity import format_sweep, lm_loss, loop_sweep
 from ..flops import flops_per_token, peak_flops
-from ..model import OpenMythos
+from ..model import CUDAGRAPH_COMPILE_MODES, OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
@@ -130,7 +130,7 @@ class Trainer:
         cfg, model = self.cfg, self.model
         n_loops = cfg.loops.sample(cfg.seed, self.step)
         model.train()
-        if cfg.compile and cfg.compile_mode in ("reduce-overhead", "max-autotune"):  # the modes with CUDA graphs
+        if cfg.compile and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs may be reused
         t0 = time.perf_counter()
         batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]

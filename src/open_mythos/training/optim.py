@@ -152,8 +152,8 @@ class OptimConfig:
 def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
                      capturable: bool = False) -> list[torch.optim.Optimizer]:
     """[Muon (2-D), BatchedMuon (expert stacks), AdamW] — empty groups are left out. ``compile``:
-    BatchedMuon's Newton-Schulz iteration runs through torch.compile. ``capturable``: AdamW keeps its
-    step count on the GPU, so its step can be captured in a CUDA graph."""
+    BatchedMuon's direction (momentum + Newton-Schulz) and update run through torch.compile.
+    ``capturable``: AdamW keeps its step count on the GPU, so its step can be captured in a CUDA graph."""
     groups = param_groups(model)
     params = {k: [p for _, p in v] for k, v in groups.items()}
     opts: list[torch.optim.Optimizer] = []
@@ -169,9 +169,10 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
     adamw_groups = [{"params": params["adamw"], "weight_decay": cfg.weight_decay},
                     {"params": params["adamw_no_decay"], "weight_decay": 0.0}]
     adamw_params = params["adamw"] + params["adamw_no_decay"]
+    # fused: one kernel for all tensors on a GPU (not DTensors)
     fused = bool(adamw_params) and all(type(p.data) is torch.Tensor and p.is_cuda for p in adamw_params)
     opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas,
-                                  fused=fused or None, capturable=capturable))  # one kernel for all tensors on a GPU (not DTensors)
+                                  fused=fused or None, capturable=capturable))
     return opts
 
 
