@@ -11,6 +11,8 @@ A phase whose GPU time is well below its wall time is CPU/launch-bound.
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -65,12 +67,42 @@ def print_categories(events) -> None:
         print(f"  kernels {cat:30s} {ms:7.2f} ms")
 
 
+def graph_kernels(graph: torch.cuda.CUDAGraph) -> list[tuple[str, float]]:
+    """The CUDA kernels of one replay of ``graph``, in launch order: (name, microseconds)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return [(e.name, e.time_range.elapsed_us()) for e in sorted(kernels, key=lambda e: e.time_range.start)]
+
+
+def write_timeline(trainer, path: str) -> None:
+    (graph, _), = trainer.graphs.forward_graphs.values()
+    timeline = {"forward_backward": graph_kernels(graph), "update": graph_kernels(trainer.graphs.update_graph)}
+    Path(path).write_text(json.dumps(timeline))
+    for name, kernels in timeline.items():
+        print(f"timeline {name}: {len(kernels)} kernels, {sum(us for _, us in kernels) / 1e3:.2f} ms", flush=True)
+
+
+def loop_sweep_times(trainer, loop_counts: list[int]) -> None:
+    """GPU time of the forward+backward graph for each loop count: the slope is the cost of one loop."""
+    for n in loop_counts:
+        trainer.cfg.loops.mean = trainer.cfg.loops.max_loops = n
+        for _ in range(3):
+            trainer.train_step()
+        graph, _ = trainer.graphs.forward_graphs[n]
+        print(f"loop sweep: {n} loops, forward+backward graph {time_fn(graph.replay, 2, 5) * 1e3:.2f} ms", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", default="gqa")
     p.add_argument("--set", nargs="*", default=[], help="extra TrainConfig overrides, e.g. compile_mode='reduce-overhead'")
     p.add_argument("--sdpa", action="store_true", help="also time each SDPA backend at the SPEC shape")
     p.add_argument("--rows", type=int, default=25)
+    p.add_argument("--timeline", help="step_graph: write each graph's kernels in launch order (name, us) to this JSON")
+    p.add_argument("--loop-sweep", nargs="*", type=int, default=[],
+                   help="step_graph: forward+backward graph GPU time at these loop counts (per-loop cost = slope)")
     args = p.parse_args()
     if args.sdpa:
         sdpa_table()
@@ -87,6 +119,10 @@ def main() -> None:
         wall = 8192 / max(steps) * 1e3
         print(f"step graphs: forward+backward {fb:.2f} ms, update {upd:.2f} ms; best step {wall:.2f} ms wall "
               f"-> {wall - fb - upd:.2f} ms outside the graphs", flush=True)
+    if trainer.graphs is not None and args.timeline:
+        write_timeline(trainer, args.timeline)
+    if trainer.graphs is not None and args.loop_sweep:
+        loop_sweep_times(trainer, args.loop_sweep)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
                                             torch.profiler.ProfilerActivity.CUDA]) as prof:
         rec = trainer.train_step()
@@ -98,6 +134,8 @@ def main() -> None:
             print(f"  phase {e.key:10s} CPU {e.cpu_time_total / 1e3:7.1f} ms   GPU {e.device_time_total / 1e3:7.1f} ms")
     print_categories(events)
     print(events.table(sort_by="self_device_time_total", row_limit=args.rows, max_name_column_width=70))
+    print("host side (CPU time by op; with step_graph: graph launches, copies, syncs):")
+    print(events.table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=70))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,23 @@ def test_newton_schulz_orthogonalises():
     assert s.min() > 0.5 and s.max() < 1.5  # the quintic iteration's known band around 1
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 16, 48), (40, 24)])  # a stack of expert stacks; a tall matrix
+def test_newton_schulz_matches_the_textbook_iteration(shape):
+    """The baddbmm-fused iteration is X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation."""
+    torch.manual_seed(0)
+    g = torch.randn(shape)
+    a, b, c = 3.4445, -4.775, 2.0315
+    x = g.double().mT if shape[-2] > shape[-1] else g.double()
+    x = x / x.norm(dim=(-2, -1), keepdim=True)
+    for _ in range(5):
+        A = x @ x.mT
+        x = a * x + (b * A + c * A @ A) @ x
+    ref = x.mT if shape[-2] > shape[-1] else x
+    out = newton_schulz(g)
+    assert out.shape == g.shape and out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.05)  # bf16 iterations of entries ~0.1-0.3
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon not in this torch")
 @pytest.mark.parametrize("compiled", [False, True])
 def test_batched_muon_equals_torch_muon_per_slice(compiled):

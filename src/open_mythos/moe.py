@@ -58,12 +58,23 @@ def _padded_bmm(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     return torch.bmm(padded, weight.transpose(1, 2))[expert_ids, slot]
 
 
+def _narrow(ids: torch.Tensor, bound: int) -> torch.Tensor:
+    """Integer ids in [0, bound) as the narrowest dtype that holds them: a GPU radix sort makes one pass
+    per key byte (8 for int64, 1 for uint8)."""
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        if bound <= torch.iinfo(dtype).max + 1:
+            return ids.to(dtype)
+    return ids
+
+
+
 def topk_by_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (N, k) of the k largest scores per row, largest first, ties to the lower index.
 
     rank_i = #{j : s_j > s_i} + #{j < i : s_j = s_i};  id_r = sum_i i [rank_i = r].
     Costs O(E^2) per row, so only for a few rows (decoding): there torch.compile fuses it into one
-    small kernel, where torch.topk launches a ~9 us sort.
+    small kernel, where torch.topk launches a ~9 us sort. (For a training batch of 8192 tokens at E = 64
+    it is no faster than torch.topk: 38.5 vs 37.9 us on an H100.)
     """
     idx = torch.arange(scores.shape[-1], device=scores.device)
     s_i, s_j = scores.unsqueeze(-1), scores.unsqueeze(-2)
@@ -159,7 +170,7 @@ class MoE(nn.Module):
     def _grouped(self, x: torch.Tensor, flat: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Sort the assignments by expert, one grouped GEMM per projection, unsort. Returns (N * k, D)
         in (token, slot) order."""
-        order = flat.argsort(stable=True)                     # assignments sorted by expert
+        order = _narrow(flat, self.n_experts).argsort(stable=True)  # assignments sorted by expert
         inverse = torch.empty_like(order).scatter_(0, order, torch.arange(order.numel(), device=order.device))
         offsets = counts.cumsum(0).to(torch.int32)
         sorted_ids = flat[order]

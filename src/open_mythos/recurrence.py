@@ -138,6 +138,7 @@ class RecurrentBlock(nn.Module):
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # Coda sees the state's direction, not its scale
         self.checkpoint_loops = False  # activation checkpointing: recompute each loop in backward
         self.compiled_step = None     # set by OpenMythos.compile_blocks: `step` compiled once, used without cache
+        self.compiled_halt = None     # ... and `halt`
         self.cast_matrices_once = True  # training under autocast: see OpenMythos.run_loop (off: FSDP, cudagraph trees)
 
     def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
@@ -152,6 +153,18 @@ class RecurrentBlock(nn.Module):
         if lora is not None:
             out = out + self.lora.delta(x, *lora)
         return self.injection(h, e, out)
+
+    def halt(self, h: torch.Tensor, cum: torch.Tensor, depth: torch.Tensor, mixture: torch.Tensor | None,
+             is_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """ACT bookkeeping after an iteration: depth += [cum < threshold]; w_t from the halting unit,
+        cum += w_t; mixture += w_t h_t (``loop_output="act"``). Returns (cum, depth, mixture).
+
+        With ``loop_output="final"`` the weights only measure depth: no gradient flows through them."""
+        depth = depth + (cum < self.act.threshold).float()
+        weight, cum = self.act.step(h if mixture is not None else h.detach(), cum, is_last)
+        if mixture is not None:
+            mixture = mixture + weight.unsqueeze(-1) * h.float()
+        return cum, depth, mixture
 
     def matrices_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The shared block's weight matrices cast to ``dtype``, by name (for ``torch.func.functional_call``);
@@ -174,7 +187,8 @@ class RecurrentBlock(nn.Module):
         first_grad_loop = 0 if backprop_loops is None else max(0, n_loops - backprop_loops)
         last = self.cfg.max_loop_iters - 1
         embs = loop_embeddings(min(n_loops, last + 1), e.shape[-1], self.cfg.loop_embed_scale, e.device, e.dtype)
-        step = self.compiled_step if cache is None and self.compiled_step is not None else self.step
+        compiled = cache is None and self.compiled_step is not None
+        step, halt = (self.compiled_step, self.compiled_halt) if compiled else (self.step, self.halt)
         for t in range(n_loops):
             emb, lora = embs[min(t, last)], self.lora.adapter(t) if self.lora is not None else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
@@ -182,8 +196,5 @@ class RecurrentBlock(nn.Module):
                     h = checkpoint(step, h, e, rope, emb, lora, use_reentrant=False)
                 else:
                     h = step(h, e, rope, emb, lora, cache, cache.loop_key(t) if cache is not None else None)
-            depth = depth + (cum < self.act.threshold).float()
-            weight, cum = self.act.step(h, cum, is_last=t == n_loops - 1)
-            if mixture is not None:
-                mixture = mixture + weight.unsqueeze(-1) * h.float()
+            cum, depth, mixture = halt(h, cum, depth, mixture, is_last=t == n_loops - 1)
         return self.out_norm(h if mixture is None else mixture.to(e.dtype)), depth

@@ -45,16 +45,23 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
                   coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of each matrix in g (..., m, n) by a quintic iteration
     X <- a X + (b A + c A^2) X, A = X X^T, in bf16 (Keller Jordan's Muon; same as torch.optim.Muon).
-    Returns bf16."""
+    Returns bf16.
+
+    Both sums are ``baddbmm`` epilogues (beta * input + alpha * product inside the matmul), so each
+    iteration is three matmuls and no separate elementwise pass over X or A."""
     a, b, c = coefficients
     x = g.bfloat16()
     transposed = g.shape[-2] > g.shape[-1]
     if transposed:
         x = x.mT
+    shape = x.shape
+    x = x.reshape(-1, *shape[-2:])  # baddbmm: one batch dim
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         A = x @ x.mT
-        x = a * x + (b * A + c * A @ A) @ x
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        x = torch.baddbmm(x, B, x, beta=a)            # a X + B X
+    x = x.reshape(shape)
     return x.mT if transposed else x
 
 
