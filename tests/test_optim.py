@@ -103,3 +103,29 @@ def test_batched_muon_groups_shapes_like_separate_steps():
         opt.step()
     for t, ref in zip((a, b, c), copies):
         torch.testing.assert_close(t, ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_batched_muon_found_inf_skips_on_the_device(compiled):
+    """found_inf = 1 (what step_graph sets for a non-finite step): parameters and momentum stay as they are;
+    found_inf = 0: the same step as without the attribute."""
+    torch.manual_seed(0)
+    init = torch.randn(3, 8, 16)
+    params = [torch.nn.Parameter(init.clone()) for _ in range(2)]
+    opts = [BatchedMuon([p], lr=torch.tensor(0.05), momentum=0.9, compile=compiled) for p in params]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for opt in opts:
+        opt.step()  # a first step: non-zero momentum
+    grad = torch.randn(3, 8, 16)
+    for p in params:
+        p.grad = grad.clone()
+    before = params[0].detach().clone(), opts[0].state[params[0]]["momentum_buffer"].clone()
+    opts[0].found_inf = torch.ones(())
+    opts[0].step()
+    assert torch.equal(params[0].detach(), before[0])
+    assert torch.equal(opts[0].state[params[0]]["momentum_buffer"], before[1])
+    opts[0].found_inf = torch.zeros(())
+    opts[0].step()
+    opts[1].step()
+    torch.testing.assert_close(params[0].detach(), params[1].detach(), rtol=0, atol=1e-6)

@@ -75,7 +75,7 @@ class Trainer:
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel)
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
-                                           capturable=cfg.step_graph and self.device.type == "cuda")
+                                           capturable=cfg.step_graph)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
@@ -138,6 +138,7 @@ class Trainer:
         graphed = self.graphs is not None and self.graphs.ready(n_loops)
         if graphed:
             loss_sum, depth, grad_norm = self.graphs.forward_backward(n_loops, batches)
+            self.graphs.update()  # launched before the host reads the loss: a non-finite step skips itself on the device
         else:
             with self._uncaptured(n_loops):
                 batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
@@ -148,9 +149,7 @@ class Trainer:
             loss_value = mean_across_ranks(loss_sum)
             finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
             if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
-                if graphed:
-                    self.graphs.update()
-                else:
+                if not graphed:
                     with self._uncaptured(n_loops, optimizer_step=True):
                         for opt in self.optimizers:
                             self.scaler.step(opt)

@@ -66,20 +66,27 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 def muon_direction(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
-                   ns_steps: int, eps: float) -> torch.Tensor:
+                   ns_steps: int, eps: float, found_inf: torch.Tensor | None = None) -> torch.Tensor:
     """For same-shape matrices: m <- mu m + (1 - mu) g in place, then NS(g + mu (m - g)) (Nesterov) or NS(m),
-    stacked (n, ..., out, in) in bf16."""
+    stacked (n, ..., out, in) in bf16. ``found_inf`` > 0 (a device scalar): the momentum is left as it is."""
     for m, g in zip(bufs, grads):
-        m.lerp_(g, 1 - momentum)
+        if found_inf is None:
+            m.lerp_(g, 1 - momentum)
+        else:
+            m.copy_(torch.where(found_inf > 0, m, m.lerp(g, 1 - momentum)))
     return newton_schulz(torch.stack([g.lerp(m, momentum) if nesterov else m for g, m in zip(grads, bufs)]),
                          ns_steps, eps)
 
 
 def muon_apply(params: list[torch.Tensor], directions: torch.Tensor, lr: torch.Tensor, weight_decay: float,
-               scale: float) -> None:
-    """p <- p (1 - lr wd) - lr scale u for each parameter and its direction u (``lr``: a 0-dim tensor)."""
+               scale: float, found_inf: torch.Tensor | None = None) -> None:
+    """p <- p (1 - lr wd) - lr scale u for each parameter and its direction u (``lr``: a 0-dim tensor);
+    ``found_inf`` > 0: p is left as it is."""
     for p, u in zip(params, directions.unbind(0)):
-        p.mul_(1 - lr * weight_decay).add_(u.to(p.dtype) * (-lr * scale))
+        if found_inf is None:
+            p.mul_(1 - lr * weight_decay).add_(u.to(p.dtype) * (-lr * scale))
+        else:
+            p.copy_(torch.where(found_inf > 0, p, p * (1 - lr * weight_decay) - u.to(p.dtype) * (lr * scale)))
 
 
 class BatchedMuon(torch.optim.Optimizer):
@@ -88,6 +95,9 @@ class BatchedMuon(torch.optim.Optimizer):
     Same update as torch.optim.Muon applied to every trailing (out, in) matrix:
     m <- mu m + (1-mu) g;  u = NS(g + mu (m - g)) (Nesterov);  p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) u
     Same-shape parameters share one batched Newton-Schulz.
+
+    Like torch's fused Adam/AdamW, a ``found_inf`` attribute (a device scalar, set by the caller) makes
+    the step skip itself on the device when it is > 0: no host sync is needed to skip a non-finite step.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
@@ -107,6 +117,7 @@ class BatchedMuon(torch.optim.Optimizer):
             if not params:
                 continue
             lr = group["lr"]  # a float, or a 0-dim device tensor (captured step)
+            found_inf = getattr(self, "found_inf", None)
             if not isinstance(lr, torch.Tensor):
                 lr = torch.full((), lr, device=params[0].device)
             by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
@@ -115,8 +126,9 @@ class BatchedMuon(torch.optim.Optimizer):
             for shape, same in by_shape.items():
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
                 directions = self._direction([p.grad for p in same], bufs, group["momentum"], group["nesterov"],
-                                             group["ns_steps"], group["eps"])
-                self._apply(same, directions, lr, group["weight_decay"], math.sqrt(max(1.0, shape[-2] / shape[-1])))
+                                             group["ns_steps"], group["eps"], found_inf)
+                self._apply(same, directions, lr, group["weight_decay"], math.sqrt(max(1.0, shape[-2] / shape[-1])),
+                            found_inf)
         return loss
 
 
@@ -160,7 +172,9 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
                      capturable: bool = False) -> list[torch.optim.Optimizer]:
     """[Muon (2-D), BatchedMuon (expert stacks), AdamW] — empty groups are left out. ``compile``:
     BatchedMuon's direction (momentum + Newton-Schulz) and update run through torch.compile.
-    ``capturable``: AdamW keeps its step count on the GPU, so its step can be captured in a CUDA graph."""
+    ``capturable``: AdamW keeps its step count on the device, so its step can be captured in a CUDA graph.
+    AdamW is fused (one kernel for all tensors, on GPU and CPU; its ``found_inf`` skip, which step_graph
+    uses, needs it) unless its parameters are DTensors (FSDP)."""
     groups = param_groups(model)
     params = {k: [p for _, p in v] for k, v in groups.items()}
     opts: list[torch.optim.Optimizer] = []
@@ -176,8 +190,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
     adamw_groups = [{"params": params["adamw"], "weight_decay": cfg.weight_decay},
                     {"params": params["adamw_no_decay"], "weight_decay": 0.0}]
     adamw_params = params["adamw"] + params["adamw_no_decay"]
-    # fused: one kernel for all tensors on a GPU (not DTensors)
-    fused = bool(adamw_params) and all(type(p.data) is torch.Tensor and p.is_cuda for p in adamw_params)
+    fused = bool(adamw_params) and all(type(p.data) is torch.Tensor for p in adamw_params)
     opts.append(torch.optim.AdamW([g for g in adamw_groups if g["params"]], lr=cfg.adamw_lr, betas=cfg.betas,
                                   fused=fused or None, capturable=capturable))
     return opts
