@@ -94,12 +94,15 @@ class StepGraphs:
         self.found_inf.copy_(~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)))
         return torch.stack([loss_sum, depth, grad_norm])
 
-    def update(self) -> None:
+    def update(self, capture: bool = True) -> None:
         """Every optimizer's step, as the update graph (recorded on first use); a step whose forward graph set
-        ``found_inf`` changes nothing."""
+        ``found_inf`` changes nothing. ``capture=False``: the same step uncaptured, after an uncaptured forward
+        (a finite one: the host checked), so the optimizers compile their captured code path outside capture."""
         for lr, group in self.lrs:
             lr.fill_(group["lr"])
-        if not self.capture:
+        if not (capture and self.capture):
+            if not capture:
+                self.found_inf.zero_()
             self._update()
             return
         if self.update_graph is None:

@@ -51,9 +51,11 @@ class Trainer:
         self.info = init_distributed(cfg.device)
         self.device = self.info.device
         self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.step_graph and (self.info.world_size > 1 or (self.precision != "bf16" and self.device.type == "cuda")):
+        if cfg.step_graph and (self.info.world_size > 1 or self.precision == "fp16"
+                               or (self.precision != "bf16" and self.device.type == "cuda")):
             raise ValueError("step_graph=true runs on one process, in bf16 on a GPU (the fp32 expert path reads its "
-                             f"capacity on the host); got world size {self.info.world_size}, precision {self.precision}")
+                             "capacity on the host; fp16's GradScaler syncs); got world size "
+                             f"{self.info.world_size}, precision {self.precision}")
         self.progress = progress
         torch.manual_seed(cfg.seed)
         self.run_dir = Path(cfg.out_dir)
@@ -149,10 +151,12 @@ class Trainer:
             loss_value = mean_across_ranks(loss_sum)
             finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
             if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
-                if not graphed:
+                if self.graphs is not None and not graphed:
                     with self._uncaptured(n_loops, optimizer_step=True):
-                        for opt in self.optimizers:
-                            self.scaler.step(opt)
+                        self.graphs.update(capture=False)  # the captured code path, run (and compiled) uncaptured
+                elif not graphed:
+                    for opt in self.optimizers:
+                        self.scaler.step(opt)
                 for sched in self.schedulers:
                     sched.step()
             self.scaler.update()
