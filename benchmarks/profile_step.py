@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -76,6 +78,30 @@ def graph_kernels(graph: torch.cuda.CUDAGraph) -> list[tuple[str, float]]:
     return [(e.name, e.time_range.elapsed_us()) for e in sorted(kernels, key=lambda e: e.time_range.start)]
 
 
+def host_breakdown(trainer, steps: int = 20) -> None:
+    """Median host (wall) time of each part of a step: where the GPU may wait on the CPU."""
+    spent: dict[str, list[float]] = {}
+
+    def timed(obj, name: str, label: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            spent.setdefault(label, []).append(time.perf_counter() - t0)
+            return out
+        setattr(obj, name, wrapper)
+
+    timed(trainer.train_loader, "next_batch", "next_batch (CPU)")
+    timed(trainer.graphs, "forward_backward", "forward graph: input copy + launch")
+    timed(trainer.graphs, "update", "update graph: lr fill + launch")
+    timed(trainer, "train_step", "whole step (ends with a sync)")
+    for _ in range(steps):
+        trainer.train_step()
+    for label, times in spent.items():
+        print(f"host {label:38s} median {statistics.median(times) * 1e3:7.2f} ms   min {min(times) * 1e3:7.2f} ms")
+
+
 def write_timeline(trainer, path: str) -> None:
     (graph, _), = trainer.graphs.forward_graphs.values()
     timeline = {"forward_backward": graph_kernels(graph), "update": graph_kernels(trainer.graphs.update_graph)}
@@ -101,6 +127,7 @@ def main() -> None:
     p.add_argument("--sdpa", action="store_true", help="also time each SDPA backend at the SPEC shape")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--timeline", help="step_graph: write each graph's kernels in launch order (name, us) to this JSON")
+    p.add_argument("--host", action="store_true", help="step_graph: host time of each part of a step (20 steps)")
     p.add_argument("--loop-sweep", nargs="*", type=int, default=[],
                    help="step_graph: forward+backward graph GPU time at these loop counts (per-loop cost = slope)")
     args = p.parse_args()
@@ -119,6 +146,8 @@ def main() -> None:
         wall = 8192 / max(steps) * 1e3
         print(f"step graphs: forward+backward {fb:.2f} ms, update {upd:.2f} ms; best step {wall:.2f} ms wall "
               f"-> {wall - fb - upd:.2f} ms outside the graphs", flush=True)
+    if trainer.graphs is not None and args.host:
+        host_breakdown(trainer)
     if trainer.graphs is not None and args.timeline:
         write_timeline(trainer, args.timeline)
     if trainer.graphs is not None and args.loop_sweep:

@@ -7,8 +7,7 @@
 Variants, measured in the same run: naive per-expert-loop MoE (the prototype's dispatch) eager,
 our model eager, compiled (torch.compile of each block, the loop iteration once, and the loss), compiled
 with activation checkpointing of each loop, compiled with CUDA graphs (compile_mode='reduce-overhead'), compiled
-with the whole step as CUDA graphs (step_graph=true: training/graphs.py), the same with the residual stream in bf16
-(``..._bf16_residual``: fp32_residual=false). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
+with the whole step as CUDA graphs (step_graph=true: training/graphs.py). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -41,8 +40,7 @@ def measure(attn: str, variant: str, steps: int) -> dict:
                  f"compile={str(variant.startswith('compiled')).lower()}",
                  f"activation_checkpointing={str(variant.endswith('ckpt')).lower()}",
                  f"compile_mode='{'reduce-overhead' if variant.endswith('cudagraphs') else 'default'}'",
-                 f"step_graph={str('step_graph' in variant).lower()}",
-                 f"fp32_residual={str('bf16_residual' not in variant).lower()}"]
+                 f"step_graph={str('step_graph' in variant).lower()}"]
     original = MoE.forward
     if variant == "naive_moe_eager":
         MoE.forward = lambda self, x: naive_moe(self, x)

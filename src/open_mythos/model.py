@@ -39,9 +39,6 @@ class OpenMythos(nn.Module):
         self.head = Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.head.weight = self.embed.weight
-        # under autocast: False keeps the residual stream in the embedding's dtype (fp32 master weights), True casts
-        # it to the autocast dtype right after the embedding (set by the trainer's ``fp32_residual = false``)
-        self.residual_in_compute_dtype = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------------------ init
@@ -82,8 +79,6 @@ class OpenMythos(nn.Module):
         rope = rope_angles(positions, self.cfg.rope_dim, self.cfg.rope_theta)
 
         x = self.embed(input_ids)
-        if self.residual_in_compute_dtype:
-            x = x.to(compute_dtype(x))
         for i, block in enumerate(self.prelude):
             x = block(x, rope, cache, ("prelude", i))
         h, act_depth = self.run_loop(x, rope, n_loops, cache, backprop_loops)
@@ -104,9 +99,9 @@ class OpenMythos(nn.Module):
         dtype (as FSDP2's mixed precision does) and cast back to fp32 once. Not with activation
         checkpointing: its recomputation runs after this call, on the fp32 parameters."""
         rec = self.recurrent
-        if (rec.cast_matrices_once and not rec.checkpoint_loops and torch.is_grad_enabled()
-                and (matrices := rec.matrices_in(compute_dtype(e)))):
-            return torch.func.functional_call(rec, matrices, (e, rope, n_loops, cache, backprop_loops))
+        dtype = compute_dtype(e)
+        if rec.cast_matrices_once and not rec.checkpoint_loops and torch.is_grad_enabled() and dtype != e.dtype:
+            return torch.func.functional_call(rec, rec.matrices_in(dtype), (e, rope, n_loops, cache, backprop_loops))
         return rec(e, rope, n_loops, cache, backprop_loops)
 
     def _check_n_loops(self, n_loops: int | None) -> int:
@@ -133,9 +128,9 @@ class OpenMythos(nn.Module):
                 raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
 
     def compile_blocks(self, **compile_kwargs) -> "OpenMythos":
-        """torch.compile every Prelude/Coda block, one recurrent iteration (injection + LoRA +
-        transformer body) and the ACT bookkeeping after it, used for every loop without a cache. The loop itself stays in Python, so
-        any n_loops runs without recompiling; decoding with a cache runs the eager iteration."""
+        """torch.compile every Prelude/Coda block, one recurrent iteration (injection + LoRA + transformer
+        body) and the ACT bookkeeping after it, used for every loop without a cache. The loop itself stays
+        in Python, so any n_loops runs without recompiling; decoding with a cache runs the eager iteration."""
         for block in [*self.prelude, *self.coda]:
             block.compile(**compile_kwargs)
         self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)

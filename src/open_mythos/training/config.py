@@ -93,8 +93,6 @@ class TrainConfig:
     compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_checkpointing: bool = False
     step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): one process, bf16 on a GPU
-    fp32_residual: bool = True      # under bf16/fp16 autocast keep the residual stream (and the loop state) in fp32;
-                                    # false: in the autocast dtype, as Megatron-LM does by default (less memory traffic)
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
     seed: int = 0
     out_dir: str = "runs/default"

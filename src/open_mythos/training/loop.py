@@ -68,7 +68,6 @@ class Trainer:
 
         model = OpenMythos(cfg.model).to(self.device)
         model.recurrent.checkpoint_loops = cfg.activation_checkpointing
-        model.residual_in_compute_dtype = not cfg.fp32_residual
         if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
             model.recurrent.act.requires_grad_(False)  # every trainable parameter to receive a gradient)
         self.loss_fn = lm_loss
