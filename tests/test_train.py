@@ -285,4 +285,3 @@ def test_mixed_precision_training_runs_and_learns(tmp_path, precision):
         losses.append(rec["loss"])
     assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0] - 0.3
     assert next(trainer.model.parameters()).dtype == torch.float32  # fp32 master weights
-

@@ -67,7 +67,6 @@ def _narrow(ids: torch.Tensor, bound: int) -> torch.Tensor:
     return ids
 
 
-
 def topk_by_rank(scores: torch.Tensor, k: int) -> torch.Tensor:
     """Indices (N, k) of the k largest scores per row, largest first, ties to the lower index.
 

@@ -100,9 +100,9 @@ class StepGraphs:
         (a finite one: the host checked), so the optimizers compile their captured code path outside capture."""
         for lr, group in self.lrs:
             lr.fill_(group["lr"])
+        if not capture:
+            self.found_inf.zero_()
         if not (capture and self.capture):
-            if not capture:
-                self.found_inf.zero_()
             self._update()
             return
         if self.update_graph is None:

@@ -150,12 +150,13 @@ class Trainer:
             loss_value = mean_across_ranks(loss_sum)
             finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
             if finite or self.scaler.is_enabled():  # fp16: the scaler skips inf steps and lowers its scale
-                if self.graphs is not None and not graphed:
-                    with self._uncaptured(n_loops, optimizer_step=True):
-                        self.graphs.update(capture=False)  # the captured code path, run (and compiled) uncaptured
-                elif not graphed:
-                    for opt in self.optimizers:
-                        self.scaler.step(opt)
+                if not graphed:  # (a graphed step launched its update graph right after the forward graph)
+                    if self.graphs is not None:
+                        with self._uncaptured(n_loops, optimizer_step=True):
+                            self.graphs.update(capture=False)  # the captured code path, run (and compiled) uncaptured
+                    else:
+                        for opt in self.optimizers:
+                            self.scaler.step(opt)
                 for sched in self.schedulers:
                     sched.step()
             self.scaler.update()

@@ -70,10 +70,8 @@ def muon_direction(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum
     """For same-shape matrices: m <- mu m + (1 - mu) g in place, then NS(g + mu (m - g)) (Nesterov) or NS(m),
     stacked (n, ..., out, in) in bf16. ``found_inf`` > 0 (a device scalar): the momentum is left as it is."""
     for m, g in zip(bufs, grads):
-        if found_inf is None:
-            m.lerp_(g, 1 - momentum)
-        else:
-            m.copy_(torch.where(found_inf > 0, m, m.lerp(g, 1 - momentum)))
+        new = m.lerp(g, 1 - momentum)
+        m.copy_(new if found_inf is None else torch.where(found_inf > 0, m, new))
     return newton_schulz(torch.stack([g.lerp(m, momentum) if nesterov else m for g, m in zip(grads, bufs)]),
                          ns_steps, eps)
 
@@ -83,10 +81,8 @@ def muon_apply(params: list[torch.Tensor], directions: torch.Tensor, lr: torch.T
     """p <- p (1 - lr wd) - lr scale u for each parameter and its direction u (``lr``: a 0-dim tensor);
     ``found_inf`` > 0: p is left as it is."""
     for p, u in zip(params, directions.unbind(0)):
-        if found_inf is None:
-            p.mul_(1 - lr * weight_decay).add_(u.to(p.dtype) * (-lr * scale))
-        else:
-            p.copy_(torch.where(found_inf > 0, p, p * (1 - lr * weight_decay) - u.to(p.dtype) * (lr * scale)))
+        new = p * (1 - lr * weight_decay) - u.to(p.dtype) * (lr * scale)
+        p.copy_(new if found_inf is None else torch.where(found_inf > 0, p, new))
 
 
 class BatchedMuon(torch.optim.Optimizer):
