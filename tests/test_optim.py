@@ -37,7 +37,7 @@ def test_newton_schulz_orthogonalises():
 
 @pytest.mark.parametrize("shape", [(2, 3, 16, 48), (40, 24)])  # a stack of expert stacks; a tall matrix
 def test_newton_schulz_matches_the_textbook_iteration(shape):
-    """The baddbmm-fused iteration is X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation."""
+    """The fused iteration is X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation."""
     torch.manual_seed(0)
     g = torch.randn(shape)
     a, b, c = 3.4445, -4.775, 2.0315

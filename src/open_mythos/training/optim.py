@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..config import check_field_types
 
@@ -47,8 +48,13 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     X <- a X + (b A + c A^2) X, A = X X^T, in bf16 (Keller Jordan's Muon; same as torch.optim.Muon).
     Returns bf16.
 
-    Both sums are ``baddbmm`` epilogues (beta * input + alpha * product inside the matmul), so each
-    iteration is three matmuls and no separate elementwise pass over X or A."""
+    Each iteration is three matmuls: A = X X^T; M = a I + b A + c A^2, its sum a ``baddbmm`` epilogue
+    on the small Gram matrix (beta * input + alpha * product inside the matmul); X <- M X, a plain
+    matmul, so no pass over X besides the matmuls (an epilogue ``a X + B X`` copies X first). M is
+    rounded to bf16, as the textbook bf16 iteration rounds b A + c A^2."""
+    if isinstance(g, DTensor):  # FSDP shards the rows: orthogonalise whole matrices, keep this rank's shard
+        full = newton_schulz(g.full_tensor(), steps, eps, coefficients)
+        return distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None)
     a, b, c = coefficients
     x = g.bfloat16()
     transposed = g.shape[-2] > g.shape[-1]
@@ -59,8 +65,9 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)
     for _ in range(steps):
         A = x @ x.mT
-        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
-        x = torch.baddbmm(x, B, x, beta=a)            # a X + B X
+        M = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A^2
+        M.diagonal(dim1=-2, dim2=-1).add_(a)          # + a I
+        x = M @ x
     x = x.reshape(shape)
     return x.mT if transposed else x
 
