@@ -141,7 +141,7 @@ class MoE(nn.Module):
         if torch.compiler.is_compiling() and self._few(x.shape[0]):
             expert_ids = topk_by_rank(biased, self.top_k)  # decoding: one fused kernel instead of a ~9 us sort
         else:
-            expert_ids = torch.topk(biased, self.top_k, dim=-1).indices
+            expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices  # sorting: +8 us on an H100
         gates = scores.gather(-1, expert_ids)
         return expert_ids, gates / gates.sum(-1, keepdim=True)
 
