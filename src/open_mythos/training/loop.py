@@ -82,6 +82,7 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self._flops: dict[int, float] = {}
+        self._prefetched: tuple[dict, list] | None = None  # (loader position before them, next step's batches)
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self._restore(ckpt)
         self.graphs = StepGraphs(self) if cfg.step_graph else None
@@ -135,7 +136,7 @@ class Trainer:
         if cfg.compile and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs may be reused
         t0 = time.perf_counter()
-        batches = [self.train_loader.next_batch() for _ in range(cfg.grad_accum)]
+        batches = self._next_batches()
         graphed = self.graphs is not None and self.graphs.ready(n_loops)
         if graphed:
             loss_sum, depth, grad_norm = self.graphs.forward_backward(n_loops, batches)
@@ -146,6 +147,7 @@ class Trainer:
                            for x, y in batches]
                 loss_sum, depth = self.forward_backward(n_loops, batches, zero_grads=self.graphs is not None)
                 grad_norm = self.clip_gradients()
+        self._prefetch()  # the device is busy with this step: fetch the next one's batches meanwhile
         with record_function("optimizer"):
             loss_value = mean_across_ranks(loss_sum)
             finite = bool(torch.isfinite(loss_value) & torch.isfinite(grad_norm))
@@ -185,6 +187,19 @@ class Trainer:
             "act_depth": float(mean_across_ranks(depth)),
             "graphed": graphed,
         }
+
+    def _next_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This step's micro-batches: those prefetched during the previous step, else fetched now."""
+        if self._prefetched is None:
+            return [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum)]
+        batches, self._prefetched = self._prefetched[1], None
+        return batches
+
+    def _prefetch(self) -> None:
+        """Fetch the next step's micro-batches (on the host, while the device runs this step: a fetch can take
+        milliseconds on a busy host). A checkpoint saves the loader's position from before them."""
+        position = self.train_loader.state_dict()
+        self._prefetched = (position, [self.train_loader.next_batch() for _ in range(self.cfg.grad_accum)])
 
     def _uncaptured(self, n_loops: int, optimizer_step: bool = False):
         """Context for work outside CUDA graphs; with step_graph it warms up the graphs (graphs.py)."""
@@ -263,7 +278,8 @@ class Trainer:
         return self.finish()
 
     def checkpoint(self) -> Path:
-        state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": self.train_loader.state_dict(),
+        loader = self._prefetched[0] if self._prefetched is not None else self.train_loader.state_dict()
+        state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": loader,
                  "schedulers": [s.state_dict() for s in self.schedulers], "scaler": self.scaler.state_dict()}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, state, self.info,
                                self.cfg.keep_last)
