@@ -4,6 +4,7 @@ kernels by their own time, and (``--sdpa``) the SDPA backends at the SPEC shape.
 
     python benchmarks/profile_step.py --attn gqa [--set compile_mode='reduce-overhead'] [--sdpa]
     python benchmarks/profile_step.py --attn gqa --set step_graph=true   # also: each graph's GPU time
+    python benchmarks/profile_step.py --attn gqa --set step_graph=true --dense-bound   # MoE at its dense bound
 
 A phase whose GPU time is well below its wall time is CPU/launch-bound.
 """
@@ -21,8 +22,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from common import time_fn
+from moe import dense_bound_moe
 from train_step import SPEC
 
+from open_mythos.moe import MoE
 from open_mythos.training.config import load_config
 from open_mythos.training.loop import Trainer
 
@@ -130,7 +133,11 @@ def main() -> None:
     p.add_argument("--host", action="store_true", help="step_graph: host time of each part of a step (20 steps)")
     p.add_argument("--loop-sweep", nargs="*", type=int, default=[],
                    help="step_graph: forward+backward graph GPU time at these loop counts (per-loop cost = slope)")
+    p.add_argument("--dense-bound", action="store_true",
+                   help="profile with every MoE replaced by moe.dense_bound_moe (timing ceiling, not a model)")
     args = p.parse_args()
+    if args.dense_bound:
+        MoE.forward = dense_bound_moe
     if args.sdpa:
         sdpa_table()
     cfg = load_config("shakespeare-tiny", overrides=[*SPEC, f"model.attn_type='{args.attn}'", "compile=true",

@@ -7,7 +7,9 @@
 Variants, measured in the same run: naive per-expert-loop MoE (the prototype's dispatch) eager,
 our model eager, compiled (torch.compile of each block, the loop iteration once, and the loss), compiled
 with activation checkpointing of each loop, compiled with CUDA graphs (compile_mode='reduce-overhead'), compiled
-with the whole step as CUDA graphs (step_graph=true: training/graphs.py). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
+with the whole step as CUDA graphs (step_graph=true: training/graphs.py), and that with the MoE replaced by
+its dense bound (`compiled_step_graph_dense_bound`: moe.dense_bound_moe, the routed FLOPs as dense GEMMs with
+dispatch free; a ceiling for any MoE kernel work, not a model). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from pathlib import Path
 import torch
 
 from common import env_info, write_report
-from moe import naive_moe
+from moe import dense_bound_moe, naive_moe
 
 from open_mythos.moe import MoE
 from open_mythos.training.config import load_config
@@ -41,9 +43,14 @@ def measure(attn: str, variant: str, steps: int) -> dict:
                  f"activation_checkpointing={str(variant.endswith('ckpt')).lower()}",
                  f"compile_mode='{'reduce-overhead' if variant.endswith('cudagraphs') else 'default'}'",
                  f"step_graph={str('step_graph' in variant).lower()}"]
+    # dynamo guards a class by identity, not its attributes: without a reset a variant that patches MoE.forward
+    # would silently replay the compiled code of the variant before it
+    torch._dynamo.reset()
     original = MoE.forward
     if variant == "naive_moe_eager":
         MoE.forward = lambda self, x: naive_moe(self, x)
+    elif variant.endswith("dense_bound"):
+        MoE.forward = lambda self, x: dense_bound_moe(self, x)
     try:
         torch.cuda.reset_peak_memory_stats()
         trainer = Trainer(load_config("shakespeare-tiny", overrides=overrides), progress=False)
