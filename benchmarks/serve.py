@@ -8,7 +8,8 @@ n_loops 8 or the model's max) are sent by c concurrent streaming clients; report
 generated tokens/s, mean time to first token. Before the server listens, ``Engine.warmup`` runs (and
 captures) every batch and prompt-length bucket, as ``mythos serve`` does; ``--untimed-round`` also
 runs each concurrency's load once before timing it. Baseline in the same run: concurrency 1 (one request at a time, i.e. no
-batching). ``--schedule depth token`` measures several engine schedules, one server each.
+batching). ``--schedule depth token`` measures several engine schedules, one server each
+(``--sync-every``, ``--prefill-batch``: the engine's options, as ``mythos serve`` takes them).
 """
 
 from __future__ import annotations
@@ -64,6 +65,8 @@ def main() -> None:
     p.add_argument("--compile", action="store_true")
     p.add_argument("--schedule", nargs="+", default=["depth"], choices=["depth", "token", "static"],
                    help="engine schedules to measure, each with its own server, in the same run")
+    p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick")
+    p.add_argument("--prefill-batch", type=int, default=1, help="depth/token schedules: prefill this many requests at once")
     p.add_argument("--untimed-round", action="store_true",
                    help="after the engine's warm-up, also run each concurrency's load once untimed")
     p.add_argument("--out", default=None)
@@ -80,7 +83,9 @@ def main() -> None:
     body = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True, "n_loops": loops}
     results = {}
     for schedule in args.schedule:
-        engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile, schedule=schedule)
+        engine = Engine(model, max_batch=args.max_batch, max_len=256, compile=args.compile, schedule=schedule,
+                        sync_every=args.sync_every if schedule == "depth" else 1,
+                        prefill_batch=args.prefill_batch if schedule != "static" else 1)
         t0 = time.perf_counter()
         shapes = engine.warmup(loops)  # what `mythos serve` does before it listens
         warmup_s = time.perf_counter() - t0
@@ -101,6 +106,7 @@ def main() -> None:
     write_report("serve" + ("_spec" if args.spec else "_demo"), {
         "benchmark": "serve", "env": env_info(), "model": "SPEC gqa bf16" if args.spec else "demo (random, tiny)",
         "max_batch": args.max_batch, "max_tokens": args.max_tokens, "n_loops": loops, "compiled_stages": args.compile,
+        "sync_every_depth": args.sync_every, "prefill_batch": args.prefill_batch,
         "results": results}, args.out)
 
 
