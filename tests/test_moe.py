@@ -134,3 +134,38 @@ def test_load_is_counted_only_in_training():
     assert m.expert_load.sum() == 0
     m.train()(torch.randn(10, 64))
     assert m.expert_load.sum() == 10 * m.top_k
+
+
+def test_dense_bound_equals_the_moe_when_every_token_picks_the_first_experts(monkeypatch):
+    """benchmarks/moe.py's dense bound (the speed ceiling the training benchmark reports) computes the MoE
+    exactly when routing sends every token to experts 0..k-1: the same FLOPs, only the dispatch removed."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location("bench_moe", bench / "moe.py")
+    bench_moe = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_moe", bench_moe)
+    spec.loader.exec_module(bench_moe)
+
+    m = MoE(tiny_config())
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    m.router_bias[: m.top_k] = 100.0  # selection only: every token picks experts 0..k-1, gates unchanged
+    route = m.route
+
+    def route_in_id_order(u):  # the bound gates slot j with expert j's gate: hand it the experts in id order
+        ids, gates = route(u)
+        ids, order = ids.sort(-1)
+        return ids, gates.gather(-1, order)
+
+    monkeypatch.setattr(m, "route", route_in_id_order)
+    x = torch.randn(3, 5, 64)
+    y_bound, gx_bound, gp_bound = _grads(m, x, bench_moe.dense_bound_moe)
+    y, gx, gp = _grads(m, x, lambda mod, t: mod(t))
+    torch.testing.assert_close(y_bound, y)
+    torch.testing.assert_close(gx_bound, gx)
+    for name in ("w1", "w2", "w3", "router.weight"):
+        torch.testing.assert_close(gp_bound[name], gp[name])
