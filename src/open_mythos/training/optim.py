@@ -115,12 +115,12 @@ class BatchedMuon(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = None if closure is None else closure()
+        found_inf = getattr(self, "found_inf", None)  # set by the caller for this step (step_graph)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
                 continue
             lr = group["lr"]  # a float, or a 0-dim device tensor (captured step)
-            found_inf = getattr(self, "found_inf", None)
             if not isinstance(lr, torch.Tensor):
                 lr = torch.full((), lr, device=params[0].device)
             by_shape: dict[torch.Size, list[torch.Tensor]] = defaultdict(list)
