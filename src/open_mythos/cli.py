@@ -104,9 +104,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401  (the [serve] extra)
 
-        from .serving import build_app
+        from .serving import build_app, make_server
     except ModuleNotFoundError as err:
         raise ValueError(f"mythos serve needs the [serve] extra ({err.name} is missing): "
                          "pip install 'open-mythos[serve]'") from None
@@ -120,9 +120,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shapes = engine.warmup()
         print(f"[warm-up: {shapes} batch/prompt shapes captured in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
     name = args.model_name or ("open-mythos-demo" if args.demo else os.path.basename(os.path.normpath(args.model)))
-    app = build_app(engine, tok, name, max_pending=args.max_pending)
-    uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout,
-                log_level="info")
+    app = build_app(engine, tok, name, max_pending=args.max_pending, max_body_bytes=int(args.max_body_mb * 2 ** 20))
+    make_server(app, args.host, args.port, args.graceful_timeout, log_level="info").run()
     return 0
 
 
@@ -238,7 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="depth/token schedule: prefill waiting requests this many at a time, ahead of need (n-1 standby cache rows)")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
     p.add_argument("--no-warmup", action="store_true", help="on a GPU: skip capturing every batch/prompt shape at start-up")
-    p.add_argument("--graceful-timeout", type=int, default=30, help="seconds to finish in-flight work on shutdown")
+    p.add_argument("--graceful-timeout", type=int, default=30,
+                   help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason \"abort\"")
+    p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")
     p.add_argument("name", choices=["khop", "loops", "dense-vs-looped"])

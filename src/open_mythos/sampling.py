@@ -1,30 +1,47 @@
-"""Next-token sampling: greedy, temperature, top-k and nucleus (top-p) filtering."""
+"""Next-token sampling: greedy, temperature, top-k and nucleus (top-p) filtering.
+
+A temperature below the smallest normal float32 (``GREEDY_BELOW``, ~1.2e-38) is greedy: the logits
+are fp32, where such a T rounds towards 0 and 1/T overflows, and the distribution it stands for is
+the argmax anyway."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = torch.finfo(torch.float32).tiny
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0  # 0 = greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_BELOW) = greedy
     top_k: int = 0            # 0 = off
     top_p: float = 1.0        # 1 = off
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature <= sys.float_info.max:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
+    @property
+    def greedy(self) -> bool:
+        """Whether sampling is the argmax (temperature 0 or below ``GREEDY_BELOW``)."""
+        return self.temperature < GREEDY_BELOW
+
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """Scale by 1/temperature and set the logits outside top-k / the top-p nucleus to -inf."""
-    logits = logits.float() / params.temperature
+    """Scale by 1/temperature and set the logits outside top-k / the top-p nucleus to -inf.
+
+    The logits are shifted by their row maximum before the division (softmax is shift-invariant):
+    (l - max l) / T is <= 0 and at most -inf, never NaN, so any temperature > 0, however tiny, gives
+    a valid distribution; as T -> 0 it tends to the argmax (greedy), which a tiny T then samples."""
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / params.temperature
     if params.top_k > 0 and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -40,7 +57,7 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 def sample_next(logits: torch.Tensor, params: SamplingParams,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """One token id per row of ``logits`` (B, vocab) -> (B,)."""
-    if params.temperature == 0:
+    if params.greedy:
         return logits.argmax(dim=-1)
     probs = filter_logits(logits, params).softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -15,6 +15,7 @@ import gzip
 import hashlib
 import importlib.util
 import json
+import re
 from functools import lru_cache
 from pathlib import Path
 from unittest import mock
@@ -24,6 +25,24 @@ from tiktoken_ext import openai_public
 
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 ENDOFTEXT = "<|endoftext|>"
+# tiktoken's pre-tokenisation regex backtracks over a whitespace run (``\s+(?!\S)``) and fails past
+# ~500,000 characters; runs longer than this are cut into pieces of this length and encoded apart
+MAX_WHITESPACE_RUN = 4096
+_LONG_WHITESPACE = re.compile(r"\s{%d,}" % (MAX_WHITESPACE_RUN + 1))
+
+
+def split_long_whitespace(text: str) -> list[str]:
+    """``text`` cut inside its whitespace runs longer than ``MAX_WHITESPACE_RUN`` so that no piece
+    holds a longer run; "".join(pieces) == text. Text without such a run is one piece (encodes as
+    before)."""
+    pieces, start = [], 0
+    for run in _LONG_WHITESPACE.finditer(text):
+        cut = run.start()
+        while run.end() - cut > MAX_WHITESPACE_RUN:
+            cut += MAX_WHITESPACE_RUN
+            pieces.append(text[start:cut])
+            start = cut
+    return pieces + [text[start:]]
 
 
 def _load_shipped_o200k_ranks(url: str, expected_hash: str | None = None) -> dict[bytes, int]:
@@ -55,6 +74,8 @@ def o200k_harmony_encoding() -> tiktoken.Encoding:
 class MythosTokenizer:
     """o200k_harmony via tiktoken, offline. ``encode``/``decode``/``vocab_size``/``eos_token_id``."""
 
+    max_token_bytes = 128  # the longest o200k token (bytes): a text of n bytes has >= n / 128 tokens
+
     def __init__(self) -> None:
         self.encoding = o200k_harmony_encoding()
 
@@ -67,16 +88,27 @@ class MythosTokenizer:
         return self.encoding.encode_single_token(ENDOFTEXT)
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
-        return self.encoding.encode(text, allowed_special="all" if allow_special else set(),
-                                    disallowed_special=())
+        """Token ids of ``text``; special-token text (``<|end|>`` ...) is plain text unless
+        ``allow_special``. Raises ValueError for a lone surrogate (not Unicode text)."""
+        _check_unicode(text)
+        special = dict(allowed_special="all" if allow_special else set(), disallowed_special=())
+        return [i for piece in split_long_whitespace(text) for i in self.encoding.encode(piece, **special)]
 
     def decode(self, ids: list[int]) -> str:
         return self.encoding.decode(list(ids))
 
+    def token_bytes(self, token: int) -> bytes:
+        return self.encoding.decode_single_token_bytes(token)
+
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """Harmony format: <|start|>{role}<|message|>{content}<|end|> ... <|start|>assistant<|message|>."""
-        text = "".join(f"<|start|>{m['role']}<|message|>{m['content']}<|end|>" for m in messages)
-        return self.encode(text + "<|start|>assistant<|message|>", allow_special=True)
+        """Harmony format: <|start|>{role}<|message|>{content}<|end|> ... <|start|>assistant<|message|>.
+        The markers are inserted by id; roles and contents are encoded as plain text, so a message
+        cannot contain a marker (``<|end|>`` in a content is text, not the end of the turn)."""
+        start, message, end = (self.encoding.encode_single_token(t) for t in ("<|start|>", "<|message|>", "<|end|>"))
+        ids: list[int] = []
+        for m in messages:
+            ids += [start, *self.encode(m["role"]), message, *self.encode(m["content"]), end]
+        return ids + [start, *self.encode("assistant"), message]
 
     @property
     def chat_stop_token_ids(self) -> tuple[int, ...]:
@@ -96,8 +128,10 @@ class ByteTokenizer:
 
     vocab_size = 257
     eos_token_id = 256
+    max_token_bytes = 1
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        _check_unicode(text)
         if allow_special and ENDOFTEXT in text:
             parts = text.split(ENDOFTEXT)
             ids: list[int] = []
@@ -107,7 +141,9 @@ class ByteTokenizer:
         return list(text.encode("utf-8"))
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
-        """<|role|>\ncontent\n per message, then <|assistant|>\n; the reply ends at <|endoftext|>."""
+        """<|role|>\ncontent\n per message, then <|assistant|>\n; the reply ends at <|endoftext|>.
+        The markers are plain bytes (this tokenizer has no special token but <|endoftext|>, which a
+        content encodes as text)."""
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
         return self.encode(text + "<|assistant|>\n")
 
@@ -116,15 +152,33 @@ class ByteTokenizer:
         return (self.eos_token_id,)
 
     def decode(self, ids: list[int]) -> str:
-        out = bytearray()
-        for i in ids:
-            if i == self.eos_token_id:
-                out += ENDOFTEXT.encode()
-            elif 0 <= i < 256:
-                out.append(i)
-            else:
-                raise ValueError(f"token id {i} is out of range for ByteTokenizer (vocab 257)")
-        return out.decode("utf-8", errors="replace")
+        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
+
+    def token_bytes(self, token: int) -> bytes:
+        if token == self.eos_token_id:
+            return ENDOFTEXT.encode()
+        if not 0 <= token < 256:
+            raise ValueError(f"token id {token} is out of range for ByteTokenizer (vocab 257)")
+        return bytes((token,))
+
+
+def _check_unicode(text: str) -> None:
+    """Raise ValueError if ``text`` holds a lone surrogate (JSON's "\\ud800" decodes to one): it has
+    no UTF-8 encoding, so it cannot be tokenised."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"text is not valid Unicode: {err.reason} at character {err.start}") from None
+
+
+def check_vocab_covered(vocab_size: int, tokenizer) -> None:
+    """Raise ValueError if a model's vocabulary exceeds its tokenizer's: the ids past the tokenizer's
+    could be sampled but never decoded (and never appear in its training data)."""
+    if vocab_size > tokenizer.vocab_size:
+        raise ValueError(f"the model's vocabulary ({vocab_size} ids) exceeds its tokenizer's "
+                         f"({type(tokenizer).__name__}, {tokenizer.vocab_size} ids): ids {tokenizer.vocab_size}.."
+                         f"{vocab_size - 1} could be generated but not decoded; use the tokenizer the model "
+                         "was trained with, or a config whose vocab_size fits it")
 
 
 TOKENIZERS = {"byte": ByteTokenizer, "o200k_harmony": MythosTokenizer}
@@ -149,6 +203,9 @@ def tokenizer_for(directory: str | Path, vocab_size: int):
     vocabulary and o200k_harmony otherwise."""
     path = Path(directory) / TOKENIZER_CONFIG
     if path.is_file():
-        return load_tokenizer(json.loads(path.read_text())["tokenizer"])
-    return ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()
+        tokenizer = load_tokenizer(json.loads(path.read_text())["tokenizer"])
+    else:
+        tokenizer = ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()
+    check_vocab_covered(vocab_size, tokenizer)
+    return tokenizer
 

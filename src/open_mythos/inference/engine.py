@@ -43,6 +43,7 @@ batch, right-padded to a power-of-two length, so each (batch, length) bucket is 
 from __future__ import annotations
 
 import functools
+import logging
 from collections import Counter, deque
 from dataclasses import dataclass, field
 
@@ -58,6 +59,9 @@ from .graphs import StageGraphs
 from .slots import SlotKVCache
 
 SCHEDULES = ("depth", "token", "static")
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20                     # most alternatives a request may ask for per token (OpenAI's limit)
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -69,6 +73,15 @@ class Request:
     exit_rule: ExitRule = field(default_factory=ExitRule)
     eos_token_ids: tuple[int, ...] = ()
     seed: int | None = None                    # per-request generator: reproducible whatever the batch
+    logprobs: int | None = None                # report each token's log-probability and this many alternatives
+
+
+@dataclass
+class TokenLogprobs:
+    """log p(token) under the model's distribution (log_softmax of the logits: before temperature,
+    top-k and top-p) and the ``Request.logprobs`` most likely (token, log p) pairs, most likely first."""
+    logprob: float
+    top: list[tuple[int, float]]
 
 
 @dataclass
@@ -76,7 +89,9 @@ class TokenEvent:
     request_id: int
     token: int | None          # None only for a cancellation event
     depth: int                 # loop iterations this token ran
-    finish_reason: str | None  # None while running; "stop" (eos / stop string), "length", "cancelled"
+    finish_reason: str | None  # None while running; "stop" (eos / stop string), "length", "cancelled",
+                               # "error" (this request failed; the engine logged why and serves the rest)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
 
 
 @dataclass
@@ -240,8 +255,17 @@ class Engine:
             raise ValueError("sampling must be a SamplingParams")
         if not isinstance(r.exit_rule, ExitRule):
             raise ValueError("exit_rule must be an ExitRule")
+        if not r.exit_rule.min_loops <= self.max_loops:
+            raise ValueError(f"exit_rule min_loops must be in [1, {self.max_loops}] (the engine's max_loops), "
+                             f"got {r.exit_rule.min_loops}")
         if any(not isinstance(i, int) or not 0 <= i < cfg.vocab_size for i in r.eos_token_ids):
             raise ValueError(f"eos_token_ids must be token ids in [0, {cfg.vocab_size})")
+        if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)
+                                   or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
+            raise ValueError(f"seed must be an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {r.seed!r}")
+        k = r.logprobs
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}] or None, got {k!r}")
 
     def cancel(self, request_id: int, reason: str = "cancelled") -> None:
         """Stop a request at the next tick (its slot is freed); unknown or finished ids are ignored."""
@@ -333,12 +357,15 @@ class Engine:
         while self.free and self.waiting and len(self.standby) < self.max_batch:
             rid, req = self.waiting.popleft()
             slot = self.free.pop(0)
-            gen = None
-            if req.seed is not None:
-                gen = torch.Generator(device=self.device).manual_seed(req.seed)
-            self.slots[slot] = _Slot(rid, req, gen)
+            self.slots[slot] = _Slot(rid, req, None)
             self.standby.append(slot)
-            self._configure_slot(slot, req)
+            try:
+                if req.seed is not None:
+                    self.slots[slot].generator = torch.Generator(device=self.device).manual_seed(req.seed)
+                self._configure_slot(slot, req)
+            except Exception as err:  # this request only: the others are admitted as usual
+                self._fail(slot, err, events)
+                continue
             by_budget.setdefault(self._loop_budget(req), []).append(slot)
         for n_loops, slots in by_budget.items():
             self._sample(self._pairs(slots), *self._prefill(slots, n_loops), events)
@@ -362,6 +389,18 @@ class Engine:
     def _loop_budget(self, req: Request) -> int:
         """Loops per token for ``req``: its n_loops, or the model's max_loop_iters."""
         return req.n_loops or self.cfg.max_loop_iters
+
+    def _fail(self, slot: int, err: Exception, events: list[TokenEvent]) -> None:
+        """End the slot's request with finish reason "error" after an exception in its own host work
+        (admission, sampling): logged with its traceback; the other requests keep running."""
+        rid = self.slots[slot].request_id
+        logger.error("request %d failed; the engine serves the others", rid, exc_info=err)
+        events.append(TokenEvent(rid, None, 0, "error"))
+        self._release(slot)
+
+    def _reads_logits(self, request: Request) -> bool:
+        """Whether the host reads the request's logits (sampling, log-probabilities)."""
+        return not request.sampling.greedy or request.logprobs is not None
 
     def _release(self, slot: int) -> None:
         del self.slots[slot]
@@ -405,8 +444,9 @@ class Engine:
                 ready = torch.cuda.Event()
                 ready.record()
         self._unread.append(_Tick(self._pairs(slots), start, exits, could_exit, logits, results, ready))
-        # host sampling (temperature > 0) must write its token before the next tick starts it
-        keep = int(all(self.slots[s].request.sampling.temperature == 0 for s in slots))
+        # host sampling (temperature > 0) must write its token before the next tick starts it, and
+        # logits read on the host must be read before the next tick's graph replay overwrites them
+        keep = int(not any(self._reads_logits(self.slots[s].request) for s in slots))
         while len(self._unread) > keep:
             self._read(self._unread.popleft(), events)
 
@@ -495,11 +535,18 @@ class Engine:
             s = self.slots.get(slot)
             if not finished[i] or s is None or s.request_id != rid:
                 continue
-            token = greedy[i]
-            if s.request.sampling.temperature != 0:
-                token = int(sample_next(logits[i: i + 1], s.request.sampling, s.generator)[0])
+            token, logprobs = greedy[i], None
+            try:
+                if not s.request.sampling.greedy:
+                    token = int(sample_next(logits[i: i + 1], s.request.sampling, s.generator)[0])
+                if s.request.logprobs is not None:
+                    logprobs = _token_logprobs(logits[i], token, s.request.logprobs)
+            except Exception as err:  # this request only (e.g. a NaN in its logits)
+                self._fail(slot, err, events)
+                continue
+            if not s.request.sampling.greedy:
                 sampled.append((slot, token))
-            if self._emit(slot, token, depth[i], events):
+            if self._emit(slot, token, depth[i], events, logprobs):
                 if (slot, rid) in restarted:
                     s.loops = self.sync_every
                     if slot in later.exits and s.loops < self._loop_budget(s.request):
@@ -666,7 +713,8 @@ class Engine:
             x = block(x, rope, self.cache, ("coda", i))
         return self.model.head(self.model.norm(x))[:, 0].float()
 
-    def _emit(self, slot: int, token: int, depth: int, events: list[TokenEvent]) -> bool:
+    def _emit(self, slot: int, token: int, depth: int, events: list[TokenEvent],
+              logprobs: TokenLogprobs | None = None) -> bool:
         """Record and emit the slot's token; False if it ends the request (the slot is freed)."""
         s = self.slots[slot]
         s.tokens.append(token)
@@ -677,10 +725,18 @@ class Engine:
             reason = "stop"
         elif len(s.tokens) >= s.request.max_new_tokens:
             reason = "length"
-        events.append(TokenEvent(s.request_id, token, depth, reason))
+        events.append(TokenEvent(s.request_id, token, depth, reason, logprobs))
         if reason is not None:
             self._release(slot)
         return reason is None
+
+
+def _token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    """``token``'s log-probability under log_softmax(logits (vocab,)) and the k most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, min(k, logp.numel())) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprobs(float(logp[token]), pairs)
 
 
 def _rows_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ request's ``n_loops`` budget, or when its rule fires:
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 EXIT_KINDS = ("none", "act", "rel_change", "kl")
@@ -34,8 +35,8 @@ class ExitRule:
             raise ValueError(f"exit rule kind must be one of {EXIT_KINDS}, got {self.kind!r}")
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) \
-                    or not self.threshold > 0:
-                raise ValueError(f"exit rule threshold must be a number > 0, got {self.threshold!r}")
+                    or not 0 < self.threshold <= sys.float_info.max:
+                raise ValueError(f"exit rule threshold must be a finite number > 0, got {self.threshold!r}")
             if self.kind == "act" and self.threshold > 1:
                 raise ValueError(f"act exit threshold is a probability in (0, 1], got {self.threshold}")
         if isinstance(self.min_loops, bool) or not isinstance(self.min_loops, int) or self.min_loops < 1:

@@ -1,8 +1,9 @@
 """Token ids -> streamed text: incremental detokenisation and stop strings.
 
 A token can end in the middle of a UTF-8 character, and a stop string can span several tokens, so
-text is released only when it is final: never a trailing replacement character, and never the last
-``len(longest stop) - 1`` characters, which could still turn out to start a stop string.
+text is released only when it is final: never a trailing incomplete character (decoded as a
+replacement character), and never the longest tail of the complete characters before it that
+begins a stop string (it could still turn out to be one, whichever bytes come next).
 """
 
 from __future__ import annotations
@@ -29,11 +30,17 @@ class TextStream:
             self.text, self.stopped = text[: min(hits)], True
             return self.flush()
         self.text = text
-        hold = max((len(s) - 1 for s in self.stop), default=0)
-        end = len(text) - hold
+        end = len(text)
         while end > self.emitted and text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
             end -= 1
-        return self._release(end)
+        return self._release(end - self._stop_prefix(text[self.emitted:end]))
+
+    def _stop_prefix(self, text: str) -> int:
+        """The length of the longest tail of ``text`` that begins a stop string."""
+        for k in range(min(len(text), max((len(s) - 1 for s in self.stop), default=0)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stop):
+                return k
+        return 0
 
     def on_event(self, token: int | None, finished: bool, eos_token_ids) -> tuple[str, bool]:
         """(text released by one engine event, whether its token just hit a stop string): the token

@@ -9,18 +9,26 @@ it through a lock-free inbox and receive their tokens on an asyncio queue.
 The event loop never waits for a tick: handlers only validate (pure) and enqueue. Admission
 control: at most ``max_pending`` requests (waiting + running) are accepted; beyond that `submit`
 raises `QueueFull` (HTTP 429) instead of letting the queue grow without limit.
+
+Failures: the engine ends a request whose own work failed with finish reason "error" and serves the
+rest. If a whole tick fails (a bug, out of memory: nothing ties it to one request), the requests in
+the engine fail with "error", the traceback is logged, and the engine is emptied and kept serving;
+only if that recovery step fails too does the worker stop (``error`` set: /health answers 503).
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import queue
 import threading
 import time
 from collections import deque
 
 from ..inference import Engine, Request, TokenEvent
+
+logger = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
@@ -39,7 +47,8 @@ class EngineWorker:
         self._ids = itertools.count()
         self._counts = threading.Lock()  # guards the counters below; never held during a tick
         self._in_flight = 0
-        self.metrics = {"requests_total": 0, "requests_rejected_total": 0, "tokens_total": 0, "depth_sum": 0}
+        self.metrics = {"requests_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
+                        "tokens_total": 0, "depth_sum": 0}
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent ticks, for tokens/s
         self._stopping = False
         self.error: BaseException | None = None
@@ -59,11 +68,26 @@ class EngineWorker:
         self._wake.set()
         self._thread.join(timeout)
 
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def drain(self) -> None:
+        """Accept no new request (they get ShuttingDown); those in flight continue."""
+        self._stopping = True
+
+    def abort_all(self) -> None:
+        """End every request in flight with finish reason "abort" (the shutdown deadline)."""
+        self._stopping = True
+        self._inbox.put(("abort",))
+        self._wake.set()
+
     # ------------------------------------------------------------------------------ handler side
     def submit(self, request: Request) -> tuple[int, asyncio.Queue]:
         """Queue a request; returns (ticket, queue of its TokenEvents). Raises ValueError for a bad
         request, QueueFull at capacity, ShuttingDown after stop() or an engine failure."""
-        if self._stopping or self.error is not None:
+        if self.error is not None:
+            raise ShuttingDown(f"the engine failed ({self.error!r}); the server is stopping")
+        if self._stopping:
             raise ShuttingDown("the server is shutting down")
         self.engine.validate(request)
         with self._counts:
@@ -109,8 +133,8 @@ class EngineWorker:
                 self._engine_ids[ticket] = rid
             elif msg[0] == "cancel" and msg[1] in self._engine_ids:
                 self.engine.cancel(self._engine_ids[msg[1]], msg[2])
-            elif msg[0] == "stop":
-                running = False
+            elif msg[0] in ("stop", "abort"):
+                running = running and msg[0] == "abort"
                 for rid in self._routes:
                     self.engine.cancel(rid, "abort")
 
@@ -125,16 +149,31 @@ class EngineWorker:
                 continue
             try:
                 events = self.engine.step()
-            except BaseException as err:  # a bug or an OOM: fail every request, stop serving
-                self.error = err
-                events = [TokenEvent(rid, None, 0, "error") for rid in self._routes]
-                running = False
+            except Exception as err:  # a bug or an OOM in a whole tick: fail its requests, keep serving
+                events = self._recover(err)
             self._route(events)
             if self.error is not None:
                 return
 
+    def _recover(self, err: Exception) -> list[TokenEvent]:
+        """After a failed tick: log it, empty the engine (cancel every request and step once) and
+        return an "error" event for each request; if that step fails too, the engine is broken:
+        set ``error`` (health 503) and stop."""
+        logger.error("engine tick failed; failing its %d requests", len(self._routes), exc_info=err)
+        for rid in self._routes:
+            self.engine.cancel(rid, "error")
+        try:
+            self.engine.step()  # applies the cancellations; its events are the ones returned below
+            if self.engine.has_work():
+                raise RuntimeError("the engine still has work after cancelling every request")
+        except Exception as again:
+            logger.error("the engine cannot recover; stopping", exc_info=again)
+            self.error = again
+        return [TokenEvent(rid, None, 0, "error") for rid in self._routes]
+
     def _route(self, events: list[TokenEvent]) -> None:
         tokens = [ev for ev in events if ev.token is not None]
+        failed = sum(ev.finish_reason == "error" for ev in events)
         finished = 0
         for ev in events:
             ticket, loop, out = self._routes[ev.request_id]
@@ -144,6 +183,7 @@ class EngineWorker:
             loop.call_soon_threadsafe(out.put_nowait, ev)
         with self._counts:
             self._in_flight -= finished
+            self.metrics["requests_failed_total"] += failed
             if tokens:
                 self.metrics["tokens_total"] += len(tokens)
                 self.metrics["depth_sum"] += sum(ev.depth for ev in tokens)
