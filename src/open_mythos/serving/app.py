@@ -329,11 +329,13 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
         m = worker.snapshot()
         lines = []
         for name, help_ in (("requests_total", "requests accepted"), ("requests_rejected_total", "requests refused (429)"),
-                            ("requests_failed_total", "requests the engine failed on (500)"),
                             ("tokens_total", "tokens generated"), ("queue_depth", "requests waiting for a slot"),
                             ("running", "requests holding a slot (running or prefilled on standby)"), ("tokens_per_s", "tokens/s over the last 10 s"),
                             ("mean_exit_depth", "mean loops per generated token")):
             lines += [f"# HELP mythos_{name} {help_}", f"mythos_{name} {m[name]}"]
+        lines.append("# HELP mythos_requests_finished_total requests ended, by finish reason (error: the engine "
+                     "failed on it; cancelled: the client went away)")
+        lines += [f'mythos_requests_finished_total{{reason="{r}"}} {n}' for r, n in m["finished"].items()]
         return PlainTextResponse("\n".join(lines) + "\n")
 
     return app

@@ -29,6 +29,7 @@ from collections import deque
 from ..inference import Engine, Request, TokenEvent
 
 logger = logging.getLogger(__name__)
+FINISH_REASONS = ("stop", "length", "cancelled", "abort", "error")
 
 
 class QueueFull(RuntimeError):
@@ -47,8 +48,8 @@ class EngineWorker:
         self._ids = itertools.count()
         self._counts = threading.Lock()  # guards the counters below; never held during a tick
         self._in_flight = 0
-        self.metrics = {"requests_total": 0, "requests_rejected_total": 0, "requests_failed_total": 0,
-                        "tokens_total": 0, "depth_sum": 0}
+        self.metrics = {"requests_total": 0, "requests_rejected_total": 0, "tokens_total": 0, "depth_sum": 0}
+        self.finished = dict.fromkeys(FINISH_REASONS, 0)  # requests ended, by finish reason
         self._recent: deque[tuple[float, int]] = deque()  # (time, tokens) of recent ticks, for tokens/s
         self._stopping = False
         self.error: BaseException | None = None
@@ -110,7 +111,7 @@ class EngineWorker:
             now = time.monotonic()
             while self._recent and now - self._recent[0][0] > 10.0:
                 self._recent.popleft()
-            m = dict(self.metrics)
+            m = dict(self.metrics, finished=dict(self.finished))
             m["tokens_per_s"] = sum(n for _, n in self._recent) / 10.0
         m["queue_depth"] = len(self.engine.waiting)
         m["running"] = len(self.engine.slots)
@@ -173,17 +174,17 @@ class EngineWorker:
 
     def _route(self, events: list[TokenEvent]) -> None:
         tokens = [ev for ev in events if ev.token is not None]
-        failed = sum(ev.finish_reason == "error" for ev in events)
         finished = 0
         for ev in events:
             ticket, loop, out = self._routes[ev.request_id]
             if ev.finish_reason is not None:
                 del self._routes[ev.request_id], self._engine_ids[ticket]
                 finished += 1
+                with self._counts:
+                    self.finished[ev.finish_reason] = self.finished.get(ev.finish_reason, 0) + 1
             loop.call_soon_threadsafe(out.put_nowait, ev)
         with self._counts:
             self._in_flight -= finished
-            self.metrics["requests_failed_total"] += failed
             if tokens:
                 self.metrics["tokens_total"] += len(tokens)
                 self.metrics["depth_sum"] += sum(ev.depth for ev in tokens)
