@@ -47,11 +47,12 @@ def test_generate_bad_input_is_a_clear_error(capsys):
 
 
 def test_serve_passes_engine_settings_and_rejects_bad_ones(monkeypatch, capsys):
+    import types
+
     import open_mythos.serving as serving
-    import uvicorn
 
     built = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: built.setdefault("app", app))
+    monkeypatch.setattr(serving, "make_server", lambda app, *a, **kw: types.SimpleNamespace(run=lambda: None))
     monkeypatch.setattr(serving, "build_app", lambda engine, *a, **kw: built.setdefault("engine", engine))
     args = ["serve", "--demo", "--schedule", "depth", "--max-batch", "4"]
     assert main([*args, "--sync-every", "2", "--prefill-batch", "3"]) == 0
