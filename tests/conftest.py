@@ -1,3 +1,7 @@
+import importlib.util
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,3 +21,14 @@ def tiny_config(attn_type: str = "gqa", **overrides) -> MythosConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def import_benchmark(name: str, monkeypatch):
+    """benchmarks/<name>.py as a module (its directory on sys.path for ``common``), for this test only."""
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", bench / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, f"bench_{name}", module)
+    spec.loader.exec_module(module)
+    return module

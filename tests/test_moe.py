@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from open_mythos import moe as moe_module
 from open_mythos.moe import MoE, topk_by_rank
 
-from conftest import tiny_config
+from conftest import import_benchmark, tiny_config
 
 
 def naive_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
@@ -139,16 +139,7 @@ def test_load_is_counted_only_in_training():
 def test_dense_bound_equals_the_moe_when_every_token_picks_the_first_experts(monkeypatch):
     """benchmarks/moe.py's dense bound (the speed ceiling the training benchmark reports) computes the MoE
     exactly when routing sends every token to experts 0..k-1: the same FLOPs, only the dispatch removed."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("bench_moe", bench / "moe.py")
-    bench_moe = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_moe", bench_moe)
-    spec.loader.exec_module(bench_moe)
+    bench_moe = import_benchmark("moe", monkeypatch)
 
     m = MoE(tiny_config())
     for p in m.parameters():

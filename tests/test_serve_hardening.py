@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import import_benchmark, tiny_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -497,17 +497,7 @@ def test_after_the_property_test_a_normal_request_succeeds(server):
 def test_bounded_load_with_disconnects(monkeypatch):
     """benchmarks/serve_load.py, small: 12 requests at once (streaming and not, chat and not), 3
     hanging up early: no slot held afterwards, /metrics agrees, completed outputs equal running alone."""
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
-    monkeypatch.syspath_prepend(str(bench))
-    spec = importlib.util.spec_from_file_location("bench_serve_load", bench / "serve_load.py")
-    serve_load = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_serve_load", serve_load)
-    spec.loader.exec_module(serve_load)
-
+    serve_load = import_benchmark("serve_load", monkeypatch)
     model = OpenMythos(tiny_config(vocab_size=257, max_seq_len=128, max_output_tokens=16)).eval()
     report = serve_load.run_load(model, TOK, n_requests=12, n_disconnect=3, max_batch=4)
     assert report["checks"] == dict.fromkeys(report["checks"], True), report
