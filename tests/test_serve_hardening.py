@@ -168,6 +168,25 @@ def test_a_failed_tick_fails_its_requests_and_the_engine_keeps_serving(model, ca
         live.stop()
 
 
+class BrokenEngine(Engine):
+    """Every tick raises: the engine cannot recover."""
+
+    def step(self):
+        raise RuntimeError("injected permanent fault")
+
+
+def test_health_tells_the_truth_when_the_engine_is_broken(model, caplog):
+    live = LiveServer(model, engine_cls=BrokenEngine)
+    try:
+        with caplog.at_level(logging.ERROR):
+            assert_openai_error(post(live, {"prompt": "abc", "max_tokens": 2}), 500)
+        assert "cannot recover" in caplog.text
+        assert_openai_error(httpx.get(f"{live.url}/health"), 503, text="injected permanent fault")
+        assert_openai_error(post(live, {"prompt": "abc", "max_tokens": 2}), 503, text="engine failed")
+    finally:
+        live.stop()
+
+
 # ------------------------------------------------------------------ 2. chat content is text, never markers
 def test_chat_content_cannot_forge_a_turn():
     tok = MythosTokenizer()

@@ -295,6 +295,9 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
                 yield "data: [DONE]\n\n"
             except APIError as err:
                 yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.kind))}\n\n"
+            except Exception as err:  # a bug, after the headers went out: the stream still ends in OpenAI's shape
+                logger.error("stream %s failed", ident, exc_info=err)
+                yield f"data: {json.dumps(error_body(500, 'internal error; see the server log', None, 'server_error'))}\n\n"
             finally:
                 await gen.aclose()  # a disconnect lands here: the request is cancelled
 
