@@ -18,7 +18,7 @@ from torch import nn
 from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
-from .hub import CONFIG_NAME, WEIGHTS_NAME, write_config
+from .hub import CONFIG_NAME, WEIGHTS_NAME, share_file_mode, write_config
 from .layers import Linear, RMSNorm, compute_dtype, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
@@ -197,6 +197,7 @@ class OpenMythos(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         write_config(directory, self.cfg)
         save_model(self, str(directory / WEIGHTS_NAME))
+        share_file_mode(directory / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",

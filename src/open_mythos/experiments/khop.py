@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import MythosConfig
+from ..config import MythosConfig, check_field_types
 from ..model import OpenMythos
 from ..training.config import apply_overrides
 from .baselines import DenseTransformer, matched_dense_layers
@@ -57,6 +57,7 @@ class KHopTask:
     queries: int = 8              # queries per problem; the last one asks for the k-hop chain's end
 
     def __post_init__(self) -> None:
+        check_field_types(self, "task.")
         if self.statements < self.max_hops:
             raise ValueError(f"statements ({self.statements}) must be >= max_hops ({self.max_hops})")
         if self.n_vars < self.statements:
@@ -141,6 +142,20 @@ class KHopConfig:
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: bool = torch.cuda.is_available()  # torch.compile the dense model and one RDT iteration
+
+    def __post_init__(self) -> None:
+        """Reject a bad setting before anything is trained (``--set steps=abc``, ``steps=0``)."""
+        check_field_types(self)
+        for name in ("train_max_hops", "eval_hops", "loops_mean", "loops_min", "steps", "batch_size",
+                     "eval_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_until <= 1 or self.lr <= 0:
+            raise ValueError(f"need warmup_steps >= 0, warmup_until in [0, 1] and lr > 0, got "
+                             f"{self.warmup_steps}, {self.warmup_until}, {self.lr}")
+        if not self.eval_loops or any(not isinstance(n, int) or n < 1 for n in self.eval_loops):
+            raise ValueError(f"eval_loops must be loop counts >= 1, got {self.eval_loops}")
+        MythosConfig(vocab_size=self.task.vocab_size, max_seq_len=self.task.seq_len, **self.model)  # validates it
 
 
 def presets() -> dict[str, KHopConfig]:
