@@ -8,6 +8,7 @@ import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -121,6 +122,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def served_name(model_dir: str) -> str:
+    """The model id clients send: the directory's name, or the run's name for a run's ``model/``
+    (``runs/shakespeare-tiny/model`` -> ``shakespeare-tiny``)."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
@@ -138,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         shapes = engine.warmup()
         print(f"[warm-up: {shapes} batch/prompt shapes captured in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    name = args.model_name or ("open-mythos-demo" if args.demo else os.path.basename(os.path.normpath(args.model)))
+    name = args.model_name or ("open-mythos-demo" if args.demo else served_name(args.model))
     app = build_app(engine, tok, name, max_pending=args.max_pending)
     uvicorn.run(app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout,
                 log_level="info")
@@ -146,7 +154,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
     if args.name == "khop":
@@ -284,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
-    p.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
+    p.add_argument("--model-name", help="the model id clients use (default: the directory's name; a run's "
+                                        "model/ is named after the run: runs/NAME/model -> NAME)")
     p.add_argument("--max-loops", type=int, default=None,
                    help="largest per-request n_loops; deeper than trained is allowed (default: the model's max_loop_iters)")
     p.add_argument("--schedule", choices=["depth", "token", "static"], default="token",
