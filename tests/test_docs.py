@@ -11,7 +11,8 @@ session). A marker on the line before a block changes how it runs:
                                        killed after SERVER_LIFETIME seconds whatever happens)
 
 Every scratch directory sees ``runs/shakespeare-tiny/``: the run that the README's first command
-trained, verbatim, once per session. Fenced blocks without a language hold no commands (checked).
+trained, verbatim, once per session (``MYTHOS_DOCS_RUN=DIR`` reuses ``DIR/runs/shakespeare-tiny``
+instead: a shortcut for editing docs; CI trains). Fenced blocks without a language hold no commands (checked).
 """
 
 from __future__ import annotations
@@ -103,6 +104,8 @@ def bin_dir(tmp_path_factory) -> Path:
 def trained_run(tmp_path_factory, bin_dir) -> Path:
     """Run the non-install commands of the README's install block, verbatim (the shakespeare-tiny
     preset: ~1 min on 2 cores); return the scratch directory that holds ``runs/shakespeare-tiny``."""
+    if os.environ.get("MYTHOS_DOCS_RUN"):  # a developer's shortcut: a directory that already holds the run
+        return Path(os.environ["MYTHOS_DOCS_RUN"]).resolve()
     block = next(b for b in BLOCKS if b.marker == "install")
     base = tmp_path_factory.mktemp("readme-run")
     for cmd in commands(block):

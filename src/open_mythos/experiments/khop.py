@@ -288,6 +288,8 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
     log("training the dense baseline")
     dense_train = train(dense, cfg, loops=False, log=log)
     hops = list(range(1, cfg.eval_hops + 1))
+    log(f"evaluating exact match on {cfg.eval_problems} problems per hop count 1..{cfg.eval_hops}, "
+        f"the RDT at {cfg.eval_loops} loops")
     rdt_acc = {n: [accuracy(rdt, cfg, k, n) for k in hops] for n in cfg.eval_loops}
     dense_acc = [accuracy(dense, cfg, k, None) for k in hops]
     guess = [guess_accuracy(cfg, k) for k in hops]
@@ -298,6 +300,7 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
               "seconds": time.perf_counter() - t0}
     (out_dir / "khop.json").write_text(json.dumps(result, indent=1))
     plot(result, out_dir)
+    log("  exact match, hops:" + "".join(f"{k:5d}" for k in hops) + f"   (trained on <= {cfg.train_max_hops})")
     for n, acc in rdt_acc.items():
         log(f"  RDT  {n:3d} loops: " + " ".join(f"{a:.2f}" for a in acc))
     log("  dense          : " + " ".join(f"{a:.2f}" for a in dense_acc))
