@@ -136,7 +136,7 @@ class OpenMythos(nn.Module):
         self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)
         self.recurrent.compiled_halt = torch.compile(self.recurrent.halt, **compile_kwargs)
         # CUDA-graph trees (these modes) treat parameters as static inputs: matrices cast once per forward would
-        # be new tensors at every call (re-recorded graphs, measured 20x slower): there, cast inside each iteration
+        # be new tensors at every call, so the trees would re-record their graphs: there, cast inside each iteration
         self.recurrent.cast_matrices_once = compile_kwargs.get("mode") not in CUDAGRAPH_COMPILE_MODES
         return self
 

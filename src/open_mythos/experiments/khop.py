@@ -14,9 +14,8 @@ no longer than k. Every problem has the same number of statements and queries, s
 has the same length whatever k. Vocabulary: ';', '?', values, variables.
 
 Why dense supervision: with only the final answer supervised, neither an RDT nor a dense model
-learned even the 1-hop lookup in 3,000 steps x 256 problems (the first H100 runs, documented in
-docs/experiments.md); with several queries per problem a 2-layer model learns 1-hop in < 2,000
-CPU steps. Why a warm-up (``warmup_steps``: 1-hop problems, the RDT at one loop) and a quiet loop
+learned even the 1-hop lookup in 3,000 steps x 256 problems (docs/experiments.md); with several
+queries per problem a 2-layer model learns 1-hop in < 2,000 CPU steps. Why a warm-up (``warmup_steps``: 1-hop problems, the RDT at one loop) and a quiet loop
 embedding (``loop_embed_scale``): an RDT does not learn the lookup from scratch while its block is
 iterated, or while the loop-index embedding drowns the tokens, but keeps a lookup learned at one loop.
 
@@ -135,7 +134,7 @@ class KHopConfig:
     warmup_steps: int = 3000      # at most this many first steps: 1-hop problems only, the RDT at 1 loop
     warmup_until: float = 0.9     # ... ending once the batch's scored answers are this exact (docs/experiments.md)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
-    steps: int = 4000             # RDT + dense + evaluation: 6.6 minutes on an H100 (run 6)
+    steps: int = 4000             # per model (RDT, then dense); docs/experiments.md has the GPU run
     batch_size: int = 256
     lr: float = 1e-3
     eval_problems: int = 512

@@ -145,7 +145,7 @@ class PackedLoader:
 
     def _order(self) -> torch.Tensor:
         """This epoch's window order, drawn once per epoch (a permutation of every window per batch would
-        cost the host ~8 ms per million windows at every step)."""
+        cost the host time proportional to the corpus at every step)."""
         if self._order_cache is None or self._order_cache[0] != self.epoch:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
