@@ -117,6 +117,9 @@ def test_missing_extra_names_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ModuleNotFoundError
     err = one_line_error(capsys, ["train", "--preset", "shakespeare-tiny", "--set", "data.source='hf'"])
     assert "datasets" in err and "pip install -e '.[data]'" in err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    err = one_line_error(capsys, ["serve", "--demo"])
+    assert "uvicorn" in err and "pip install -e '.[serve]'" in err
 
 
 def test_hf_streaming_without_network_is_one_line(monkeypatch, capsys):

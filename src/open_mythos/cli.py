@@ -130,14 +130,10 @@ def served_name(model_dir: str) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+    import uvicorn  # the [serve] extra: main() turns a missing one into an install hint
 
-        from .serving import build_app
-    except ModuleNotFoundError as err:
-        raise ValueError(f"mythos serve needs the [serve] extra ({err.name} is missing): "
-                         "pip install 'open-mythos[serve]'") from None
     from .inference import Engine
+    from .serving import build_app
 
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy, max_loops=args.max_loops,
