@@ -1,3 +1,5 @@
+import pytest
+
 from open_mythos.cli import main
 
 
@@ -60,3 +62,121 @@ def test_serve_passes_engine_settings_and_rejects_bad_ones(monkeypatch, capsys):
     assert (engine.schedule, engine.sync_every, engine.prefill_batch, engine.max_batch) == ("depth", 2, 3, 4)
     assert main([*args, "--prefill-batch", "5"]) == 2
     assert "prefill_batch must be an int in [1, max_batch=4]" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ common mistakes: one line, exit 2
+def one_line_error(capsys, argv: list[str]) -> str:
+    """Run ``mythos argv``; require exit 2, nothing on stdout and one ``mythos: error:`` line on stderr."""
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("mythos: error: ") and err.count("\n") == 1, (out, err)
+    return err
+
+
+def test_missing_model_dir_is_one_line(tmp_path, capsys, monkeypatch):
+    import open_mythos.serving as serving
+    import uvicorn
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: pytest.fail("served a missing model"))
+    for command in ("generate", "serve"):
+        err = one_line_error(capsys, [command, "--model", str(tmp_path / "nope")])
+        assert f"{tmp_path / 'nope'}" in err and "save_pretrained" in err
+    assert serving  # imported: the [serve] extra is installed in this environment
+
+
+def test_train_mistakes_are_one_line_before_training(tmp_path, capsys):
+    err = one_line_error(capsys, ["train"])
+    assert "--preset NAME" in err and "shakespeare-tiny" in err
+    base = ["train", "--preset", "shakespeare-tiny", "--set", f"out_dir='{tmp_path}/run'"]
+    err = one_line_error(capsys, [*base, "--set", "data.path=nope/"])
+    assert "data.path" in err and "data.source=files" in err
+    err = one_line_error(capsys, [*base, "--set", "data.source=files", "--set", "data.path=nope/"])
+    assert "'nope'" in err and "data.path" in err
+    assert "steps must be >= 1" in one_line_error(capsys, [*base, "--set", "steps=0"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_train_help_lists_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for name in ("shakespeare-tiny", "shakespeare-100m", "3b_fine_web_edu"):
+        assert f"  {name}" in out
+
+
+@pytest.mark.parametrize("name", ["khop", "loops", "dense-vs-looped"])
+def test_experiment_bad_settings_are_one_line(name, tmp_path, capsys):
+    base = ["experiment", name, "--out", str(tmp_path), "--no-progress", "--set"]
+    assert "steps must be" in one_line_error(capsys, [*base, "steps=abc"])
+    assert "steps must be >= 1" in one_line_error(capsys, [*base, "steps=0"])
+    assert list(tmp_path.iterdir()) == []  # nothing ran
+
+
+def test_missing_extra_names_the_install_command(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ModuleNotFoundError
+    err = one_line_error(capsys, ["train", "--preset", "shakespeare-tiny", "--set", "data.source='hf'"])
+    assert "datasets" in err and "pip install -e '.[data]'" in err
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    err = one_line_error(capsys, ["serve", "--demo"])
+    assert "uvicorn" in err and "pip install -e '.[serve]'" in err
+
+
+def test_hf_streaming_without_network_is_one_line(monkeypatch, capsys):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'HuggingFaceFW/fineweb-edu' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    err = one_line_error(capsys, ["train", "--preset", "shakespeare-tiny", "--set", "data.source='hf'"])
+    assert "not reachable" in err and "data.source='shakespeare'" in err
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError):
+        main(["--debug", "generate", "--model", str(tmp_path)])
+    monkeypatch.setenv("MYTHOS_DEBUG", "1")
+    with pytest.raises(FileNotFoundError):
+        main(["generate", "--model", str(tmp_path)])
+
+
+def test_generate_error_is_not_glued_to_the_prompt(capsys):
+    err = one_line_error(capsys, ["generate", "--demo", "--n-loops", "0", "--prompt", "hi"])
+    assert "--n-loops must be >= 1" in err
+    err = one_line_error(capsys, ["generate", "--demo", "--prompt", "hi", "--max-new-tokens", "1000"])
+    assert "max_output_tokens" in err
+    # any n_loops >= 1 runs: the engine is sized to it, deeper than the demo model's 4 trained loops
+    assert main(["generate", "--demo", "--n-loops", "8", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert capsys.readouterr().out.startswith("hi")
+
+
+def test_printable_escapes_control_bytes():
+    from open_mythos.cli import printable
+
+    assert printable("a\x1b[2Jb\x07\n\tc é") == "a\\x1b[2Jb\\x07\n\tc é"
+
+
+def test_help_shows_every_option_with_help(capsys):
+    """Every generate/serve/demo option has a help text."""
+    from open_mythos.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name in ("generate", "serve", "demo", "train", "experiment", "variants", "plot"):
+        for action in sub.choices[name]._actions:
+            assert action.help, f"mythos {name} {action.option_strings or action.dest} has no help"
+
+
+def test_saved_weights_are_readable_like_the_rest(tmp_path):
+    import os
+
+    from open_mythos import OpenMythos
+    from open_mythos.cli import demo_config
+
+    OpenMythos(demo_config()).save_pretrained(tmp_path)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert modes["model.safetensors"] == modes["config.json"] == 0o666 & ~umask

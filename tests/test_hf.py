@@ -6,6 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 
 from conftest import tiny_config
@@ -64,3 +66,36 @@ def test_model_card_and_padding_error(tmp_path):
     hf = AutoModelForCausalLM.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="padding"):
         hf(torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]]))
+
+
+_texts = st.text(st.characters(codec="utf-8"), max_size=40)
+
+
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(_texts, min_size=1, max_size=3))
+def test_auto_tokenizer_loads_a_byte_model_directory(tmp_path_factory, parts):
+    """A training run's model/ directory (save_tokenizer_name "byte") loads with AutoTokenizer, which
+    then encodes and decodes exactly like ByteTokenizer, <|endoftext|> included."""
+    from transformers import AutoTokenizer
+
+    from open_mythos import ByteTokenizer
+    from open_mythos.tokenizer import tokenizer_for
+
+    directory = _byte_dir(tmp_path_factory)
+    hf = AutoTokenizer.from_pretrained(directory)
+    text = "<|endoftext|>".join(parts)
+    ids = ByteTokenizer().encode(text, allow_special=True)
+    assert hf(text)["input_ids"] == ids
+    assert hf.decode(ids) == ByteTokenizer().decode(ids) == text
+    assert (len(hf), hf.eos_token_id) == (257, 256)
+    assert isinstance(tokenizer_for(directory, 257), ByteTokenizer)  # our own reader still finds it
+
+
+def _byte_dir(tmp_path_factory):
+    from open_mythos.tokenizer import save_tokenizer_name
+
+    directory = tmp_path_factory.getbasetemp() / "byte-tokenizer"
+    if not directory.exists():
+        directory.mkdir()
+        save_tokenizer_name(directory, "byte")
+    return directory

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -62,12 +64,21 @@ def load_model(args: argparse.Namespace):
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", help="a save_pretrained directory (e.g. runs/NAME/model)")
-    p.add_argument("--demo", action="store_true", help="a random tiny byte-level model instead")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
-    p.add_argument("--loop-policy", choices=["per_loop", "shared"], default="per_loop")
-    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--model", metavar="DIR", help="a save_pretrained directory (e.g. runs/NAME/model)")
+    p.add_argument("--demo", action="store_true", help="a random tiny byte-level model instead of --model")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device to run on")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weight and compute dtype")
+    p.add_argument("--loop-policy", choices=["per_loop", "shared"], default="per_loop",
+                   help="recurrent KV cache: per_loop (exact) or shared (one slot for all loops, less memory; "
+                        "docs/inference.md)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters (ESC, BEL, ...) escaped, so a random model cannot drive the
+    terminal; newlines and tabs are kept."""
+    return "".join(c if c.isprintable() or c in "\n\t" else ascii(c)[1:-1] for c in text)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -75,6 +86,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .inference.text import generate_text
     from .sampling import SamplingParams
 
+    if args.n_loops is not None and args.n_loops < 1:
+        raise ValueError(f"--n-loops must be >= 1 (recurrent iterations per token), got {args.n_loops}")
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy,
                     max_loops=max(args.n_loops or 0, model.cfg.max_loop_iters))
@@ -83,15 +96,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompts = args.prompt or ["To be, or not to be"]
     requests = [Request(tok.encode(text), args.max_new_tokens, args.n_loops, sampling, rule, (tok.eos_token_id,),
                         args.seed) for text in prompts]
+    show = printable if sys.stdout.isatty() else str
     live = len(prompts) == 1  # one prompt: stream its text as it is generated
-    if live:
-        print(prompts[0], end="", flush=True)
+    echoed = False  # the prompt is echoed with the first piece: a request the engine rejects prints nothing
+
+    def on_piece(i: int, piece: str) -> None:
+        nonlocal echoed
+        if not echoed:
+            print(show(prompts[0]), end="")
+            echoed = True
+        print(show(piece), end="", flush=True)
+
     t0 = time.perf_counter()
-    texts = generate_text(engine, tok, requests, [args.stop] * len(prompts),
-                          on_piece=(lambda i, piece: print(piece, end="", flush=True)) if live else None)
+    texts = generate_text(engine, tok, requests, [args.stop] * len(prompts), on_piece=on_piece if live else None)
     seconds = time.perf_counter() - t0
     if live:
-        print(flush=True)
+        print("" if echoed else show(prompts[0]), flush=True)
     else:
         for text, completion in zip(prompts, texts):
             print(json.dumps({"prompt": text, "completion": completion}))
@@ -102,15 +122,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn  # noqa: F401  (the [serve] extra)
+def served_name(model_dir: str) -> str:
+    """The model id clients send: the directory's name, or the run's name for a run's ``model/``
+    (``runs/shakespeare-tiny/model`` -> ``shakespeare-tiny``)."""
+    path = Path(model_dir).resolve()
+    return path.parent.name if path.name == "model" and path.parent.name else path.name
 
-        from .serving import build_app, make_server
-    except ModuleNotFoundError as err:
-        raise ValueError(f"mythos serve needs the [serve] extra ({err.name} is missing): "
-                         "pip install 'open-mythos[serve]'") from None
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn  # noqa: F401  (the [serve] extra: main() turns a missing one into an install hint)
+
     from .inference import Engine
+    from .serving import build_app, make_server
 
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy, max_loops=args.max_loops,
@@ -119,14 +142,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         shapes = engine.warmup()
         print(f"[warm-up: {shapes} batch/prompt shapes captured in {time.perf_counter() - t0:.1f} s]", file=sys.stderr)
-    name = args.model_name or ("open-mythos-demo" if args.demo else os.path.basename(os.path.normpath(args.model)))
+    name = args.model_name or ("open-mythos-demo" if args.demo else served_name(args.model))
     app = build_app(engine, tok, name, max_pending=args.max_pending, max_body_bytes=int(args.max_body_mb * 2 ** 20))
     make_server(app, args.host, args.port, args.graceful_timeout, log_level="info").run()
     return 0
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
     if args.name == "khop":
@@ -143,6 +165,9 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
         run_dense_vs_looped(args.preset, out, args.set, progress=not args.no_progress)
     print(f"results and plots in {out}")
+    if args.preset == "cpu":  # next to the table it qualifies
+        print("preset cpu: a smoke test of the pipeline (tiny models, minutes on a CPU); its numbers do not "
+              "test the claim. The GPU preset's results: docs/experiments.md")
     return 0
 
 
@@ -166,10 +191,13 @@ def cmd_variants(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .training.config import load_config
+    from .training.config import list_presets, load_config
     from .training.distributed import shutdown
     from .training.loop import Trainer
 
+    if args.preset is None and args.config is None:
+        raise ValueError("train needs --preset NAME or --config FILE.toml; presets: "
+                         f"{', '.join(list_presets())} (shakespeare-tiny: ~1 min on a CPU; see mythos train --help)")
     cfg = load_config(args.preset, args.config, args.set)
     try:
         summary = Trainer(cfg, resume=args.resume, progress=not args.no_progress).train()
@@ -190,46 +218,81 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows each option's default, except the empty ones (None, False, []); epilogs keep their lines."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        empty = action.default is None or action.default is False or action.default == []
+        if empty or "default:" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def presets_help() -> str:
+    """``mythos train --help``'s list of presets, each with the first line of its TOML comment."""
+    import re
+
+    from .training.config import list_presets, load_config, presets_dir
+
+    lines = ["presets (mythos train --preset NAME):"]
+    for name in list_presets():
+        first = (presets_dir() / f"{name}.toml").read_text().splitlines()[0].lstrip("# ")
+        cfg = load_config(name)
+        lines.append(f"  {name:<17} {re.split(r'[.:] ', first)[0]}\n{'':<20}dim {cfg.model.dim}, "
+                     f"{cfg.model.n_experts} experts, {cfg.steps} steps, data.source={cfg.data.source}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mythos", description="open-mythos: Recurrent-Depth Transformer")
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="build a small model, run it at several loop counts, generate")
-    p.add_argument("--prompt", default="To be, or not to be")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error (also: MYTHOS_DEBUG=1)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add = functools.partial(sub.add_parser, formatter_class=HelpFormatter)
+    p = add("demo", help="build a small model, run it at several loop counts, generate")
+    p.add_argument("--prompt", default="To be, or not to be", help="the text the random model continues")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the sampling")
     p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("variants", help="table of the pre-configured scales with parameter counts")
-    p.add_argument("--json", action="store_true")
+    p = add("variants", help="table of the pre-configured scales with parameter counts")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_variants)
-    p = sub.add_parser("train", help="train a model (single process or under torchrun)")
-    p.add_argument("--preset", help="a preset name (see training/presets), e.g. shakespeare-tiny")
-    p.add_argument("--config", help="a TOML file (applied after the preset)")
+    p = add("train", help="train a model (single process or under torchrun)", epilog=presets_help(),
+            description="Train from a preset and/or a TOML file, with --set overrides (docs/training.md).")
+    p.add_argument("--preset", metavar="NAME", help="a preset (listed below)")
+    p.add_argument("--config", metavar="FILE", help="a TOML file (applied after the preset)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set steps=100 --set optim.muon_lr=0.01")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=cmd_train)
-    p = sub.add_parser("generate", help="generate text with the inference engine (streams one prompt)")
+    p = add("generate", help="generate text with the inference engine: one prompt streams, several print JSON lines")
     add_model_args(p)
-    p.add_argument("--prompt", action="append", help="a prompt (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--n-loops", type=int, default=None, help="loop budget per token (default: the config's)")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--prompt", action="append",
+                   help="a prompt (repeat for a batch; one prompt streams, several print one JSON line each) "
+                        "(default: 'To be, or not to be')")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
+    p.add_argument("--n-loops", type=int, default=None,
+                   help="loop budget per token, >= 1; may exceed the trained depth (default: the model's max_loop_iters)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
     p.add_argument("--exit", choices=["none", "act", "rel_change", "kl"], default="none",
-                   help="per-token early-exit rule")
-    p.add_argument("--exit-threshold", type=float, default=None)
-    p.add_argument("--min-loops", type=int, default=1)
+                   help="per-token early-exit rule (docs/inference.md)")
+    p.add_argument("--exit-threshold", type=float, default=None,
+                   help="the rule's threshold (default: act the config's act_threshold, rel_change 1e-2, kl 5e-4)")
+    p.add_argument("--min-loops", type=int, default=1, help="loops every token runs before its exit rule applies")
     p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine")
+    p = add("serve", help="OpenAI-compatible HTTP server (FastAPI + uvicorn) on the engine")
     add_model_args(p)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model-name", help="the model id clients use (default: the directory's name)")
-    p.add_argument("--max-loops", type=int, default=None, help="largest per-request n_loops (default: the config's)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--model-name", help="the model id clients use (default: the directory's name; a run's "
+                                        "model/ is named after the run: runs/NAME/model -> NAME)")
+    p.add_argument("--max-loops", type=int, default=None,
+                   help="largest per-request n_loops; deeper than trained is allowed (default: the model's max_loop_iters)")
     p.add_argument("--schedule", choices=["depth", "token", "static"], default="token",
                    help="depth: continuous depth-wise batching; token: whole tokens, requests join every token; static: whole batches")
     p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick (per host sync)")
@@ -241,25 +304,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason \"abort\"")
     p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")
-    p.add_argument("name", choices=["khop", "loops", "dense-vs-looped"])
-    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu")
+    p = add("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")
+    p.add_argument("name", choices=["khop", "loops", "dense-vs-looped"],
+                   help="khop: k-hop extrapolation; loops: held-out loss vs loops; dense-vs-looped: same "
+                        "parameters, looped or not")
+    p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
+                   help="cpu: a smoke test in minutes (tiny models, too small to show the effect); "
+                        "gpu: the measured setup (docs/experiments.md)")
     p.add_argument("--out", help="output directory (default runs/experiment-NAME-PRESET)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_experiment)
-    p = sub.add_parser("plot", help="PNG plots (loss curve, loop sweep) of a training run directory")
-    p.add_argument("run_dir")
+    p = add("plot", help="PNG plots (loss curve, loop sweep) of a training run directory")
+    p.add_argument("run_dir", help="a training run's out_dir (holds metrics.jsonl, sweep.json)")
     p.set_defaults(func=cmd_plot)
     return parser
 
 
+# the optional extra (pyproject.toml) that installs each optional import
+EXTRAS = {"datasets": "data", "fastapi": "serve", "uvicorn": "serve", "openai": "serve", "transformers": "hf",
+          "lm_eval": "eval"}
+
+
+def error_line(err: Exception) -> str:
+    """The one-line message for an error the user can fix (bad input, a missing file or extra, no network)."""
+    if isinstance(err, ModuleNotFoundError):
+        extra = EXTRAS.get((err.name or "").partition(".")[0])
+        hint = f"pip install -e '.[{extra}]' (or pip install 'open-mythos[{extra}]')" if extra else \
+            f"pip install {err.name}"
+        return f"the {err.name} package is not installed: {hint}"
+    return str(err)
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Errors a user can fix print one line, ``mythos: error: ...``, and return 2;
+    ``--debug`` (or ``MYTHOS_DEBUG=1``) shows the traceback instead."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ValueError as err:  # bad user input: one clear line, no traceback
-        print(f"mythos: error: {err}", file=sys.stderr)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError, ConnectionError) as err:
+        if args.debug or os.environ.get("MYTHOS_DEBUG", "") not in ("", "0"):
+            raise
+        print(f"mythos: error: {error_line(err)}", file=sys.stderr)
         return 2
 
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .config import MythosConfig
@@ -17,6 +18,14 @@ REMOTE_CODE = {
 }
 AUTO_MAP = {"AutoConfig": "configuration_open_mythos.OpenMythosConfig",
             "AutoModelForCausalLM": "modeling_open_mythos.OpenMythosForCausalLM"}
+
+
+def share_file_mode(path: Path) -> None:
+    """Give ``path`` the mode every other file of the directory gets (0666 minus the umask):
+    safetensors writes its files 0600."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_config(directory: Path, cfg: MythosConfig) -> None:

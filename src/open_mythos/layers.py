@@ -24,9 +24,9 @@ def matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """y[..., n] = sum_k x[..., k] w[..., n, k]: one row of x per weight matrix (w broadcasts).
 
     Decoding one token makes every matmul a single row: cuBLAS runs it as a GEMV over a few thread
-    blocks (~3.5 us for 1024 x 1024 on an H100). Under torch.compile it is written as a broadcast
-    multiply and an fp32 sum, which inductor turns into one reduction kernel spread over the whole
-    GPU that also reads a gathered ``w`` in place (1.6-2.2 us; benchmarks/decode_kernels.py).
+    blocks, leaving most of the GPU idle. Under torch.compile it is written as a broadcast multiply
+    and an fp32 sum, which inductor turns into one reduction kernel spread over the whole GPU that
+    also reads a gathered ``w`` in place (faster for one row; benchmarks/decode_kernels.py).
     Eager: a batched matmul.
     """
     if torch.compiler.is_compiling():

@@ -18,7 +18,7 @@ from torch import nn
 from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
-from .hub import CONFIG_NAME, WEIGHTS_NAME, write_config
+from .hub import CONFIG_NAME, WEIGHTS_NAME, share_file_mode, write_config
 from .layers import Linear, RMSNorm, compute_dtype, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
@@ -136,7 +136,7 @@ class OpenMythos(nn.Module):
         self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)
         self.recurrent.compiled_halt = torch.compile(self.recurrent.halt, **compile_kwargs)
         # CUDA-graph trees (these modes) treat parameters as static inputs: matrices cast once per forward would
-        # be new tensors at every call (re-recorded graphs, measured 20x slower): there, cast inside each iteration
+        # be new tensors at every call, so the trees would re-record their graphs: there, cast inside each iteration
         self.recurrent.cast_matrices_once = compile_kwargs.get("mode") not in CUDAGRAPH_COMPILE_MODES
         return self
 
@@ -197,6 +197,7 @@ class OpenMythos(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         write_config(directory, self.cfg)
         save_model(self, str(directory / WEIGHTS_NAME))
+        share_file_mode(directory / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",

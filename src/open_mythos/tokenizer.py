@@ -192,10 +192,40 @@ def load_tokenizer(name: str):
     return TOKENIZERS[name]()
 
 
+def byte_level_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which transformers' ``ByteLevel``
+    pre-tokenizer and decoder use: printable Latin-1 bytes map to themselves, the rest to 256+."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    moved = [b for b in range(256) if b not in keep]
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(moved)}}
+
+
+def byte_tokenizer_json() -> dict:
+    """``ByteTokenizer`` as a Hugging Face ``tokenizer.json``: a BPE model without merges over the
+    256 byte characters (id = byte value) plus ``<|endoftext|>`` = 256, so that
+    ``AutoTokenizer.from_pretrained(DIR)`` encodes and decodes exactly as ``ByteTokenizer`` does."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": ByteTokenizer.eos_token_id, "content": ENDOFTEXT, "single_word": False,
+                          "lstrip": False, "rstrip": False, "normalized": False, "special": True}],
+        "normalizer": None, "pre_tokenizer": byte_level, "post_processor": None, "decoder": byte_level,
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {char: byte for byte, char in byte_level_unicode().items()}, "merges": []},
+    }
+
+
 def save_tokenizer_name(directory: str | Path, name: str) -> None:
-    """Record which tokenizer a ``save_pretrained`` directory's model was trained with."""
+    """Record which tokenizer a ``save_pretrained`` directory's model was trained with. For "byte"
+    also write ``tokenizer.json``, so ``transformers.AutoTokenizer.from_pretrained(directory)`` loads
+    it (``tokenizer_config.json`` names ``PreTrainedTokenizerFast``; our key is ``tokenizer``)."""
     load_tokenizer(name)  # validate
-    (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps({"tokenizer": name}) + "\n")
+    config = {"tokenizer": name}
+    if name == "byte":
+        (Path(directory) / "tokenizer.json").write_text(json.dumps(byte_tokenizer_json(), ensure_ascii=False))
+        config.update(tokenizer_class="PreTrainedTokenizerFast", eos_token=ENDOFTEXT)
+    (Path(directory) / TOKENIZER_CONFIG).write_text(json.dumps(config) + "\n")
 
 
 def tokenizer_for(directory: str | Path, vocab_size: int):

@@ -14,9 +14,8 @@ no longer than k. Every problem has the same number of statements and queries, s
 has the same length whatever k. Vocabulary: ';', '?', values, variables.
 
 Why dense supervision: with only the final answer supervised, neither an RDT nor a dense model
-learned even the 1-hop lookup in 3,000 steps x 256 problems (the first H100 runs, documented in
-docs/experiments.md); with several queries per problem a 2-layer model learns 1-hop in < 2,000
-CPU steps. Why a warm-up (``warmup_steps``: 1-hop problems, the RDT at one loop) and a quiet loop
+learned even the 1-hop lookup in 3,000 steps x 256 problems (docs/experiments.md); with several
+queries per problem a 2-layer model learns 1-hop in < 2,000 CPU steps. Why a warm-up (``warmup_steps``: 1-hop problems, the RDT at one loop) and a quiet loop
 embedding (``loop_embed_scale``): an RDT does not learn the lookup from scratch while its block is
 iterated, or while the loop-index embedding drowns the tokens, but keeps a lookup learned at one loop.
 
@@ -37,7 +36,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ..config import MythosConfig
+from ..config import MythosConfig, check_field_types
 from ..model import OpenMythos
 from ..training.config import apply_overrides
 from .baselines import DenseTransformer, matched_dense_layers
@@ -57,6 +56,7 @@ class KHopTask:
     queries: int = 8              # queries per problem; the last one asks for the k-hop chain's end
 
     def __post_init__(self) -> None:
+        check_field_types(self, "task.")
         if self.statements < self.max_hops:
             raise ValueError(f"statements ({self.statements}) must be >= max_hops ({self.max_hops})")
         if self.n_vars < self.statements:
@@ -134,13 +134,27 @@ class KHopConfig:
     warmup_steps: int = 3000      # at most this many first steps: 1-hop problems only, the RDT at 1 loop
     warmup_until: float = 0.9     # ... ending once the batch's scored answers are this exact (docs/experiments.md)
     eval_loops: list[int] = field(default_factory=lambda: [1, 2, 4, 6, 8, 12, 16, 24])
-    steps: int = 4000             # RDT + dense + evaluation: 6.6 minutes on an H100 (run 6)
+    steps: int = 4000             # per model (RDT, then dense); docs/experiments.md has the GPU run
     batch_size: int = 256
     lr: float = 1e-3
     eval_problems: int = 512
     seed: int = 0
     device: str = "cuda" if torch.cuda.is_available() else "cpu"
     compile: bool = torch.cuda.is_available()  # torch.compile the dense model and one RDT iteration
+
+    def __post_init__(self) -> None:
+        """Reject a bad setting before anything is trained (``--set steps=abc``, ``steps=0``)."""
+        check_field_types(self)
+        for name in ("train_max_hops", "eval_hops", "loops_mean", "loops_min", "steps", "batch_size",
+                     "eval_problems"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or not 0 <= self.warmup_until <= 1 or self.lr <= 0:
+            raise ValueError(f"need warmup_steps >= 0, warmup_until in [0, 1] and lr > 0, got "
+                             f"{self.warmup_steps}, {self.warmup_until}, {self.lr}")
+        if not self.eval_loops or any(not isinstance(n, int) or n < 1 for n in self.eval_loops):
+            raise ValueError(f"eval_loops must be loop counts >= 1, got {self.eval_loops}")
+        MythosConfig(vocab_size=self.task.vocab_size, max_seq_len=self.task.seq_len, **self.model)  # validates it
 
 
 def presets() -> dict[str, KHopConfig]:
@@ -273,6 +287,8 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
     log("training the dense baseline")
     dense_train = train(dense, cfg, loops=False, log=log)
     hops = list(range(1, cfg.eval_hops + 1))
+    log(f"evaluating exact match on {cfg.eval_problems} problems per hop count 1..{cfg.eval_hops}, "
+        f"the RDT at {cfg.eval_loops} loops")
     rdt_acc = {n: [accuracy(rdt, cfg, k, n) for k in hops] for n in cfg.eval_loops}
     dense_acc = [accuracy(dense, cfg, k, None) for k in hops]
     guess = [guess_accuracy(cfg, k) for k in hops]
@@ -283,6 +299,7 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
               "seconds": time.perf_counter() - t0}
     (out_dir / "khop.json").write_text(json.dumps(result, indent=1))
     plot(result, out_dir)
+    log("  exact match, hops:" + "".join(f"{k:5d}" for k in hops) + f"   (trained on <= {cfg.train_max_hops})")
     for n, acc in rdt_acc.items():
         log(f"  RDT  {n:3d} loops: " + " ".join(f"{a:.2f}" for a in acc))
     log("  dense          : " + " ".join(f"{a:.2f}" for a in dense_acc))

@@ -63,6 +63,7 @@ def run_loops(preset: str, out_dir: Path, overrides: list[str] = (), progress: b
     cfg = load_config(name, overrides=[*base, *overrides])
     mean = cfg.loops.mean
     sweep = sorted({1, 2, 3, *range(mean - 1, mean + 2), 2 * mean, 3 * mean, 4 * mean} - {0})
+    log(f"training the {name} model ({cfg.steps} steps), then its held-out loss at {sweep} loops")
     summary, params = _train(name, [*base, f"sweep_loops={sweep}", *overrides], Path(out_dir) / "run", progress)
     rows = summary["sweep"]
     n, loss = [r["n_loops"] for r in rows], [r["loss"] for r in rows]
@@ -88,10 +89,13 @@ def run_dense_vs_looped(preset: str, out_dir: Path, overrides: list[str] = (), p
     out_dir = Path(out_dir)
     mean = load_config(name, overrides=[*base, *overrides]).loops.mean
     runs = []
+    total = 1 + len(DENSE_DEPTHS[preset])
+    log(f"[1/{total}] training the looped model ({mean} loops mean), then its held-out loss")
     summary, params = _train(name, [*base, f"sweep_loops=[{mean}]", *overrides], out_dir / "looped", progress)
     runs.append({"model": f"looped ({mean} loops mean)", "params": params, "loss": summary["sweep"][0]["loss"],
                  "looped": True})
-    for pre, coda in DENSE_DEPTHS[preset]:
+    for i, (pre, coda) in enumerate(DENSE_DEPTHS[preset], 2):
+        log(f"[{i}/{total}] training a fixed-depth model of {pre + coda + 1} layers, then its held-out loss")
         fixed = [*base, "loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1", "loops.backprop=0",
                  "sweep_loops=[1]", f"model.prelude_layers={pre}", f"model.coda_layers={coda}", *overrides]
         summary, params = _train(name, fixed, out_dir / f"fixed_{pre + coda + 1}", progress)
@@ -134,7 +138,10 @@ def _plot_dense(result: dict, out_dir: Path) -> Path:
     looped = [r for r in result["runs"] if r["looped"]]
     ax.plot([r["params"] for r in fixed], [r["loss"] for r in fixed], "o-", label="fixed depth")
     ax.plot([r["params"] for r in looped], [r["loss"] for r in looped], "*", ms=14, label="looped")
-    for r in result["runs"]:
-        ax.annotate(r["model"], (r["params"], r["loss"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xscale("log")
+    for r in result["runs"]:  # looped labels above their point, fixed ones below (they may coincide in x)
+        last = r is fixed[-1]  # at the right edge: its label goes to the left
+        ax.annotate(r["model"], (r["params"], r["loss"]), fontsize=7, textcoords="offset points",
+                    xytext=(-8 if last else 8, 8 if r["looped"] else -12), ha="right" if last else "left")
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:.0f}M" if x >= 1e7 else f"{x / 1e6:.2g}M")
+    ax.margins(x=0.12, y=0.12)
     return _save(fig, ax, "parameters", out_dir / "dense_vs_looped.png")

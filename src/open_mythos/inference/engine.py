@@ -249,8 +249,8 @@ class Engine:
         loops = r.n_loops
         if loops is not None and (isinstance(loops, bool) or not isinstance(loops, int)
                                   or not 1 <= loops <= self.max_loops):
-            raise ValueError(f"n_loops must be an int in [1, {self.max_loops}] (the engine's max_loops), "
-                             f"got {loops!r}")
+            raise ValueError(f"n_loops must be an int in [1, {self.max_loops}] (the engine's max_loops; a deeper "
+                             f"budget needs Engine(max_loops=...) or mythos serve --max-loops), got {loops!r}")
         if not isinstance(r.sampling, SamplingParams):
             raise ValueError("sampling must be a SamplingParams")
         if not isinstance(r.exit_rule, ExitRule):

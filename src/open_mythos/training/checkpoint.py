@@ -27,7 +27,7 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from ..hub import WEIGHTS_NAME, write_config
+from ..hub import WEIGHTS_NAME, share_file_mode, write_config
 from .distributed import DistInfo, unwrap
 
 
@@ -64,6 +64,7 @@ def export_weights(model: torch.nn.Module, directory: Path, info: DistInfo) -> N
             full.pop("head.weight", None)  # tied to embed.weight; from_pretrained re-ties
         directory.mkdir(parents=True, exist_ok=True)
         save_file({k: v.contiguous() for k, v in full.items()}, str(directory / WEIGHTS_NAME))
+        share_file_mode(directory / WEIGHTS_NAME)
         write_config(directory, base.cfg)
 
 

@@ -49,6 +49,9 @@ class DataConfig:
             raise ValueError(f"data.source must be one of {sorted([*SOURCES, 'hf'])}, got {self.source!r}")
         if self.source == "files" and not self.path:
             raise ValueError("data.path is required when data.source = 'files'")
+        if self.source != "files" and self.path is not None:
+            raise ValueError(f"data.path is read only when data.source = 'files' (here {self.source!r}): "
+                             "add --set data.source=files, or drop data.path")
         if self.tokenizer not in ("byte", "o200k_harmony"):
             raise ValueError(f"data.tokenizer must be 'byte' or 'o200k_harmony', got {self.tokenizer!r}")
         if self.seq_len < 1:
@@ -73,7 +76,8 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
             yield from read_documents(f, text_field)
         return
     if not path.is_file():
-        raise FileNotFoundError(f"data path {path} does not exist")
+        raise FileNotFoundError(f"data path {str(path)!r} does not exist (data.path: a {'/'.join(TEXT_SUFFIXES)} "
+                                "file or a directory of them)")
     if path.suffix == ".txt":
         yield path.read_text(encoding="utf-8")
     elif path.suffix == ".jsonl":
@@ -141,7 +145,7 @@ class PackedLoader:
 
     def _order(self) -> torch.Tensor:
         """This epoch's window order, drawn once per epoch (a permutation of every window per batch would
-        cost the host ~8 ms per million windows at every step)."""
+        cost the host time proportional to the corpus at every step)."""
         if self._order_cache is None or self._order_cache[0] != self.epoch:
             if self.shuffle:
                 g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
@@ -183,7 +187,12 @@ class StreamingLoader:
         if data_files is not None:  # a local file through the same streaming code path
             ds = load_dataset("json", data_files=data_files, split="train", streaming=True)
         else:
-            ds = load_dataset(cfg.hf_dataset, name=cfg.hf_name, split=cfg.hf_split, streaming=True)
+            try:
+                ds = load_dataset(cfg.hf_dataset, name=cfg.hf_name, split=cfg.hf_split, streaming=True)
+            except ConnectionError as err:
+                raise ConnectionError(f"data.source='hf' streams {cfg.hf_dataset!r} from the Hugging Face hub, "
+                                      f"which is not reachable ({err}): check the network, or train on "
+                                      "data.source='shakespeare' or 'files'") from err
         self.dataset = split_dataset_by_node(ds, rank=rank, world_size=world_size)
         self.cfg, self.tokenizer, self.batch_size = cfg, tokenizer, batch_size
         self.buffer: list[int] = []
