@@ -22,6 +22,8 @@ from unittest import mock
 import tiktoken
 from tiktoken_ext import openai_public
 
+from .checks import check_int, read_json
+
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 ENDOFTEXT = "<|endoftext|>"
 
@@ -71,7 +73,11 @@ class MythosTokenizer:
                                     disallowed_special=())
 
     def decode(self, ids: list[int]) -> str:
-        return self.encoding.decode(list(ids))
+        ids = check_decode_ids(ids, self.vocab_size)
+        try:
+            return self.encoding.decode(ids)
+        except KeyError as err:  # a hole in the id range: ids the encoding does not define
+            raise ValueError(f"token id {err.args[0]} is not in the o200k_harmony vocabulary") from None
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Harmony format: <|start|>{role}<|message|>{content}<|end|> ... <|start|>assistant<|message|>."""
@@ -117,14 +123,17 @@ class ByteTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         out = bytearray()
-        for i in ids:
+        for i in check_decode_ids(ids, self.vocab_size):
             if i == self.eos_token_id:
                 out += ENDOFTEXT.encode()
-            elif 0 <= i < 256:
-                out.append(i)
             else:
-                raise ValueError(f"token id {i} is out of range for ByteTokenizer (vocab 257)")
+                out.append(i)
         return out.decode("utf-8", errors="replace")
+
+
+def check_decode_ids(ids, vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints in [0, vocab_size); ValueError naming the first id outside it."""
+    return [check_int("token id", i, 0, vocab_size - 1) for i in ids]
 
 
 TOKENIZERS = {"byte": ByteTokenizer, "o200k_harmony": MythosTokenizer}
@@ -149,6 +158,9 @@ def tokenizer_for(directory: str | Path, vocab_size: int):
     vocabulary and o200k_harmony otherwise."""
     path = Path(directory) / TOKENIZER_CONFIG
     if path.is_file():
-        return load_tokenizer(json.loads(path.read_text())["tokenizer"])
+        record = read_json(path)
+        if record.get("tokenizer") not in TOKENIZERS:
+            raise ValueError(f"{path}: \"tokenizer\" must be one of {sorted(TOKENIZERS)}, got {record.get('tokenizer')!r}")
+        return load_tokenizer(record["tokenizer"])
     return ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()
 
