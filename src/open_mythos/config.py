@@ -92,9 +92,10 @@ class MythosConfig:
     init_std: float = 0.02
     # open-mythos: amplitude of the sinusoidal loop-index embedding added to each loop's input. The
     # token signal starts at ~init_std per channel, so at amplitude 1 the loop index dominates the
-    # block's normalised input; the k-hop experiment needs ~0.002 to learn lookups at all
-    # (docs/experiments.md). The default stays 1 until a GPU language-model run says otherwise.
-    loop_embed_scale: float = 1.0
+    # block's normalised input. Default 0 (no loop embedding, as Huginn, Parcae, Saunshi et al. and Ouro):
+    # amplitude 1 cost 0.013 held-out nats on Shakespeare at equal tokens (docs/architecture.md,
+    # "Recurrence recipe"); the k-hop task learns no lookup at 0.02 (docs/experiments.md).
+    loop_embed_scale: float = 0.0
     # open-mythos: the recurrent update (recurrence.py; evidence in docs/architecture.md, "Recurrence recipe").
     # "lti": h' = A h + B e + T(h + e) with every A_ii in [0, 1): what a loop writes decays at the next.
     # "residual": h' = h + T(h + e): the state is a residual stream, as in a deep transformer (A = I, B = 0).

@@ -92,9 +92,12 @@ def run_loops(preset: str, out_dir: Path, overrides: list[str] = (), progress: b
 def dense_variants(cfg: TrainConfig) -> dict[str, list[str]]:
     """Overrides for the two fixed-depth baselines of a looped config trained with ``loops.mean`` = n loops:
     parameter-matched (the same model run at one loop: P + 1 + C layers) and FLOP-matched (n - 1 more distinct
-    layers, split between Prelude and Coda: P + n + C layers, the looped model's depth unrolled)."""
+    layers, split between Prelude and Coda: P + n + C layers, the looped model's depth unrolled); both without
+    a loop-index embedding."""
     n, m = cfg.loops.mean, cfg.model
-    one_loop = ["loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1", "loops.backprop=0", "sweep_loops=[1]"]
+    # no loop-index embedding: at one loop it would only add a constant to every token (a plain transformer has none)
+    one_loop = ["loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1", "loops.backprop=0", "sweep_loops=[1]",
+                "model.loop_embed_scale=0.0"]
     extra_pre = (n - 1) // 2
     return {"param_matched": one_loop,
             "flop_matched": [*one_loop, f"model.prelude_layers={m.prelude_layers + extra_pre}",
