@@ -168,7 +168,8 @@ class RecurrentBlock(nn.Module):
     def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
              loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
              cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
-        """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x).
+        """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x)
+        (``injection="residual"``: h_{t+1} = h_t + Transformer(x) + LoRA_t(x)).
 
         The loop index enters only through tensors (its embedding row and LoRA matrices), so one
         compiled graph serves every iteration."""
