@@ -24,6 +24,11 @@ BAD = [
     (dict(n_experts=True), "n_experts"),
     (dict(loop_output="mix"), "loop_output"),
     (dict(kv_lora_rank=0), "kv_lora_rank"),
+    (dict(injection="parcae"), "injection"),
+    (dict(state_init="ones"), "state_init"),
+    (dict(recurrent_ffn="swiglu"), "recurrent_ffn"),
+    (dict(init_loops=0), "init_loops"),
+    (dict(loop_out_norm=1), "loop_out_norm"),
 ]
 
 

@@ -85,3 +85,22 @@ def test_streaming_loader_local_file_and_resume(tmp_path):
     resumed.load_state_dict(state)
     for want in expected:
         assert torch.equal(resumed.next_batch()[0], want)
+
+
+def test_stdlib_source_reads_library_modules_only(tmp_path, monkeypatch):
+    """The stdlib source yields every .py file's text in path order, without test suites, installed packages,
+    or files that are not UTF-8; DataConfig accepts it by name."""
+    import sysconfig
+
+    from open_mythos.training.data import DataConfig, stdlib_documents
+
+    files = {"os.py": "import sys\n", "json/__init__.py": "x = 1\n", "test/test_os.py": "bad\n",
+             "idlelib/idle_test/t.py": "bad\n", "site-packages/pkg/m.py": "bad\n", "json/tests/t.py": "bad\n",
+             "README.txt": "bad\n"}
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "latin.py").write_bytes(b"s = '\xe9'\n")  # not UTF-8: skipped
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert list(stdlib_documents()) == ["x = 1\n", "import sys\n"]  # json/__init__.py < os.py
+    assert DataConfig(source="stdlib").source == "stdlib"

@@ -134,6 +134,18 @@ def test_engine_uses_the_models_loop_embedding_scale():
     assert not torch.allclose(model(x, 3), unscaled(x, 3))  # the scale matters, so equality above tests it
 
 
+@pytest.mark.parametrize("recipe", [dict(injection="residual", state_init="embed"),
+                                    dict(state_init="embed", loop_out_norm=False, recurrent_ffn="dense")])
+def test_engine_follows_the_models_recurrence_recipe(recipe):
+    """The engine starts each token's loop at the model's h_0 (RecurrentBlock.initial_state) and steps with its
+    injection: greedy decoding equals OpenMythos.generate for non-default recipes too."""
+    model = _model(**recipe)
+    ref = [model.generate(torch.tensor([p]), 8, 3, temperature=0)[0, len(p):].tolist() for p in PROMPTS]
+    for schedule in ("depth", "static"):
+        out = Engine(model, max_batch=3, schedule=schedule).run([Request(p, 8, 3, GREEDY) for p in PROMPTS])
+        assert [c.tokens for c in out] == ref
+
+
 @pytest.mark.parametrize("attn", ["gqa", "mla"])
 @pytest.mark.parametrize("loop_output", ["final", "act"])
 def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):

@@ -110,10 +110,48 @@ def test_loops_and_dense_vs_looped_cpu_presets_end_to_end(tmp_path):
     assert {"L_inf", "A", "tau", "r2"} <= set(loops["fit"]) and (tmp_path / "l" / "loops.png").is_file()
     assert main(["experiment", "dense-vs-looped", "--out", str(tmp_path / "d"), "--set", "steps=4",
                  "--no-progress"]) == 0
-    runs = json.loads((tmp_path / "d" / "dense_vs_looped.json").read_text())["runs"]
-    assert [r["looped"] for r in runs] == [True, False, False, False]
-    assert runs[1]["params"] < runs[2]["params"] < runs[3]["params"]
+    result = json.loads((tmp_path / "d" / "dense_vs_looped.json").read_text())
+    runs = result["runs"]
+    assert [r["looped"] for r in runs] == [True, False, False]
+    assert runs[0]["params"] == runs[1]["params"] < runs[2]["params"]  # same model at 1 loop; n - 1 more layers
+    assert [r["n_loops"] for r in runs[0]["sweep"]] == [1, 2, 4, 8, 16]
+    l_loop, l_param, l_flop = (r["loss"] for r in runs)
+    assert result["looped_gain_vs_param_matched"] == pytest.approx((l_param - l_loop) / l_param)
+    assert result["looped_gap_closed_vs_flop_matched"] == pytest.approx((l_param - l_loop) / (l_param - l_flop))
     assert (tmp_path / "d" / "dense_vs_looped.png").is_file()
+
+
+def test_dense_variants_unroll_the_loops_into_distinct_layers():
+    from open_mythos.experiments.scaling import DENSE_PRESETS, dense_variants
+    from open_mythos.training.config import load_config
+
+    for preset in DENSE_PRESETS.values():
+        cfg = load_config(preset[0], overrides=preset[1])
+        for name, changes in dense_variants(cfg).items():
+            dense = load_config(preset[0], overrides=[*preset[1], *changes])
+            layers = dense.model.prelude_layers + 1 + dense.model.coda_layers
+            loops = cfg.loops.mean if name == "flop_matched" else 1
+            assert dense.loops.schedule == "fixed" and dense.loops.mean == 1
+            assert layers == cfg.model.prelude_layers + loops + cfg.model.coda_layers
+
+
+def test_ablation_rows_are_single_named_changes_and_the_runner_reports_each(tmp_path):
+    from open_mythos.experiments.ablate import PRESETS, ROWS, row_overrides
+    from open_mythos.training.config import load_config
+
+    base = load_config(PRESETS["cpu"][0], overrides=PRESETS["cpu"][1])
+    assert row_overrides("baseline", base) == []
+    assert row_overrides("residual+state_embed", base) == [*ROWS["residual"](base), *ROWS["state_embed"](base)]
+    assert row_overrides("lr_half", base)[0] == f"optim.muon_lr={base.optim.muon_lr / 2}"
+    for name in ROWS:  # every row builds a valid config
+        load_config(PRESETS["cpu"][0], overrides=[*PRESETS["cpu"][1], *row_overrides(name, base)])
+    with pytest.raises(ValueError, match="unknown ablation row"):
+        row_overrides("residual+nope", base)
+    assert main(["experiment", "ablate", "--rows", "baseline,residual", "--out", str(tmp_path), "--set", "steps=2",
+                 "--set", "eval_batches=1", "--no-progress"]) == 0
+    result = json.loads((tmp_path / "ablation.json").read_text())
+    assert [r["row"] for r in result["rows"]] == ["baseline", "residual"]
+    assert all(set(r["loss"]) == {"1", "2", "4", "8", "16"} for r in result["rows"])
 
 
 class _Recorder(torch.nn.Module):

@@ -9,7 +9,7 @@ from conftest import tiny_config
 from safetensors import safe_open
 
 from open_mythos import OpenMythos
-from open_mythos.hub import DIGEST_KEY, FIELDS_ADDED_SINCE_V0, FORMAT_VERSION, read_config, tensor_digest
+from open_mythos.hub import DIGEST_KEY, FIELDS_ADDED, FORMAT_VERSION, read_config, tensor_digest
 from open_mythos.tokenizer import tokenizer_for
 
 
@@ -41,13 +41,24 @@ def test_missing_fields_are_an_error_naming_them(saved):
         OpenMythos.from_pretrained(directory)
 
 
-def test_version_0_files_migrate_by_the_documented_rule(saved):
-    """A config.json of open-mythos before format 1 (no format_version, no loop_embed_scale) loads the model
-    those versions built: loop_embed_scale = 1; other missing fields are still errors."""
-    model, directory = saved
-    assert model.cfg.loop_embed_scale == 1.0
-    _edit_config(directory, lambda d: (d.pop("format_version"), d.pop("loop_embed_scale")))
-    assert set(FIELDS_ADDED_SINCE_V0) == {"loop_embed_scale"}
+def _drop(d, names):
+    for name in names:
+        d.pop(name)
+
+
+@pytest.mark.parametrize("version", [0, 1])
+def test_old_format_files_migrate_by_the_documented_rule(tmp_path, version):
+    """A config.json of format 0 (no format_version, no loop_embed_scale) or 1 (no recurrence-recipe fields)
+    loads the model those versions built: loop_embed_scale = 1, LTI injection, zero initial state, out-norm,
+    MoE, init depth from max_loop_iters; other missing fields are still errors."""
+    model = OpenMythos(tiny_config(loop_embed_scale=1.0))
+    model.save_pretrained(tmp_path)
+    directory = tmp_path
+    assert set(FIELDS_ADDED[2]) == {"injection", "state_init", "loop_out_norm", "recurrent_ffn", "init_loops"}
+    dropped = [*FIELDS_ADDED[2], *(FIELDS_ADDED[1] if version == 0 else [])]
+    _edit_config(directory, lambda d: (d.update(format_version=version), _drop(d, dropped)))
+    if version == 0:
+        _edit_config(directory, lambda d: d.pop("format_version"))
     loaded = OpenMythos.from_pretrained(directory)
     assert loaded.cfg == model.cfg
     ids = torch.randint(0, 97, (1, 6))

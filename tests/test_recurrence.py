@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from open_mythos import OpenMythos
-from open_mythos.recurrence import ACTHalting, LTIInjection
+from open_mythos.layers import rope_angles
+from open_mythos.recurrence import ACTHalting, LTIInjection, loop_embeddings
 
 from conftest import tiny_config
 
@@ -132,3 +133,77 @@ def test_matrices_cast_once_per_forward_match_per_loop_casts():
     (out0, g0), (out1, g1), (out2, g2) = results
     assert torch.equal(out1, out0) and torch.equal(out2, out0) and torch.equal(g2, g0)
     assert 0 < (g1 - g0).norm() / g0.norm() < 1e-3
+
+
+def _reference_loop(model: OpenMythos, e: torch.Tensor, n_loops: int) -> torch.Tensor:
+    """The recurrence written out from the config's equations (recurrence.py docstring), one loop at a time."""
+    cfg, rec = model.cfg, model.recurrent
+    T = e.shape[1]
+    rope = rope_angles(torch.arange(T), cfg.rope_dim, cfg.rope_theta)
+    h = {"zeros": torch.zeros_like(e), "embed": e}[cfg.state_init]
+    for t in range(n_loops):
+        x = h + e + loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, e.device, e.dtype)[
+            min(t, cfg.max_loop_iters - 1)]
+        out = rec.block(x, rope) - x
+        if rec.lora is not None:
+            down, up = rec.lora.adapter(t)
+            out = out + rec.lora.norm(x) @ down.T @ up.T
+        if cfg.injection == "lti":
+            A = rec.injection.get_A()
+            h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + out
+        else:
+            h = h + out
+    return rec.out_norm(h)
+
+
+@pytest.mark.parametrize("injection", ["lti", "residual"])
+@pytest.mark.parametrize("state_init", ["zeros", "embed"])
+def test_recurrent_block_equals_the_written_out_update(injection, state_init):
+    model = OpenMythos(tiny_config(injection=injection, state_init=state_init, loop_embed_scale=0.3)).eval()
+    with torch.no_grad():  # LoRA up-projections start at zero: make them matter
+        model.recurrent.lora.up.normal_(std=0.1)
+    e = torch.randn(2, 7, model.cfg.dim)
+    rope = rope_angles(torch.arange(7), model.cfg.rope_dim, model.cfg.rope_theta)
+    for n in (1, 2, 5):  # 5 > max_loop_iters: clamped embedding and adapter
+        out, _ = model.recurrent(e, rope, n)
+        torch.testing.assert_close(out, _reference_loop(model, e, n))
+
+
+def test_residual_injection_keeps_what_a_loop_wrote():
+    """residual: h_{t+1} - h_t is exactly the block's (and LoRA's) output, nothing decays; lti: the old state
+    is scaled by A < 1."""
+    model = OpenMythos(tiny_config(injection="residual", lora_rank=0)).eval()
+    h, e = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+    rope = rope_angles(torch.arange(5), model.cfg.rope_dim, model.cfg.rope_theta)
+    zero = torch.zeros(64)
+    step = model.recurrent.step(h, e, rope, zero, None)
+    torch.testing.assert_close(step - h, model.recurrent.block.residual(h + e, rope))
+    assert model.recurrent.injection.spectral_radius() == 1.0
+
+
+def test_random_state_init_draws_noise_at_init_std():
+    model = OpenMythos(tiny_config(state_init="random", init_std=0.5))
+    e = torch.zeros(4, 64, 64)
+    h0 = model.recurrent.initial_state(e)
+    assert h0.shape == e.shape and abs(h0.std().item() - 0.5) < 0.02
+    assert not torch.equal(h0, model.recurrent.initial_state(e))  # a fresh draw each call (Huginn)
+
+
+def test_dense_recurrent_ffn_and_no_out_norm():
+    from open_mythos.layers import SwiGLU
+
+    model = OpenMythos(tiny_config(recurrent_ffn="dense", loop_out_norm=False))
+    assert isinstance(model.recurrent.block.ffn, SwiGLU) and model.moe_layers() == []
+    assert model.update_router_bias().numel() == 0
+    e = torch.randn(1, 3, 64)
+    assert torch.equal(model.recurrent.out_norm(e), e)
+    assert model(torch.randint(0, 97, (2, 6)), 2).shape == (2, 6, 97)
+
+
+def test_init_loops_sets_the_residual_out_init_depth():
+    """init_std / sqrt(2 (prelude + loops + coda)) for projections into the residual stream."""
+    for init_loops, depth in ((None, 1 + 3 + 1), (1, 1 + 1 + 1)):
+        torch.manual_seed(0)
+        model = OpenMythos(tiny_config(init_loops=init_loops, init_std=0.02, dim=256, n_heads=4))
+        std = model.prelude[0].ffn.w2.weight.std().item()
+        assert abs(std - 0.02 / (2 * depth) ** 0.5) < 0.1 * 0.02 / (2 * depth) ** 0.5

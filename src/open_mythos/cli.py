@@ -160,6 +160,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from .experiments.scaling import run_loops
 
         run_loops(args.preset, out, args.set, progress=not args.no_progress)
+    elif args.name == "ablate":
+        from .experiments.ablate import run_ablation
+
+        run_ablation(args.preset, out, args.set, args.rows.split(",") if args.rows else None,
+                     progress=not args.no_progress)
     else:
         from .experiments.scaling import run_dense_vs_looped
 
@@ -306,10 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason \"abort\"")
     p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
-    p = add("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")
-    p.add_argument("name", choices=["khop", "loops", "dense-vs-looped"],
-                   help="khop: k-hop extrapolation; loops: held-out loss vs loops; dense-vs-looped: same "
-                        "parameters, looped or not")
+    p = add("experiment", help="evidence experiments: khop, loops, dense-vs-looped, ablate (docs/experiments.md)")
+    p.add_argument("name", choices=["khop", "loops", "dense-vs-looped", "ablate"],
+                   help="khop: k-hop extrapolation; loops: held-out loss vs loops; dense-vs-looped: looped vs "
+                        "parameter- and FLOP-matched fixed depth; ablate: the recurrence-recipe ablation")
+    p.add_argument("--rows", help="ablate: comma-separated row names (default: all; see experiments/ablate.py)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: a smoke test in minutes (tiny models, too small to show the effect); "
                         "gpu: the measured setup (docs/experiments.md)")

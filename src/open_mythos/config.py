@@ -17,6 +17,9 @@ from .checks import check_finite
 
 ATTN_TYPES = ("mla", "gqa")
 LOOP_OUTPUTS = ("final", "act")
+INJECTIONS = ("lti", "residual")
+STATE_INITS = ("zeros", "embed", "random")
+RECURRENT_FFNS = ("moe", "dense")
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool,
                 "list[int]": list, "tuple[float, float]": (list, tuple)}
 
@@ -89,9 +92,24 @@ class MythosConfig:
     init_std: float = 0.02
     # open-mythos: amplitude of the sinusoidal loop-index embedding added to each loop's input. The
     # token signal starts at ~init_std per channel, so at amplitude 1 the loop index dominates the
-    # block's normalised input; the k-hop experiment needs ~0.002 to learn lookups at all
-    # (docs/experiments.md). The default stays 1 until a GPU language-model run says otherwise.
-    loop_embed_scale: float = 1.0
+    # block's normalised input. Default 0 (no loop embedding, as Huginn, Parcae, Saunshi et al. and Ouro):
+    # amplitude 1 cost 0.013 held-out nats on Shakespeare at equal tokens (docs/architecture.md,
+    # "Recurrence recipe"); the k-hop task learns no lookup at 0.02 (docs/experiments.md).
+    loop_embed_scale: float = 0.0
+    # open-mythos: the recurrent update (recurrence.py; evidence in docs/architecture.md, "Recurrence recipe").
+    # "lti": h' = A h + B e + T(h + e) with every A_ii in [0, 1): what a loop writes decays at the next.
+    # "residual": h' = h + T(h + e): the state is a residual stream, as in a deep transformer (A = I, B = 0).
+    injection: str = "lti"
+    # open-mythos: the state before the first loop, h_0: "zeros", "embed" (h_0 = e, the Prelude output)
+    # or "random" (h_0 ~ N(0, init_std^2) per entry, Huginn).
+    state_init: str = "zeros"
+    # open-mythos: RMSNorm on the state the recurrent block hands to the Coda.
+    loop_out_norm: bool = True
+    # open-mythos: FFN of the recurrent block, "moe" (the documents' fine-grained MoE) or "dense" (SwiGLU).
+    recurrent_ffn: str = "moe"
+    # open-mythos: loop count in the effective depth prelude + loops + coda that scales the init of
+    # projections writing into the residual stream (init_std / sqrt(2 depth)); None: max_loop_iters.
+    init_loops: int | None = None
     tie_word_embeddings: bool = True
     dense_ffn_dim: int | None = field(default=None)  # None: SwiGLU width 8/3*dim rounded to 64
 
@@ -104,6 +122,12 @@ class MythosConfig:
             raise ValueError(f"attn_type must be one of {ATTN_TYPES}, got {self.attn_type!r}")
         if self.loop_output not in LOOP_OUTPUTS:
             raise ValueError(f"loop_output must be one of {LOOP_OUTPUTS}, got {self.loop_output!r}")
+        for name, allowed in (("injection", INJECTIONS), ("state_init", STATE_INITS),
+                              ("recurrent_ffn", RECURRENT_FFNS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.init_loops is not None:
+            _positive(self, "init_loops")
         if self.attn_type == "gqa":
             _positive(self, "n_kv_heads")
             if self.dim % self.n_heads:

@@ -31,8 +31,8 @@ def flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: int, training: boo
     with torch.device("meta"):
         model = OpenMythos(cfg)
     stages = sum(_matmul_params(b) for b in [*model.prelude, *model.coda])
-    moe = model.recurrent.block.ffn
-    routed = moe.w1.numel() + moe.w2.numel() + moe.w3.numel()
+    ffn = model.recurrent.block.ffn  # routed experts: k of E run per token; a dense FFN (recurrent_ffn) runs whole
+    routed = ffn.w1.numel() + ffn.w2.numel() + ffn.w3.numel() if cfg.recurrent_ffn == "moe" else 0
     loop = (_matmul_params(model.recurrent.block) - routed + routed * cfg.n_experts_per_tok // cfg.n_experts
             + (_matmul_params(model.recurrent.lora) if model.recurrent.lora is not None else 0))
     head = cfg.vocab_size * cfg.dim

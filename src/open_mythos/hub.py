@@ -4,10 +4,11 @@ a model card (``README.md``), and two shim modules that let
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` find our classes.
 
 config.json format versions (``format_version``):
-  1  every MythosConfig field is present (a missing one is an error, never a silent default).
-  0  files without ``format_version`` (open-mythos before format 1). Migration to 1: the fields added
-     since (``FIELDS_ADDED_SINCE_V0``) take the value that reproduces the model those versions built;
-     any other missing field is still an error.
+  2  every MythosConfig field is present (a missing one is an error, never a silent default).
+  1  before the recurrence-recipe fields (issue 27). Migration to 2: ``FIELDS_ADDED[2]``.
+  0  files without ``format_version`` (open-mythos before format 1). Migration to 1: ``FIELDS_ADDED[1]``.
+Each migration gives the fields added in that version the value that reproduces the model the older
+versions built; any other missing field is still an error.
 """
 
 from __future__ import annotations
@@ -33,8 +34,11 @@ REMOTE_CODE = {
 }
 AUTO_MAP = {"AutoConfig": "configuration_open_mythos.OpenMythosConfig",
             "AutoModelForCausalLM": "modeling_open_mythos.OpenMythosForCausalLM"}
-FORMAT_VERSION = 1
-FIELDS_ADDED_SINCE_V0 = {"loop_embed_scale": 1.0}  # before the field existed, the loop embedding had amplitude 1
+FORMAT_VERSION = 2
+FIELDS_ADDED = {  # format version -> the fields it added, at the values that reproduce older files' models
+    1: {"loop_embed_scale": 1.0},  # before the field existed, the loop embedding had amplitude 1
+    2: {"injection": "lti", "state_init": "zeros", "loop_out_norm": True, "recurrent_ffn": "moe", "init_loops": None},
+}
 DIGEST_KEY = "open_mythos.sha256"  # safetensors metadata: sha256 of the tensors (tensor_digest)
 
 
@@ -63,8 +67,8 @@ def migrate_config(d: dict) -> dict:
         raise ValueError(f"format_version {version!r} is not one this open-mythos reads (0..{FORMAT_VERSION}): "
                          "a newer open-mythos wrote it")
     d = dict(d)
-    if version == 0:
-        for name, value in FIELDS_ADDED_SINCE_V0.items():
+    for added_in in range(version + 1, FORMAT_VERSION + 1):
+        for name, value in FIELDS_ADDED[added_in].items():
             d.setdefault(name, value)
     d["format_version"] = FORMAT_VERSION
     missing = [f.name for f in dataclasses.fields(MythosConfig) if f.name not in d]

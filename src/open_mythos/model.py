@@ -45,9 +45,10 @@ class OpenMythos(nn.Module):
     # ------------------------------------------------------------------------------ init
     def reset_parameters(self) -> None:
         """N(0, init_std) everywhere; projections writing into the residual stream get
-        init_std / sqrt(2 * effective depth), effective depth = prelude + loops + coda."""
-        std = self.cfg.init_std
-        out_std = scaled_init_std(std, self.cfg.prelude_layers + self.cfg.max_loop_iters + self.cfg.coda_layers)
+        init_std / sqrt(2 * effective depth), effective depth = prelude + loops + coda (loops: ``init_loops``,
+        default ``max_loop_iters``)."""
+        std, loops = self.cfg.init_std, self.cfg.init_loops or self.cfg.max_loop_iters
+        out_std = scaled_init_std(std, self.cfg.prelude_layers + loops + self.cfg.coda_layers)
         nn.init.normal_(self.embed.weight, std=std)
         for block in [*self.prelude, self.recurrent.block, *self.coda]:
             for name, p in block.named_parameters():
@@ -155,7 +156,8 @@ class OpenMythos(nn.Module):
         """Aux-loss-free balancing step for every MoE layer; call after each optimizer step.
         Returns the expert load (tokens per expert) measured since the last call, summed over layers."""
         rate = self.cfg.router_bias_update_rate if rate is None else rate
-        return sum(m.update_router_bias(rate) for m in self.moe_layers())
+        loads = [m.update_router_bias(rate) for m in self.moe_layers()]
+        return sum(loads) if loads else torch.zeros(0)  # no MoE layer (recurrent_ffn="dense"): no load
 
     # ------------------------------------------------------------------------------ generation
     @torch.inference_mode()

@@ -1,10 +1,12 @@
 """The looped core: LTI-stable input injection, ACT halting, depth-wise LoRA, loop-index embedding,
 and the recurrent block that runs one shared transformer block ``n_loops`` times.
 
-Recurrent update, for loop t = 0 .. n_loops-1, with e the Prelude output and h_0 = 0:
+Recurrent update, for loop t = 0 .. n_loops-1, with e the Prelude output and h_0 from
+``cfg.state_init`` (0, e, or N(0, init_std^2) noise):
 
     x_t     = h_t + e + loop_embeddings[min(t, L-1)]         L = max_loop_iters
-    h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_min(t, L-1)(x_t)
+    h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_min(t, L-1)(x_t)      (cfg.injection = "lti")
+    h_{t+1} =     h_t     + Transformer(x_t) + LoRA_min(t, L-1)(x_t)      (cfg.injection = "residual")
 
 From loop L-1 on, the map h_t -> h_{t+1} no longer depends on t: running more loops than
 ``max_loop_iters`` iterates one fixed map, which can settle at a fixed point instead of drifting.
@@ -58,6 +60,17 @@ class LTIInjection(nn.Module):
         A = self.get_A(h.dtype)
         B = (torch.exp(self.log_dt.float()) * self.B.float()).to(h.dtype)
         return A * h + B * e + transformer_out
+
+
+class ResidualInjection(nn.Module):
+    """h_{t+1} = h_t + transformer_out: the state is a residual stream (A = I, B = 0); e enters each loop
+    through the block input x_t = h_t + e only. What a loop writes persists until a later loop changes it."""
+
+    def spectral_radius(self, dtype: torch.dtype | None = None) -> float:
+        return 1.0
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        return h + transformer_out
 
 
 class ACTHalting(nn.Module):
@@ -126,26 +139,37 @@ def loop_embeddings(n_loops: int, dim: int, scale: float, device: torch.device, 
 
 
 class RecurrentBlock(nn.Module):
-    """One MoE transformer block looped ``n_loops`` times with LTI injection and ACT halting."""
+    """One shared transformer block (MoE FFN by default) looped ``n_loops`` times with input injection
+    (``cfg.injection``) and ACT halting."""
 
     def __init__(self, cfg: MythosConfig):
         super().__init__()
         self.cfg = cfg
-        self.block = TransformerBlock(cfg, use_moe=True)
-        self.injection = LTIInjection(cfg.dim)
+        self.block = TransformerBlock(cfg, use_moe=cfg.recurrent_ffn == "moe")
+        self.injection = LTIInjection(cfg.dim) if cfg.injection == "lti" else ResidualInjection()
         self.act = ACTHalting(cfg.dim, cfg.act_threshold)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters, cfg.norm_eps, cfg.init_std) \
             if cfg.lora_rank > 0 else None
-        self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps)  # Coda sees the state's direction, not its scale
+        # Coda sees the state's direction, not its scale (cfg.loop_out_norm)
+        self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.loop_out_norm else nn.Identity()
         self.checkpoint_loops = False  # activation checkpointing: recompute each loop in backward
         self.compiled_step = None     # set by OpenMythos.compile_blocks: `step` compiled once, used without cache
         self.compiled_halt = None     # ... and `halt`
         self.cast_matrices_once = True  # training under autocast: see OpenMythos.run_loop (off: FSDP, cudagraph trees)
 
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        """h_0 for Prelude output e (..., dim): zeros, e itself, or N(0, init_std^2) noise (``cfg.state_init``)."""
+        if self.cfg.state_init == "embed":
+            return e
+        if self.cfg.state_init == "random":
+            return torch.randn_like(e) * self.cfg.init_std
+        return torch.zeros_like(e)
+
     def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
              loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
              cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
-        """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x).
+        """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x)
+        (``injection="residual"``: h_{t+1} = h_t + Transformer(x) + LoRA_t(x)).
 
         The loop index enters only through tensors (its embedding row and LoRA matrices), so one
         compiled graph serves every iteration."""
@@ -186,7 +210,7 @@ class RecurrentBlock(nn.Module):
         The output state is h_T (``loop_output="final"``) or sum_t w_t h_t (``"act"``).
         ``backprop_loops=k`` runs the first n_loops-k iterations without autograd (truncated BPTT).
         """
-        h = torch.zeros_like(e)
+        h = self.initial_state(e)
         cum = torch.zeros(e.shape[:-1], device=e.device, dtype=torch.float32)
         depth = torch.zeros_like(cum)
         mixture = torch.zeros_like(e, dtype=torch.float32) if self.cfg.loop_output == "act" else None

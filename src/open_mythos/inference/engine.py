@@ -5,7 +5,7 @@ Every running request owns a *slot*: a row of the :class:`SlotKVCache` and of th
 tensors (recurrent state h, Prelude output e, loop depth t, ACT sums). A decoded token goes through
 three stages; the scheduler runs each stage batched over the slots that are in it:
 
-    start  : e = Prelude(embed(token));  h = 0;  t = 0                 (once per token)
+    start  : e = Prelude(embed(token));  h = h_0(e);  t = 0             (once per token)
     loop   : h <- RecurrentBlock.step(h, e, loop t);  t <- t + 1        (once per loop)
              exit when t = n_loops or the request's exit rule fires (see exit.py)
     finish : logits = head(norm(Coda(out_norm(h))));  sample           (once per token)
@@ -607,7 +607,8 @@ class Engine:
         for i, block in enumerate(self.model.prelude):
             x = block(x, rope, self.cache, ("prelude", i))
         self.e[rows] = _where_rows(start, x[:, 0], self.e[rows])
-        for buf in (self.h, self.mix, self.cum, self.psum, self.t, self.done):
+        self.h[rows] = _where_rows(start, self.model.recurrent.initial_state(x[:, 0]), self.h[rows])
+        for buf in (self.mix, self.cum, self.psum, self.t, self.done):
             buf[rows] = buf[rows].masked_fill(_rows_mask(start, buf), 0)
 
     def _token_stage(self, rows: torch.Tensor, n_loops: int):

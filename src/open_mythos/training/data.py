@@ -2,6 +2,8 @@
 
 Sources
 * ``shakespeare``: the corpus shipped inside the package (no network).
+* ``stdlib``: the running Python's standard library source (``*.py``, ~12 MB for CPython 3.11; no
+  network, no download, the same on every machine with the same Python version).
 * ``files``: a ``.txt`` / ``.jsonl`` / ``.parquet`` file or a directory of them (``text_field`` for
   jsonl/parquet rows).
 * ``hf``: a Hugging Face dataset streamed with ``datasets`` (default FineWeb-Edu sample-10BT), split
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sysconfig
 import warnings
 from dataclasses import dataclass
 from importlib import resources
@@ -37,7 +40,7 @@ TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"           # shakespeare | files | hf | a name in SOURCES
+    source: str = "shakespeare"           # shakespeare | stdlib | files | hf | a name in SOURCES
     path: str | None = None               # files: a file or directory
     tokenizer: str = "byte"               # byte | o200k_harmony
     seq_len: int = 256
@@ -107,8 +110,23 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
         raise ValueError(f"unsupported data file {path} (expected {', '.join(TEXT_SUFFIXES)})")
 
 
+def stdlib_documents() -> Iterator[str]:
+    """The text of every ``*.py`` file of this Python's standard library (``sysconfig`` "stdlib" path), in
+    sorted path order; test suites (``test``/``tests``/``idle_test``) and installed packages
+    (``site-packages``/``dist-packages``) are left out. Files that are not UTF-8 are skipped."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"test", "tests", "idle_test", "site-packages", "dist-packages"}
+    for f in sorted(root.rglob("*.py")):
+        if skip.isdisjoint(f.relative_to(root).parts[:-1]):
+            try:
+                yield f.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+
+
 SOURCES: dict[str, Callable[[DataConfig], Iterable[str]]] = {
     "shakespeare": lambda cfg: read_documents(shipped_corpus()),
+    "stdlib": lambda cfg: stdlib_documents(),
     "files": lambda cfg: read_documents(cfg.path, cfg.text_field),
 }
 
