@@ -1,6 +1,10 @@
 """torchrun integration: process group, device, DDP / FSDP2 wrapping, cross-rank reductions.
 
-Nothing home-made: DistributedDataParallel and ``torch.distributed.fsdp.fully_shard`` do the work.
+DistributedDataParallel and ``torch.distributed.fsdp.fully_shard`` do the work of the eager step. The
+whole-step CUDA graph (``step_graph``, training/graphs.py) cannot contain DDP (its reducer runs autograd
+hooks and bucket bookkeeping on the host), so there data parallelism is :class:`GradientAllReduce`: the
+gradients live in one flat buffer and one all-reduce of it, captured in the forward graph after the
+backward, averages them across ranks; the clip and the update then see the same gradients on every rank.
 The MoE load counters are buffers that every rank fills from its own tokens; they are summed across
 ranks before the router-bias update so that every rank applies the same bias (DDP's buffer
 broadcast is turned off for that reason).
@@ -53,9 +57,52 @@ def init_distributed(device: str = "auto") -> DistInfo:
     return DistInfo(rank, world, local_rank, dev)
 
 
-def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
-    """DDP or FSDP2 (each Prelude/Coda block and the recurrent block sharded, then the root)."""
-    if not info.enabled:
+class GradientAllReduce:
+    """Data parallelism for the whole-step CUDA graph: every trainable parameter's ``.grad`` is a view into
+    one flat buffer, and :meth:`reduce` replaces it by its mean over ranks, g <- (1/W) sum_r g_r: one
+    all-reduce, with no host work, so it is captured in the forward graph (NCCL collectives can be captured
+    once the communicator is set up: the uncaptured warm-up step runs this same all-reduce first).
+
+    The views are attached by :meth:`attach` at the first step, not at construction: torch.distributed's
+    optimizer ``state_dict`` (a resume) needs ``.grad`` unset while the optimizer has no state yet.
+    Construction broadcasts rank 0's parameters and buffers, as DDP does, so every rank starts equal.
+    Raises ``ValueError`` if the trainable parameters differ in dtype or device (one flat buffer).
+    """
+
+    def __init__(self, model: nn.Module):
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        dtypes = {(p.dtype, p.device) for p in self.params}
+        if len(dtypes) != 1:
+            raise ValueError(f"GradientAllReduce needs every trainable parameter on one device in one dtype, got {dtypes}")
+        self.world = dist.get_world_size()
+        with torch.no_grad():
+            for t in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(t, src=0)
+        self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
+                                device=self.params[0].device)
+        self.views, offset = [], 0
+        for p in self.params:
+            self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def attach(self) -> None:
+        """Make every ``p.grad`` its view of the flat buffer (autograd then accumulates into it in place)."""
+        for p, view in zip(self.params, self.views):
+            if p.grad is not view:
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
+
+    def reduce(self) -> None:
+        """g <- mean over ranks of g, for every gradient at once."""
+        dist.all_reduce(self.flat)
+        self.flat.mul_(1.0 / self.world)
+
+
+def wrap_model(model: nn.Module, info: DistInfo, parallel: str, step_graph: bool = False) -> nn.Module:
+    """DDP or FSDP2 (each Prelude/Coda block and the recurrent block sharded, then the root). With
+    ``step_graph`` and DDP the model is left unwrapped: :class:`GradientAllReduce` does DDP's work."""
+    if not info.enabled or (step_graph and parallel == "ddp"):
         return model
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard

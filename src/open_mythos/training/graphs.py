@@ -90,6 +90,7 @@ class StepGraphs:
     def _forward_backward(self, n_loops: int) -> torch.Tensor:
         trainer = self.trainer
         loss_sum, depth = trainer.forward_backward(n_loops, self.inputs, zero_grads=True)
+        trainer.reduce_gradients()  # under torchrun: one all-reduce of the flat gradient buffer, captured here
         grad_norm = trainer.clip_gradients()
         self.found_inf.copy_(~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)))
         return torch.stack([loss_sum, depth, grad_norm])

@@ -33,7 +33,8 @@ from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
 from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents, read_documents
-from .distributed import all_reduce_, barrier, init_distributed, mean_across_ranks, unwrap, wrap_model
+from .distributed import (GradientAllReduce, all_reduce_, barrier, init_distributed, mean_across_ranks, unwrap,
+                          wrap_model)
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
 
@@ -61,11 +62,14 @@ class Trainer:
         self._claim_run_dir(resume, overwrite)
         self.device = self.info.device
         self.precision = resolve_precision(cfg.precision, self.device)
-        if cfg.step_graph and (self.info.world_size > 1 or self.precision == "fp16"
-                               or (self.precision != "bf16" and self.device.type == "cuda")):
-            raise ValueError("step_graph=true runs on one process, in bf16 on a GPU (the fp32 expert path reads its "
-                             "capacity on the host; fp16's GradScaler syncs); got world size "
-                             f"{self.info.world_size}, precision {self.precision}")
+        if cfg.step_graph and (self.precision == "fp16" or (self.precision != "bf16" and self.device.type == "cuda")):
+            raise ValueError("step_graph=true runs in bf16 on a GPU (the fp32 expert path reads its capacity on the "
+                             f"host; fp16's GradScaler syncs); got precision {self.precision}")
+        self.step_graph = cfg.step_graph
+        if cfg.step_graph and self.info.enabled and cfg.parallel == "fsdp":
+            self.step_graph = False  # FSDP2 gathers and reduce-scatters from hooks that run on the host
+            self._log("step_graph=true is not available with parallel='fsdp' (FSDP2's hooks run on the host): "
+                      "running the eager step; parallel='ddp' runs the whole step as CUDA graphs")
         self.progress = progress
         torch.manual_seed(cfg.seed)
 
@@ -83,21 +87,24 @@ class Trainer:
         if cfg.compile:
             model.compile_blocks(mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
-        self.model = wrap_model(model, self.info, cfg.parallel)
+        self.model = wrap_model(model, self.info, cfg.parallel, step_graph=self.step_graph)
+        # the graphed step's data parallelism: one all-reduce of a flat gradient buffer, inside the forward graph
+        self.grad_sync = GradientAllReduce(model) if self.step_graph and self.info.enabled else None
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
-                                           capturable=cfg.step_graph)
+                                           capturable=self.step_graph)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
         self.skipped_steps = 0
         self._flops: dict[int, float] = {}
+        self._step_times: list[float] = []  # this rank's wall time of each step, seconds (throughput line)
         self._prefetched: tuple[dict, list] | None = None  # (loader position before them, next step's batches)
         self.metrics_records = 0  # lines in metrics.jsonl, saved with each checkpoint
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self._restore(ckpt)
         elif resume:  # nothing to continue from: records of an attempt killed before its first checkpoint go
             self._truncate_metrics(0)
-        self.graphs = StepGraphs(self) if cfg.step_graph else None
+        self.graphs = StepGraphs(self) if self.step_graph else None
 
     # ------------------------------------------------------------------ setup
     def _claim_run_dir(self, resume: bool, overwrite: bool) -> None:
@@ -188,6 +195,7 @@ class Trainer:
                 batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                            for x, y in batches]
                 loss_sum, depth = self.forward_backward(n_loops, batches, zero_grads=self.graphs is not None)
+                self.reduce_gradients()
                 grad_norm = self.clip_gradients()
         self._prefetch()  # the device is busy with this step: fetch the next one's batches meanwhile
         with record_function("optimizer"):
@@ -214,7 +222,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-        tokens = cfg.batch_size * cfg.data.seq_len
+        self._step_times.append(dt)
+        tokens = cfg.batch_size * cfg.data.seq_len  # the global batch: every rank's share together
         tok_s = tokens / dt
         peak = peak_flops(self.device)
         if n_loops not in self._flops:
@@ -222,8 +231,8 @@ class Trainer:
         return {
             "step": self.step, "loss": float(loss_value), "finite": finite, "n_loops": n_loops,
             "lr": self.schedulers[-1].get_last_lr()[0], "grad_norm": float(grad_norm),
-            "tokens_per_s": tok_s,
-            "mfu": self._flops[n_loops] * tok_s * self.info.world_size / peak if peak else None,
+            "tokens_per_s": tok_s, "tokens_per_s_per_gpu": tok_s / self.info.world_size,
+            "mfu": self._flops[n_loops] * tok_s / self.info.world_size / peak if peak else None,  # per device
             "load_imbalance": float(load.max() / load.mean()) if load.sum() > 0 else None,
             "rho_A": base.recurrent.injection.spectral_radius(),
             "act_depth": float(mean_across_ranks(depth)),
@@ -253,6 +262,8 @@ class Trainer:
         gradients accumulate into ``.grad``. Returns the loss and the mean ACT depth, as tensors.
         ``zero_grads``: zero existing gradients first (step_graph keeps them allocated)."""
         cfg, model = self.cfg, self.model
+        if self.grad_sync is not None:
+            self.grad_sync.attach()
         if zero_grads and (grads := [p.grad for p in model.parameters() if p.grad is not None]):
             torch._foreach_zero_(grads)
         backprop = cfg.loops.backprop or None
@@ -271,6 +282,12 @@ class Trainer:
             loss_sum += loss.detach()
             depth_sum += depth.mean() / len(batches)
         return loss_sum, depth_sum
+
+    def reduce_gradients(self) -> None:
+        """The graphed step's data parallelism: average the gradients over ranks (DDP and FSDP2 reduce theirs
+        during the backward; one process has nothing to do)."""
+        if self.grad_sync is not None:
+            self.grad_sync.reduce()
 
     def clip_gradients(self) -> torch.Tensor:
         """Unscale (fp16) and clip the gradients to ``optim.grad_clip``; returns their total norm."""
@@ -316,8 +333,28 @@ class Trainer:
             if cfg.ckpt_every and self.step % cfg.ckpt_every == 0 and self.step < cfg.steps:
                 self.checkpoint()
         bar.close()
+        self._log_rank_throughput()
         self.checkpoint()
         return self.finish()
+
+    def rank_throughput(self) -> dict:
+        """This rank's throughput over the run's steps (median step time): tokens/s of its share of the global
+        batch, and its MFU at the mean loop count."""
+        dt = sorted(self._step_times)[len(self._step_times) // 2]
+        tok_s = self.cfg.batch_size // self.info.world_size * self.cfg.data.seq_len / dt
+        peak = peak_flops(self.device)
+        flops = flops_per_token(self.cfg.model, self.cfg.data.seq_len, self.cfg.loops.mean)
+        return {"rank": self.info.rank, "world_size": self.info.world_size, "device": str(self.device),
+                "median_step_s": dt, "tokens_per_s": tok_s, "mfu": flops * tok_s / peak if peak else None}
+
+    def _log_rank_throughput(self) -> None:
+        """One line per rank (every rank prints its own): a slow device or host shows as a slow rank."""
+        if not self._step_times:
+            return
+        r = self.rank_throughput()
+        mfu = f", MFU {r['mfu']:.1%} at {self.cfg.loops.mean} loops" if r["mfu"] is not None else ""
+        tqdm.write(f"rank {r['rank']}/{r['world_size']} ({r['device']}): {r['tokens_per_s']:,.0f} tokens/s "
+                   f"(median step {r['median_step_s'] * 1e3:.1f} ms over {len(self._step_times)} steps){mfu}")
 
     def checkpoint(self) -> Path:
         loader = self._prefetched[0] if self._prefetched is not None else self.train_loader.state_dict()
@@ -342,15 +379,15 @@ class Trainer:
             (self.run_dir / "sweep.json").write_text(json.dumps(summary, indent=1))
             self._log("held-out loss by loop count (trained with mean "
                       f"{cfg.loops.mean} loops):\n{format_sweep(sweep)}")
-            if cfg.sample_tokens > 0 and cfg.sample_prompt:
-                summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
-                self._log(f"sample ({cfg.loops.mean} loops): {cfg.sample_prompt}{summary['sample']}")
             try:
                 from ..plot import plot_run
 
                 plot_run(self.run_dir)
             except ImportError:
                 pass
+        if cfg.sample_tokens > 0 and cfg.sample_prompt:  # every rank: FSDP2 gathers each block's shards on all of them
+            summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
+            self._log(f"sample ({cfg.loops.mean} loops): {cfg.sample_prompt}{summary['sample']}")
         return summary
 
     def sample(self, prompt: str, n_tokens: int) -> str:
