@@ -24,7 +24,10 @@ cuDNN there); its next step is captured, later ones replay.
   writing to ``param_groups`` as floats, are copied into the device tensors the update graph reads.
 * All graphs share one memory pool: a graph's outputs are copied out before another graph replays.
 
-On a CPU the same steps run uncaptured, which is what the tests exercise. On a GPU: one process, bf16.
+Under torchrun with ``parallel = "ddp"`` the forward graph also holds the data parallelism: one all-reduce
+of the flat gradient buffer after the backward, before the clip (distributed.GradientAllReduce).
+
+On a CPU the same steps run uncaptured, which is what the tests exercise. On a GPU: bf16.
 """
 
 from __future__ import annotations
@@ -130,7 +133,10 @@ class StepGraphs:
     def _record(self, fn) -> tuple[torch.cuda.CUDAGraph, object]:
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+        # under torchrun the NCCL watchdog thread queries events while this thread captures: capture errors
+        # are then this thread's own ("thread_local"), else its queries would invalidate the capture
+        mode = "thread_local" if self.trainer.grad_sync is not None else "global"
+        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode=mode):
             out = fn()
         self.pool = graph.pool()
         return graph, out
