@@ -234,7 +234,7 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel, step_graph)
     sample (every rank samples: FSDP2 hung when rank 0 alone ran the model). step_graph under
     FSDP2 falls back to the eager step with a message."""
     common = [*TINY, "steps=4", f"parallel='{parallel}'", "sample_tokens=4", "optim.muon_impl='batched'",
-              f"step_graph={str(step_graph).lower()}"]
+              f"step_graph={str(step_graph).lower()}", "grad_bucket_mb=0.01"]  # step_graph + ddp: many buckets
     single = tmp_path / "single"
     subprocess.run(_train_cmd(*common, f"out_dir='{single}'"), check=True, env=ENV, capture_output=True)
     multi = tmp_path / "multi"
@@ -298,3 +298,65 @@ def test_mixed_precision_training_runs_and_learns(tmp_path, precision):
         losses.append(rec["loss"])
     assert all(map(lambda x: x == x, losses)) and losses[-1] < losses[0] - 0.3
     assert next(trainer.model.parameters()).dtype == torch.float32  # fp32 master weights
+
+
+def _gradient_all_reduce_worker(rank: int, init_file: str, bucket_mb: float, out: dict) -> None:
+    import torch.distributed as dist
+
+    from conftest import tiny_config
+    from open_mythos.training.distributed import GradientAllReduce
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(rank)  # different weights per rank: the constructor must broadcast rank 0's
+        model = OpenMythos(tiny_config())
+        sync = GradientAllReduce(model, bucket_mb)
+        ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+        mine = ids[rank::2]
+        grads = {}
+        for last, micro in enumerate((mine[:1], mine[1:])):  # two micro-batches: the last backward launches buckets
+            sync.attach()
+            if last:
+                sync.arm()
+            model(micro, 2).float().square().mean().backward()
+        launched_in_backward = len(sync.works)
+        sync.reduce()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                grads[n] = p.grad.clone()
+        names = {p: n for n, p in model.named_parameters()}
+        members = [[names[p] for p in sync.params if sync.bucket_of[p] == b] for b in range(len(sync.buckets))]
+        out[rank] = {"grads": grads, "launched": launched_in_backward, "members": members,
+                     "weights": {n: t.clone() for n, t in model.state_dict().items()}}
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bucket_mb", [0.0, 0.01])
+def test_gradient_all_reduce_averages_gradients_during_the_backward(tmp_path, bucket_mb):
+    """The step graph's data parallelism (GradientAllReduce, 2 gloo processes): every gradient ends as the mean
+    of the ranks' gradients, equal to one process's gradient of the mean loss over both ranks' rows; with
+    buckets, every bucket's all-reduce is launched inside the last micro-batch's backward (overlapped), with
+    bucket_mb=0 none is (one all-reduce after it)."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_gradient_all_reduce_worker, args=(str(tmp_path / "init"), bucket_mb, out), nprocs=2)
+    r0, r1 = out[0], out[1]
+    for n in r0["weights"]:
+        assert torch.equal(r0["weights"][n], r1["weights"][n]), n  # rank 0's weights everywhere
+    model = OpenMythos(__import__("conftest").tiny_config())
+    model.load_state_dict(r0["weights"])
+    ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+    loss = sum(model(ids[r::2][m], 2).float().square().mean() for r in (0, 1) for m in (slice(0, 1), slice(1, 2))) / 2
+    loss.backward()
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(r0["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+            assert torch.equal(r0["grads"][n], r1["grads"][n]), n
+    used = {n for n, p in model.named_parameters() if p.grad is not None}
+    complete = sum(set(m) <= used for m in r0["members"])  # buckets whose every parameter gets a gradient
+    if bucket_mb > 0:  # each launched by the backward; a bucket with an unused parameter, after it
+        assert len(r0["members"]) > 3 and complete > 3 and r0["launched"] == complete
+    else:
+        assert len(r0["members"]) == 1 and r0["launched"] == 0

@@ -94,6 +94,8 @@ class TrainConfig:
     activation_checkpointing: bool = False
     step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): one process, bf16 on a GPU
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
+    grad_bucket_mb: float = 25.0    # step_graph + ddp: gradient all-reduce buckets, launched during the backward
+                                    # (0: one all-reduce after it); distributed.GradientAllReduce
     seed: int = 0
     out_dir: str = "runs/default"
     log_every: int = 10
@@ -123,6 +125,8 @@ class TrainConfig:
         if self.step_graph and self.optim.muon_impl != "batched":
             raise ValueError("step_graph=true needs optim.muon_impl='batched' (torch.optim.Muon bakes the "
                              "learning rate into a captured graph as a constant)")
+        if not self.grad_bucket_mb >= 0:
+            raise ValueError(f"grad_bucket_mb must be >= 0 (0 = one all-reduce after the backward), got {self.grad_bucket_mb}")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.data.seq_len > self.model.max_seq_len:

@@ -12,6 +12,7 @@ broadcast is turned off for that reason).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -59,9 +60,16 @@ def init_distributed(device: str = "auto") -> DistInfo:
 
 class GradientAllReduce:
     """Data parallelism for the whole-step CUDA graph: every trainable parameter's ``.grad`` is a view into
-    one flat buffer, and :meth:`reduce` replaces it by its mean over ranks, g <- (1/W) sum_r g_r: one
-    all-reduce, with no host work, so it is captured in the forward graph (NCCL collectives can be captured
-    once the communicator is set up: the uncaptured warm-up step runs this same all-reduce first).
+    one flat buffer, cut into buckets, and each gradient ends the step as its mean over ranks,
+    g <- (1/W) sum_r g_r. No host work per step, so it is captured in the forward graph (NCCL collectives can
+    be captured once the communicator exists: the uncaptured warm-up step runs the same all-reduces first).
+
+    Overlapped with the backward as DDP does: the flat buffer holds the parameters in reverse registration
+    order (roughly the order the backward finishes them) and a bucket's all-reduce is launched, asynchronously,
+    by a post-accumulate-grad hook as soon as the last micro-batch's backward has finished every gradient in
+    it (:meth:`arm` before that backward); :meth:`reduce`, after it, launches any bucket still waiting, waits
+    for all of them and divides by W. ``bucket_mb = 0``: one all-reduce of the whole buffer, in :meth:`reduce`.
+    Every rank runs the same backward, so the buckets launch in the same order on every rank.
 
     The views are attached by :meth:`attach` at the first step, not at construction: torch.distributed's
     optimizer ``state_dict`` (a resume) needs ``.grad`` unset while the optimizer has no state yet.
@@ -69,8 +77,8 @@ class GradientAllReduce:
     Raises ``ValueError`` if the trainable parameters differ in dtype or device (one flat buffer).
     """
 
-    def __init__(self, model: nn.Module):
-        self.params = [p for p in model.parameters() if p.requires_grad]
+    def __init__(self, model: nn.Module, bucket_mb: float = 25.0):
+        self.params = [p for p in model.parameters() if p.requires_grad][::-1]
         dtypes = {(p.dtype, p.device) for p in self.params}
         if len(dtypes) != 1:
             raise ValueError(f"GradientAllReduce needs every trainable parameter on one device in one dtype, got {dtypes}")
@@ -80,10 +88,24 @@ class GradientAllReduce:
                 dist.broadcast(t, src=0)
         self.flat = torch.zeros(sum(p.numel() for p in self.params), dtype=self.params[0].dtype,
                                 device=self.params[0].device)
-        self.views, offset = [], 0
+        cap = bucket_mb * 2**20 / self.flat.element_size() if bucket_mb > 0 else math.inf
+        self.views, self.buckets, self.bucket_of = [], [], {}
+        offset, start, sizes = 0, 0, [0]
         for p in self.params:
+            if sizes[-1] and sizes[-1] + p.numel() > cap:  # close the bucket: slices [start, offset)
+                self.buckets.append(self.flat[start:offset])
+                start, sizes = offset, [*sizes, 0]
             self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
+            self.bucket_of[p] = len(sizes) - 1
+            sizes[-1] += p.numel()
             offset += p.numel()
+        self.buckets.append(self.flat[start:offset])
+        self.sizes = [sum(1 for p in self.params if self.bucket_of[p] == b) for b in range(len(self.buckets))]
+        self.pending: list[int] | None = None  # gradients each bucket still waits for; None: not armed
+        self.works: dict[int, object] = {}
+        if bucket_mb > 0:
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._grad_ready)
 
     def attach(self) -> None:
         """Make every ``p.grad`` its view of the flat buffer (autograd then accumulates into it in place)."""
@@ -93,9 +115,26 @@ class GradientAllReduce:
                     view.copy_(p.grad)
                 p.grad = view
 
+    def arm(self) -> None:
+        """The next backward is the step's last: launch each bucket's all-reduce once its gradients are done."""
+        self.pending, self.works = list(self.sizes), {}
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        if self.pending is None:
+            return
+        b = self.bucket_of[p]
+        self.pending[b] -= 1
+        if self.pending[b] == 0:
+            self.works[b] = dist.all_reduce(self.buckets[b], async_op=True)
+
     def reduce(self) -> None:
-        """g <- mean over ranks of g, for every gradient at once."""
-        dist.all_reduce(self.flat)
+        """g <- mean over ranks of g, for every gradient (buckets not yet launched are launched now, in order)."""
+        for b, bucket in enumerate(self.buckets):
+            if b not in self.works:
+                self.works[b] = dist.all_reduce(bucket, async_op=True)
+        for b in sorted(self.works):
+            self.works[b].wait()
+        self.pending, self.works = None, {}
         self.flat.mul_(1.0 / self.world)
 
 

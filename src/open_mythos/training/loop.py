@@ -89,7 +89,8 @@ class Trainer:
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel, step_graph=self.step_graph)
         # the graphed step's data parallelism: one all-reduce of a flat gradient buffer, inside the forward graph
-        self.grad_sync = GradientAllReduce(model) if self.step_graph and self.info.enabled else None
+        self.grad_sync = (GradientAllReduce(model, cfg.grad_bucket_mb) if self.step_graph and self.info.enabled
+                          else None)
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
                                            capturable=self.step_graph)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
@@ -271,6 +272,8 @@ class Trainer:
         depth_sum = torch.zeros((), device=self.device)
         for micro, (x, y) in enumerate(batches):
             last = micro == len(batches) - 1
+            if last and self.grad_sync is not None:
+                self.grad_sync.arm()  # all-reduce gradient buckets as this backward finishes them
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync, attention_backends():
                 with record_function("forward"), self.autocast():
