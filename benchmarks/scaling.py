@@ -16,7 +16,8 @@ benchmarks/train_step.py); overrides are `mythos train --set` ones. Each variant
 ``Trainer(cfg).train()``: the steps, then the end-of-run checkpoint, export, loop sweep and sample. Recorded per
 variant: tokens/s (global and per GPU: median of steps >= 5, after compilation and capture), MFU per GPU, every
 step's loss and grad norm, every rank's own throughput line, the seconds of the steps and of the rest of the run.
-A variant that fails with the step graph is re-run without it (``NAME_eager``), so one failure costs one number.
+A variant that fails with the step graph is re-run with one all-reduce after the backward (``NAME_flat``), then
+without the step graph (``NAME_eager``), so one failure costs one number.
 """
 
 from __future__ import annotations
@@ -120,7 +121,9 @@ def run(args) -> None:
     for text in args.variants:
         name, cfg, resume = parse_variant(text, args.data, root)
         attempts = [(name, cfg)]
-        if "step_graph=false" not in cfg:
+        if "step_graph=false" not in cfg:  # if the graphed step fails: one all-reduce after the backward, then eager
+            if dist.is_initialized() and "parallel='fsdp'" not in cfg:
+                attempts.append((f"{name}_flat", [*cfg, "grad_bucket_mb=0"]))
             attempts.append((f"{name}_eager", [*cfg, "step_graph=false"]))
         for attempt, overrides in attempts:
             try:
@@ -146,19 +149,21 @@ def max_diff(a: dict, b: dict, start: int = 0) -> tuple[float, int]:
 
 def summarize(paths: list[str], out: str) -> None:
     res = {k: v for p in paths for k, v in json.loads(Path(p).read_text())["results"].items() if "error" not in v}
-    get = lambda *names: next((res[n] for n in names if n in res), None)  # noqa: E731 (a variant, or its _eager retry)
+    def get(name: str) -> dict | None:  # a variant, or its retry
+        return next((res[n] for n in (name, f"{name}_flat", f"{name}_eager") if n in res), None)
+
     summary, ratios = {}, {}
     for model, base, b_weak, b_strong in (("shk", "shk_b32", 64, 32), ("spec", "spec_b8", 16, 8)):
         one = get(base)
         for par in ("ddp", "fsdp"):
             for kind, batch in (("weak", b_weak), ("strong", b_strong)):
-                two = get(f"{model}_{par}_b{batch}", f"{model}_{par}_b{batch}_eager")
+                two = get(f"{model}_{par}_b{batch}")
                 if one and two:
                     ratios.setdefault(f"{kind}_scaling_{par}", {})[model] = two["tokens_per_s"] / one["tokens_per_s"]
     summary.update(ratios)
     summary["tokens_per_s"] = {n: r.get("tokens_per_s") for n, r in res.items()}
     summary["mfu_per_gpu"] = {n: r.get("mfu_per_gpu") for n, r in res.items()}
-    ref, ddp, fsdp = get("shk_b64"), get("shk_ddp_b64", "shk_ddp_b64_eager"), get("shk_fsdp_b64", "shk_fsdp_b64_eager")
+    ref, ddp, fsdp = get("shk_b64"), get("shk_ddp_b64"), get("shk_fsdp_b64")
     curves = {}
     for name, run in (("ddp_vs_1gpu", ddp), ("fsdp_vs_1gpu", fsdp)):
         if ref and run:
