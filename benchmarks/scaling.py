@@ -157,9 +157,9 @@ def summarize(paths: list[str], out: str) -> None:
         one = get(base)
         for par in ("ddp", "fsdp"):
             for kind, batch in (("weak", b_weak), ("strong", b_strong)):
-                two = get(f"{model}_{par}_b{batch}")
-                if one and two:
-                    ratios.setdefault(f"{kind}_scaling_{par}", {})[model] = two["tokens_per_s"] / one["tokens_per_s"]
+                two = get(f"{model}_{par}_b{batch}")  # None: not measured
+                ratios.setdefault(f"{kind}_scaling_{par}", {})[model] = (two["tokens_per_s"] / one["tokens_per_s"]
+                                                                         if one and two else None)
     summary.update(ratios)
     summary["tokens_per_s"] = {n: r.get("tokens_per_s") for n, r in res.items()}
     summary["mfu_per_gpu"] = {n: r.get("mfu_per_gpu") for n, r in res.items()}
