@@ -360,3 +360,21 @@ def test_gradient_all_reduce_averages_gradients_during_the_backward(tmp_path, bu
         assert len(r0["members"]) > 3 and complete > 3 and r0["launched"] == complete
     else:
         assert len(r0["members"]) == 1 and r0["launched"] == 0
+
+
+def test_mfu_is_per_device(tmp_path, monkeypatch):
+    """tokens_per_s is the global batch over the step time; MFU divides it by the world size (the logged MFU used
+    to multiply by it), and the per-rank line counts this rank's share of the batch."""
+    from open_mythos.flops import flops_per_token
+    from open_mythos.training import loop
+
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "loops.schedule='fixed'"))
+    trainer = Trainer(cfg, progress=False)
+    monkeypatch.setattr(loop, "peak_flops", lambda device: 1e12)
+    trainer.info.world_size = 2  # as rank 0 of 2 would log it (mfu and the per-GPU rate only read the world size)
+    rec = trainer.train_step()
+    per_gpu = rec["tokens_per_s"] / 2
+    assert rec["tokens_per_s_per_gpu"] == pytest.approx(per_gpu)
+    assert rec["mfu"] == pytest.approx(flops_per_token(cfg.model, cfg.data.seq_len, rec["n_loops"]) * per_gpu / 1e12)
+    line = trainer.rank_throughput()
+    assert line["tokens_per_s"] == pytest.approx(cfg.batch_size // 2 * cfg.data.seq_len / trainer._step_times[0])

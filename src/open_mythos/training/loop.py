@@ -8,8 +8,10 @@ Each optimizer step:
      counted; ``max_bad_steps`` in a row stop training with a clear error
   4. optimizer + scheduler step, then the MoE router-bias update from the expert load summed
      over ranks (aux-loss-free balancing)
-Logged to ``metrics.jsonl``: loss, lr, grad norm, tokens/s, MFU, loops, expert-load imbalance,
-ρ(A), mean ACT depth; held-out loss at ``eval_every``; a loop sweep at the end.
+Logged to ``metrics.jsonl``: loss, lr, grad norm, tokens/s (global and per GPU), MFU (per device), loops,
+expert-load imbalance, ρ(A), mean ACT depth; held-out loss at ``eval_every``; a loop sweep at the end; every
+rank prints its own throughput line. Under torchrun with ``step_graph`` the gradient all-reduce is part of the
+forward graph (distributed.GradientAllReduce); with FSDP2 the step is the eager one.
 """
 
 from __future__ import annotations
