@@ -300,7 +300,10 @@ def test_mixed_precision_training_runs_and_learns(tmp_path, precision):
     assert next(trainer.model.parameters()).dtype == torch.float32  # fp32 master weights
 
 
-def _gradient_all_reduce_worker(rank: int, init_file: str, bucket_mb: float, out: dict) -> None:
+BUCKET_MB = (0.0, 0.01)  # one all-reduce after the backward; many buckets launched during it
+
+
+def _gradient_all_reduce_worker(rank: int, init_file: str, out: dict) -> None:
     import torch.distributed as dist
 
     from conftest import tiny_config
@@ -308,58 +311,59 @@ def _gradient_all_reduce_worker(rank: int, init_file: str, bucket_mb: float, out
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
-        torch.manual_seed(rank)  # different weights per rank: the constructor must broadcast rank 0's
-        model = OpenMythos(tiny_config())
-        sync = GradientAllReduce(model, bucket_mb)
         ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
         mine = ids[rank::2]
-        grads = {}
-        for last, micro in enumerate((mine[:1], mine[1:])):  # two micro-batches: the last backward launches buckets
-            sync.attach()
-            if last:
-                sync.arm()
-            model(micro, 2).float().square().mean().backward()
-        launched_in_backward = len(sync.works)
-        sync.reduce()
-        for n, p in model.named_parameters():
-            if p.grad is not None:
-                grads[n] = p.grad.clone()
-        names = {p: n for n, p in model.named_parameters()}
-        members = [[names[p] for p in sync.params if sync.bucket_of[p] == b] for b in range(len(sync.buckets))]
-        out[rank] = {"grads": grads, "launched": launched_in_backward, "members": members,
-                     "weights": {n: t.clone() for n, t in model.state_dict().items()}}
+        for bucket_mb in BUCKET_MB:
+            torch.manual_seed(rank)  # different weights per rank: the constructor must broadcast rank 0's
+            model = OpenMythos(tiny_config())
+            sync = GradientAllReduce(model, bucket_mb)
+            for last, micro in enumerate((mine[:1], mine[1:])):  # two micro-batches: the last launches buckets
+                sync.attach()
+                if last:
+                    sync.arm()
+                model(micro, 2).float().square().mean().backward()
+            launched_in_backward = len(sync.works)
+            sync.reduce()
+            names = {p: n for n, p in model.named_parameters()}
+            out[(rank, bucket_mb)] = {
+                "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
+                "launched": launched_in_backward,
+                "members": [[names[p] for p in sync.params if sync.bucket_of[p] == b] for b in range(len(sync.buckets))],
+                "weights": {n: t.clone() for n, t in model.state_dict().items()}}
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("bucket_mb", [0.0, 0.01])
-def test_gradient_all_reduce_averages_gradients_during_the_backward(tmp_path, bucket_mb):
+def test_gradient_all_reduce_averages_gradients_during_the_backward(tmp_path):
     """The step graph's data parallelism (GradientAllReduce, 2 gloo processes): every gradient ends as the mean
     of the ranks' gradients, equal to one process's gradient of the mean loss over both ranks' rows; with
     buckets, every bucket's all-reduce is launched inside the last micro-batch's backward (overlapped), with
     bucket_mb=0 none is (one all-reduce after it)."""
     import torch.multiprocessing as mp
 
+    from conftest import tiny_config
+
     out = mp.Manager().dict()
-    mp.spawn(_gradient_all_reduce_worker, args=(str(tmp_path / "init"), bucket_mb, out), nprocs=2)
-    r0, r1 = out[0], out[1]
-    for n in r0["weights"]:
-        assert torch.equal(r0["weights"][n], r1["weights"][n]), n  # rank 0's weights everywhere
-    model = OpenMythos(__import__("conftest").tiny_config())
-    model.load_state_dict(r0["weights"])
-    ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
-    loss = sum(model(ids[r::2][m], 2).float().square().mean() for r in (0, 1) for m in (slice(0, 1), slice(1, 2))) / 2
-    loss.backward()
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(r0["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
-            assert torch.equal(r0["grads"][n], r1["grads"][n]), n
-    used = {n for n, p in model.named_parameters() if p.grad is not None}
-    complete = sum(set(m) <= used for m in r0["members"])  # buckets whose every parameter gets a gradient
-    if bucket_mb > 0:  # each launched by the backward; a bucket with an unused parameter, after it
-        assert len(r0["members"]) > 3 and complete > 3 and r0["launched"] == complete
-    else:
-        assert len(r0["members"]) == 1 and r0["launched"] == 0
+    mp.spawn(_gradient_all_reduce_worker, args=(str(tmp_path / "init"), out), nprocs=2)
+    for bucket_mb in BUCKET_MB:
+        r0, r1 = out[(0, bucket_mb)], out[(1, bucket_mb)]
+        for n in r0["weights"]:
+            assert torch.equal(r0["weights"][n], r1["weights"][n]), n  # rank 0's weights everywhere
+        model = OpenMythos(tiny_config())
+        model.load_state_dict(r0["weights"])
+        ids = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+        loss = sum(model(ids[r::2][m], 2).float().square().mean() for r in (0, 1) for m in (slice(0, 1), slice(1, 2)))
+        (loss / 2).backward()
+        for n, p in model.named_parameters():
+            if p.grad is not None:
+                torch.testing.assert_close(r0["grads"][n], p.grad, rtol=1e-4, atol=1e-6, msg=n)
+                assert torch.equal(r0["grads"][n], r1["grads"][n]), n
+        used = {n for n, p in model.named_parameters() if p.grad is not None}
+        complete = sum(set(m) <= used for m in r0["members"])  # buckets whose every parameter gets a gradient
+        if bucket_mb > 0:  # each launched by the backward; a bucket with an unused parameter, after it
+            assert len(r0["members"]) > 3 and complete > 3 and r0["launched"] == complete
+        else:
+            assert len(r0["members"]) == 1 and r0["launched"] == 0
 
 
 def test_mfu_is_per_device(tmp_path, monkeypatch):

@@ -92,7 +92,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the blocks (the loop iteration once, reused per loop) and the loss
     compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_checkpointing: bool = False
-    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): one process, bf16 on a GPU
+    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): bf16 on a GPU, 1 process or DDP
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
     grad_bucket_mb: float = 25.0    # step_graph + ddp: gradient all-reduce buckets, launched during the backward
                                     # (0: one all-reduce after it); distributed.GradientAllReduce

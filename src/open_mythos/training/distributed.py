@@ -3,8 +3,8 @@
 DistributedDataParallel and ``torch.distributed.fsdp.fully_shard`` do the work of the eager step. The
 whole-step CUDA graph (``step_graph``, training/graphs.py) cannot contain DDP (its reducer runs autograd
 hooks and bucket bookkeeping on the host), so there data parallelism is :class:`GradientAllReduce`: the
-gradients live in one flat buffer and one all-reduce of it, captured in the forward graph after the
-backward, averages them across ranks; the clip and the update then see the same gradients on every rank.
+gradients live in one flat buffer whose buckets are all-reduced as the backward completes them, all captured
+in the forward graph; the clip and the update then see the same mean gradient on every rank.
 The MoE load counters are buffers that every rank fills from its own tokens; they are summed across
 ranks before the router-bias update so that every rank applies the same bias (DDP's buffer
 broadcast is turned off for that reason).
@@ -90,17 +90,17 @@ class GradientAllReduce:
                                 device=self.params[0].device)
         cap = bucket_mb * 2**20 / self.flat.element_size() if bucket_mb > 0 else math.inf
         self.views, self.buckets, self.bucket_of = [], [], {}
-        offset, start, sizes = 0, 0, [0]
+        self.sizes = [0]  # gradients per bucket
+        offset = start = 0
         for p in self.params:
-            if sizes[-1] and sizes[-1] + p.numel() > cap:  # close the bucket: slices [start, offset)
+            if offset > start and offset - start + p.numel() > cap:  # close the bucket: flat[start:offset]
                 self.buckets.append(self.flat[start:offset])
-                start, sizes = offset, [*sizes, 0]
+                start, self.sizes = offset, [*self.sizes, 0]
             self.views.append(self.flat[offset:offset + p.numel()].view_as(p))
-            self.bucket_of[p] = len(sizes) - 1
-            sizes[-1] += p.numel()
+            self.bucket_of[p] = len(self.sizes) - 1
+            self.sizes[-1] += 1
             offset += p.numel()
         self.buckets.append(self.flat[start:offset])
-        self.sizes = [sum(1 for p in self.params if self.bucket_of[p] == b) for b in range(len(self.buckets))]
         self.pending: list[int] | None = None  # gradients each bucket still waits for; None: not armed
         self.works: dict[int, object] = {}
         if bucket_mb > 0:

@@ -24,8 +24,9 @@ cuDNN there); its next step is captured, later ones replay.
   writing to ``param_groups`` as floats, are copied into the device tensors the update graph reads.
 * All graphs share one memory pool: a graph's outputs are copied out before another graph replays.
 
-Under torchrun with ``parallel = "ddp"`` the forward graph also holds the data parallelism: one all-reduce
-of the flat gradient buffer after the backward, before the clip (distributed.GradientAllReduce).
+Under torchrun with ``parallel = "ddp"`` the forward graph also holds the data parallelism: the gradient
+buckets' all-reduces, launched as the backward completes them and waited on before the clip
+(distributed.GradientAllReduce).
 
 On a CPU the same steps run uncaptured, which is what the tests exercise. On a GPU: bf16.
 """
@@ -93,7 +94,7 @@ class StepGraphs:
     def _forward_backward(self, n_loops: int) -> torch.Tensor:
         trainer = self.trainer
         loss_sum, depth = trainer.forward_backward(n_loops, self.inputs, zero_grads=True)
-        trainer.reduce_gradients()  # under torchrun: one all-reduce of the flat gradient buffer, captured here
+        trainer.reduce_gradients()  # under torchrun: the mean gradient over ranks, captured here
         grad_norm = trainer.clip_gradients()
         self.found_inf.copy_(~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm)))
         return torch.stack([loss_sum, depth, grad_norm])

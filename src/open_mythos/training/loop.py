@@ -90,7 +90,7 @@ class Trainer:
             model.compile_blocks(mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel, step_graph=self.step_graph)
-        # the graphed step's data parallelism: one all-reduce of a flat gradient buffer, inside the forward graph
+        # the graphed step's data parallelism: bucketed gradient all-reduces, inside the forward graph
         self.grad_sync = (GradientAllReduce(model, cfg.grad_bucket_mb) if self.step_graph and self.info.enabled
                           else None)
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
