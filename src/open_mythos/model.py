@@ -17,6 +17,7 @@ from torch import nn
 
 from .blocks import TransformerBlock
 from .cache import KVCache
+from .checks import TOKEN_ID_DTYPES, check_index_range, check_int, check_token_ids
 from .config import MythosConfig
 from .hub import CONFIG_NAME, WEIGHTS_NAME, share_file_mode, write_config
 from .layers import Linear, RMSNorm, compute_dtype, rope_angles, scaled_init_std
@@ -72,8 +73,7 @@ class OpenMythos(nn.Module):
         needs only each prompt's last token; the head over every position would dominate it).
         """
         n_loops = self._check_n_loops(n_loops)
-        start = cache.pos if cache is not None else 0
-        self._check_input(input_ids, start)
+        start = self._check_input(input_ids, cache, backprop_loops, logits_at)
         T = input_ids.shape[1]
         positions = torch.arange(start, start + T, device=input_ids.device)
         rope = rope_angles(positions, self.cfg.rope_dim, self.cfg.rope_theta)
@@ -105,27 +105,35 @@ class OpenMythos(nn.Module):
         return rec(e, rope, n_loops, cache, backprop_loops)
 
     def _check_n_loops(self, n_loops: int | None) -> int:
-        if n_loops is None:
-            return self.cfg.max_loop_iters
-        if isinstance(n_loops, bool) or not isinstance(n_loops, int) or n_loops < 1:
-            raise ValueError(f"n_loops must be an int >= 1, got {n_loops!r}")
-        return n_loops
+        return self.cfg.max_loop_iters if n_loops is None else check_int("n_loops", n_loops, 1)
 
-    def _check_input(self, input_ids: torch.Tensor, start: int) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("input_ids must be a (batch, seq_len) tensor of token ids")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool or input_ids.is_complex():
-            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-        if input_ids.shape[1] == 0:
-            raise ValueError("input_ids is empty: need at least one token")
-        end = start + input_ids.shape[1]
-        if end > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {end} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
-        if not (torch.compiler.is_compiling() or (input_ids.is_cuda and torch.cuda.is_current_stream_capturing())):
-            lo, hi = int(input_ids.min()), int(input_ids.max())
-            if lo < 0 or hi >= self.cfg.vocab_size:
-                bad = lo if lo < 0 else hi
-                raise ValueError(f"token id {bad} is out of range [0, vocab_size={self.cfg.vocab_size})")
+    def _check_input(self, input_ids: torch.Tensor, cache: KVCache | None, backprop_loops: int | None,
+                     logits_at: torch.Tensor | None) -> int:
+        """Validate forward's arguments (ValueError naming the argument); returns the first position."""
+        check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
+        if input_ids.device.type != self.embed.weight.device.type:
+            raise ValueError(f"input_ids is on {input_ids.device}, the model on {self.embed.weight.device}")
+        B, T = input_ids.shape
+        start = 0
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+            if cache.batch_size != B:
+                raise ValueError(f"cache holds batch_size={cache.batch_size} rows, input_ids has {B}")
+            start = cache.pos
+            if start + T > cache.max_len:
+                raise ValueError(f"cache of max_len={cache.max_len} holds {start} tokens: no room for {T} more")
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
+        if backprop_loops is not None:
+            check_int("backprop_loops", backprop_loops, 1)
+        if logits_at is not None:
+            if not isinstance(logits_at, torch.Tensor) or logits_at.shape != (B,) or logits_at.dtype not in TOKEN_ID_DTYPES:
+                raise ValueError(f"logits_at must be an int64/int32 tensor of shape ({B},) (one position per row), "
+                                 f"got {logits_at.dtype if isinstance(logits_at, torch.Tensor) else type(logits_at).__name__} "
+                                 f"{tuple(getattr(logits_at, 'shape', ()))}")
+            check_index_range("logits_at", logits_at, T, "position")
+        return start
 
     def compile_blocks(self, **compile_kwargs) -> "OpenMythos":
         """torch.compile every Prelude/Coda block, one recurrent iteration (injection + LoRA + transformer
@@ -163,18 +171,25 @@ class OpenMythos(nn.Module):
         explicit ``generator``) makes sampling reproducible.
         """
         params = SamplingParams(temperature, top_k, top_p)
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
+        check_int("max_new_tokens", max_new_tokens, 1)
         if max_new_tokens > self.cfg.max_output_tokens:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_output_tokens="
-                             f"{self.cfg.max_output_tokens}")
-        B, T0 = input_ids.shape if input_ids.dim() == 2 else (0, 0)
+            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_output_tokens={self.cfg.max_output_tokens}")
+        self._check_n_loops(n_loops)
+        if eos_token_id is not None:
+            check_int("eos_token_id", eos_token_id, 0, self.cfg.vocab_size - 1)
+        if seed is not None:
+            check_int("seed", seed, 0, 2 ** 64 - 1)  # torch.Generator.manual_seed's range
+        if generator is not None and (not isinstance(generator, torch.Generator)
+                                      or generator.device.type != input_ids.device.type):
+            raise ValueError(f"generator must be a torch.Generator on {input_ids.device.type}, got {generator!r}")
+        B, T0 = input_ids.shape
         if T0 + max_new_tokens > self.cfg.max_seq_len:
             raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
         if generator is None and seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
-        cache = KVCache(max(B, 1), T0 + max_new_tokens, loop_policy)
+        cache = KVCache(B, T0 + max_new_tokens, loop_policy)
         logits = self(input_ids, n_loops, cache)[:, -1]
         tokens = [input_ids]
         finished = torch.zeros(B, dtype=torch.bool, device=input_ids.device)

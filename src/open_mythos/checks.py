@@ -1,0 +1,75 @@
+"""Checks of user-given values, written once: each raises ``ValueError`` naming the argument (or file)
+and the problem, before the value reaches torch, where it would fail deep inside a kernel or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding and indexing accept
+
+
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
+    """``value`` as an int in [lo, hi] (either bound optional); bool is not an int here."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
+        raise ValueError(f"{name} must be an int in {bounds}, got {value}")
+    return value
+
+
+def check_finite(name: str, value: Any) -> float:
+    """``value`` as a finite float (an int is accepted)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
+
+
+def check_token_ids(name: str, ids: Any, vocab_size: int, device: torch.device | None = None) -> None:
+    """``ids``: a non-empty (batch, seq_len) int64/int32 tensor of ids in [0, vocab_size) (on ``device``).
+
+    The range check reads the tensor on the host; it is skipped while compiling or capturing a CUDA graph."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2:
+        raise ValueError(f"{name} must be a (batch, seq_len) tensor of token ids, got "
+                         f"{tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__}")
+    if ids.dtype not in TOKEN_ID_DTYPES:
+        raise ValueError(f"{name} must be an integer tensor (int64 or int32), got {ids.dtype}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(ids.shape)}): need at least one row of one token")
+    if device is not None and ids.device != device:
+        raise ValueError(f"{name} is on {ids.device}, the model on {device}")
+    check_index_range(name, ids, vocab_size, "token id")
+
+
+def check_index_range(name: str, index: torch.Tensor, bound: int, what: str = "value") -> None:
+    """Every entry of the integer tensor ``index`` in [0, bound); skipped while compiling or capturing.
+    ``what`` names one entry in the message ("token id", "position")."""
+    if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    lo, hi = int(index.min()), int(index.max())
+    if lo < 0 or hi >= bound:
+        raise ValueError(f"{name}: {what} {lo if lo < 0 else hi} is out of range [0, {bound})")
+
+
+def read_json(path: str | Path, kind: type = dict) -> Any:
+    """The JSON document in ``path``, which must be a ``kind`` (dict: an object); ValueError naming the
+    file otherwise (missing, invalid JSON, or another type)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(value, kind):
+        expected = "a JSON object" if kind is dict else f"a JSON {kind.__name__}"
+        raise ValueError(f"{path}: expected {expected}, got {type(value).__name__}")
+    return value
