@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from .checks import check_finite
+
 ATTN_TYPES = ("mla", "gqa")
 LOOP_OUTPUTS = ("final", "act")
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool,
@@ -20,7 +22,8 @@ _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool,
 
 
 def check_field_types(obj: Any, section: str = "") -> None:
-    """Raise ValueError naming the field when a dataclass field has the wrong type (bool is not int)."""
+    """Raise ValueError naming the field when a dataclass field has the wrong type (bool is not int) or a
+    float field is not finite."""
     for f in dataclasses.fields(obj):
         value, type_name = getattr(obj, f.name), str(f.type)
         if type_name.endswith(" | None"):
@@ -32,6 +35,13 @@ def check_field_types(obj: Any, section: str = "") -> None:
             continue
         if not isinstance(value, expected) or (isinstance(value, bool) and type_name != "bool"):
             raise ValueError(f"{section}{f.name} must be of type {type_name}, got {value!r}")
+        if type_name == "float":  # inf/nan pass every range check written as a comparison
+            check_finite(f"{section}{f.name}", value)
+        elif type_name == "tuple[float, float]":
+            if len(value) != 2:
+                raise ValueError(f"{section}{f.name} must be a pair of numbers, got {value!r}")
+            for i, v in enumerate(value):
+                check_finite(f"{section}{f.name}[{i}]", v)
 
 
 # keys of a config.json that describe the file, not the model (written by us or by transformers)

@@ -11,8 +11,9 @@ bias by ``rate * sign(mean_load - load_i)``, so over-loaded experts become less 
 
 Dispatch has no Python loop over experts: the (token, expert) assignments are sorted by expert and
 all experts run as one grouped matmul (``F.grouped_mm``); where it is unavailable (old torch, fp32
-on GPU) a capacity-padded batched matmul does the same work. Moving rows into and out of expert
-order is a permutation, so both directions are gathers in forward *and* backward (no scatter-add).
+on GPU, ``dim`` or ``expert_dim`` rows not a multiple of 16 bytes) a capacity-padded batched matmul
+does the same work. Moving rows into and out of expert order is a permutation, so both directions
+are gathers in forward *and* backward (no scatter-add).
 A few tokens (decoding) skip the sort: each assignment gathers its expert's weights and all of them
 run as one batched matmul.
 """
@@ -38,9 +39,11 @@ def grouped_linear(x: torch.Tensor, weight: torch.Tensor, offsets: torch.Tensor,
     x: (N, in) sorted by expert; weight: (E, out, in); offsets: (E,) int32 cumulative row ends;
     expert_ids: (N,) expert of each row (sorted).
     """
-    # grouped_mm runs bf16 everywhere, fp32 only in eager mode on CPU (its compile-time meta kernel is bf16-only)
+    # grouped_mm runs bf16 everywhere, fp32 only in eager mode on CPU (its compile-time meta kernel is bf16-only),
+    # and needs rows (in and out features) that are multiples of 16 bytes: dim, expert_dim % 8 in bf16, % 4 in fp32
     eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling()
-    if _grouped_mm_available() and x.dtype == weight.dtype and (x.dtype == torch.bfloat16 or eager_cpu):
+    aligned = all(n * x.element_size() % 16 == 0 for n in weight.shape[1:])
+    if _grouped_mm_available() and x.dtype == weight.dtype and (x.dtype == torch.bfloat16 or eager_cpu) and aligned:
         return F.grouped_mm(x, weight.transpose(-2, -1), offs=offsets)
     return _padded_bmm(x, weight, offsets, expert_ids)
 
