@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +16,13 @@ TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding and indexing a
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int in [lo, hi] (either bound optional); bool is not an int here."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int in [lo, hi] (either bound optional); bool is not an int here, numpy's ints are."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
         raise ValueError(f"{name} must be an int in {bounds}, got {value}")
-    return value
+    return int(value)
 
 
 def check_finite(name: str, value: Any) -> float:

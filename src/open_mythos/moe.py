@@ -20,6 +20,8 @@ run as one batched matmul.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -187,6 +189,15 @@ class MoE(nn.Module):
         xs = x.repeat_interleave(self.top_k, 0)  # (N * k, D)
         w1, w2, w3 = (w.index_select(0, flat).to(dtype) for w in (self.w1, self.w2, self.w3))
         return matvec(F.silu(matvec(xs, w1)) * matvec(xs, w3), w2)
+
+    @contextlib.contextmanager
+    def load_tracking(self, enabled: bool):
+        """Within the context, count the expert load (training) only if ``enabled``."""
+        saved, self.track_load = self.track_load, enabled
+        try:
+            yield
+        finally:
+            self.track_load = saved
 
     @torch.no_grad()
     def update_router_bias(self, rate: float) -> torch.Tensor:

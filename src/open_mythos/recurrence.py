@@ -16,6 +16,7 @@ Every entry of A lies in [0, 1) for every parameter value, so ρ(A) < 1 by const
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -166,6 +167,11 @@ class RecurrentBlock(nn.Module):
             mixture = mixture + weight.unsqueeze(-1) * h.float()
         return cum, depth, mixture
 
+    def _recompute_context(self):
+        """Activation checkpointing's (forward, recomputation) contexts: the recomputation in backward
+        re-runs the MoE, which must not count its expert load a second time."""
+        return contextlib.nullcontext(), self.block.ffn.load_tracking(False)
+
     def matrices_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The shared block's weight matrices cast to ``dtype``, by name (for ``torch.func.functional_call``);
         matrices already in ``dtype`` are left out."""
@@ -193,7 +199,8 @@ class RecurrentBlock(nn.Module):
             emb, lora = embs[min(t, last)], self.lora.adapter(t) if self.lora is not None else None
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
                 if self.checkpoint_loops and cache is None and torch.is_grad_enabled():
-                    h = checkpoint(step, h, e, rope, emb, lora, use_reentrant=False)
+                    h = checkpoint(step, h, e, rope, emb, lora, use_reentrant=False,
+                                   context_fn=self._recompute_context)
                 else:
                     h = step(h, e, rope, emb, lora, cache, cache.loop_key(t) if cache is not None else None)
             cum, depth, mixture = halt(h, cum, depth, mixture, is_last=t == n_loops - 1)

@@ -23,6 +23,8 @@ from unittest import mock
 import tiktoken
 from tiktoken_ext import openai_public
 
+from .checks import check_int, read_json
+
 O200K_BASE_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
 ENDOFTEXT = "<|endoftext|>"
 # tiktoken's pre-tokenisation regex backtracks over a whitespace run (``\s+(?!\S)``) and fails past
@@ -95,10 +97,16 @@ class MythosTokenizer:
         return [i for piece in split_long_whitespace(text) for i in self.encoding.encode(piece, **special)]
 
     def decode(self, ids: list[int]) -> str:
-        return self.encoding.decode(list(ids))
+        return self._decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
-        return self.encoding.decode_single_token_bytes(token)
+        return self._decode_bytes([token])
+
+    def _decode_bytes(self, ids: list[int]) -> bytes:
+        try:
+            return self.encoding.decode_bytes(check_decode_ids(ids, self.vocab_size))
+        except KeyError as err:  # a hole in the id range: ids the encoding does not define
+            raise ValueError(f"token id {err.args[0]} is not in the o200k_harmony vocabulary") from None
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Harmony format: <|start|>{role}<|message|>{content}<|end|> ... <|start|>assistant<|message|>.
@@ -152,14 +160,12 @@ class ByteTokenizer:
         return (self.eos_token_id,)
 
     def decode(self, ids: list[int]) -> str:
-        return b"".join(map(self.token_bytes, ids)).decode("utf-8", errors="replace")
+        return b"".join(map(self.token_bytes, check_decode_ids(ids, self.vocab_size))).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
         if token == self.eos_token_id:
             return ENDOFTEXT.encode()
-        if not 0 <= token < 256:
-            raise ValueError(f"token id {token} is out of range for ByteTokenizer (vocab 257)")
-        return bytes((token,))
+        return bytes((check_int("token id", token, 0, 255),))
 
 
 def _check_unicode(text: str) -> None:
@@ -179,6 +185,11 @@ def check_vocab_covered(vocab_size: int, tokenizer) -> None:
                          f"({type(tokenizer).__name__}, {tokenizer.vocab_size} ids): ids {tokenizer.vocab_size}.."
                          f"{vocab_size - 1} could be generated but not decoded; use the tokenizer the model "
                          "was trained with, or a config whose vocab_size fits it")
+
+
+def check_decode_ids(ids, vocab_size: int) -> list[int]:
+    """``ids`` as a list of ints in [0, vocab_size); ValueError naming the first id outside it."""
+    return [check_int("token id", i, 0, vocab_size - 1) for i in ids]
 
 
 TOKENIZERS = {"byte": ByteTokenizer, "o200k_harmony": MythosTokenizer}
@@ -233,7 +244,10 @@ def tokenizer_for(directory: str | Path, vocab_size: int):
     vocabulary and o200k_harmony otherwise."""
     path = Path(directory) / TOKENIZER_CONFIG
     if path.is_file():
-        tokenizer = load_tokenizer(json.loads(path.read_text())["tokenizer"])
+        record = read_json(path)
+        if record.get("tokenizer") not in TOKENIZERS:
+            raise ValueError(f"{path}: \"tokenizer\" must be one of {sorted(TOKENIZERS)}, got {record.get('tokenizer')!r}")
+        tokenizer = load_tokenizer(record["tokenizer"])
     else:
         tokenizer = ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()
     check_vocab_covered(vocab_size, tokenizer)
