@@ -21,7 +21,7 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
         raise ValueError(f"{name} must be an int, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"{name} must be an int in {bounds}, got {value}")
+        raise ValueError(f"{name} {value} is out of range {bounds}")
     return int(value)
 
 
