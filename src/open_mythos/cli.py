@@ -200,7 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                          f"{', '.join(list_presets())} (shakespeare-tiny: ~1 min on a CPU; see mythos train --help)")
     cfg = load_config(args.preset, args.config, args.set)
     try:
-        summary = Trainer(cfg, resume=args.resume, progress=not args.no_progress).train()
+        summary = Trainer(cfg, resume=args.resume, progress=not args.no_progress, overwrite=args.overwrite).train()
     finally:
         shutdown()
     if os.environ.get("RANK", "0") == "0":
@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a field, e.g. --set steps=100 --set optim.muon_lr=0.01")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a non-empty out_dir, deleting the previous run's outputs there")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (log lines only)")
     p.set_defaults(func=cmd_train)
     p = add("generate", help="generate text with the inference engine: one prompt streams, several print JSON lines")

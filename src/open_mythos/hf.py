@@ -22,6 +22,7 @@ from transformers.modeling_outputs import CausalLMOutput
 # absolute imports: transformers' remote-code loader follows relative ones file by file
 from open_mythos.config import MythosConfig
 from open_mythos.eval.perplexity import lm_loss
+from open_mythos.hub import migrate_config
 from open_mythos.model import OpenMythos
 
 MODEL_TYPE = "open_mythos"
@@ -38,6 +39,12 @@ class OpenMythosConfig(PretrainedConfig):
         kwargs["use_cache"] = False  # no transformers KV cache: each step re-runs the sequence
         super().__init__(**kwargs)
         self.num_hidden_layers = self.prelude_layers + 1 + self.coda_layers
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs) -> "OpenMythosConfig":
+        """From a config.json: checked and migrated like OpenMythos.from_pretrained's (hub.migrate_config),
+        so a missing field is an error, never a silent default."""
+        return super().from_dict(migrate_config(config_dict), **kwargs)
 
     def to_mythos(self) -> MythosConfig:
         return MythosConfig(**{name: getattr(self, name) for name in _FIELDS})

@@ -1,13 +1,28 @@
-"""What makes a ``save_pretrained`` directory self-describing: ``config.json`` (with transformers'
-``auto_map``), a model card (``README.md``), and two shim modules that let
-``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` find our classes."""
+"""What makes a ``save_pretrained`` directory self-describing and checkable: ``config.json`` (with a
+format version and transformers' ``auto_map``), ``model.safetensors`` with a digest of its tensor bytes,
+a model card (``README.md``), and two shim modules that let
+``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` find our classes.
+
+config.json format versions (``format_version``):
+  1  every MythosConfig field is present (a missing one is an error, never a silent default).
+  0  files without ``format_version`` (open-mythos before format 1). Migration to 1: the fields added
+     since (``FIELDS_ADDED_SINCE_V0``) take the value that reproduces the model those versions built;
+     any other missing field is still an error.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .checks import read_json
 from .config import MythosConfig
 
 CONFIG_NAME = "config.json"
@@ -18,6 +33,9 @@ REMOTE_CODE = {
 }
 AUTO_MAP = {"AutoConfig": "configuration_open_mythos.OpenMythosConfig",
             "AutoModelForCausalLM": "modeling_open_mythos.OpenMythosForCausalLM"}
+FORMAT_VERSION = 1
+FIELDS_ADDED_SINCE_V0 = {"loop_embed_scale": 1.0}  # before the field existed, the loop embedding had amplitude 1
+DIGEST_KEY = "open_mythos.sha256"  # safetensors metadata: sha256 of the tensors (tensor_digest)
 
 
 def share_file_mode(path: Path) -> None:
@@ -29,12 +47,79 @@ def share_file_mode(path: Path) -> None:
 
 
 def write_config(directory: Path, cfg: MythosConfig) -> None:
-    config = {"model_type": "open_mythos", "architectures": ["OpenMythosForCausalLM"], "auto_map": AUTO_MAP,
-              **cfg.to_dict()}
+    config = {"format_version": FORMAT_VERSION, "model_type": "open_mythos",
+              "architectures": ["OpenMythosForCausalLM"], "auto_map": AUTO_MAP, **cfg.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     for name, text in REMOTE_CODE.items():
         (directory / name).write_text(text)
     (directory / "README.md").write_text(model_card(cfg))
+
+
+def migrate_config(d: dict) -> dict:
+    """A config.json's dict at format ``FORMAT_VERSION`` (see the module docstring); ValueError naming the
+    missing fields, or a version newer than this code reads."""
+    version = d.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= FORMAT_VERSION:
+        raise ValueError(f"format_version {version!r} is not one this open-mythos reads (0..{FORMAT_VERSION}): "
+                         "a newer open-mythos wrote it")
+    d = dict(d)
+    if version == 0:
+        for name, value in FIELDS_ADDED_SINCE_V0.items():
+            d.setdefault(name, value)
+    d["format_version"] = FORMAT_VERSION
+    missing = [f.name for f in dataclasses.fields(MythosConfig) if f.name not in d]
+    if missing:
+        raise ValueError(f"missing MythosConfig field(s): {', '.join(missing)}")
+    return d
+
+
+def read_config(directory: str | Path) -> MythosConfig:
+    """The MythosConfig of a save_pretrained directory; ValueError naming the file and the problem."""
+    path = Path(directory) / CONFIG_NAME
+    try:
+        return MythosConfig.from_dict(migrate_config(read_json(path)))
+    except ValueError as err:
+        raise ValueError(err if str(err).startswith(str(path)) else f"{path}: {err}") from None
+
+
+def tensor_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the tensors in name order: each one's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path) -> None:
+    """A safetensors file whose metadata records ``tensor_digest`` of its tensors (under DIGEST_KEY)."""
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    save_file(tensors, str(path), metadata={DIGEST_KEY: tensor_digest(tensors)})
+    share_file_mode(Path(path))
+
+
+def save_weights(state: dict[str, torch.Tensor], path: str | Path, cfg: MythosConfig) -> None:
+    """A model's full state dict as ``model.safetensors``; ``head.weight`` is left out when tied to the
+    embedding (``from_pretrained`` re-ties it)."""
+    save_tensors({k: v for k, v in state.items() if not (cfg.tie_word_embeddings and k == "head.weight")}, path)
+
+
+def verify_tensors(path: str | Path) -> bool:
+    """Check a safetensors file's tensors against the digest in its metadata: True when they match, False
+    when the file records none (written before digests); ValueError naming the file when damaged."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            recorded = (f.metadata() or {}).get(DIGEST_KEY)
+            if recorded is None:
+                return False
+            actual = tensor_digest({k: f.get_tensor(k) for k in f.keys()})
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path}: not a readable safetensors file ({err})") from None
+    if actual != recorded:
+        raise ValueError(f"{path}: the tensor bytes are damaged (sha256 {actual}, the file records {recorded}); "
+                         "re-download or re-export it (verify=False loads it anyway)")
+    return True
 
 
 def model_card(cfg: MythosConfig) -> str:

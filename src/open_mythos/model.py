@@ -8,18 +8,18 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors import SafetensorError
+from safetensors.torch import load_model
 from torch import nn
 
 from .blocks import TransformerBlock
 from .cache import KVCache
 from .checks import TOKEN_ID_DTYPES, check_index_range, check_int, check_token_ids
 from .config import MythosConfig
-from .hub import CONFIG_NAME, WEIGHTS_NAME, share_file_mode, write_config
+from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config, save_weights, verify_tensors, write_config
 from .layers import Linear, RMSNorm, compute_dtype, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
@@ -114,13 +114,12 @@ class OpenMythos(nn.Module):
         if input_ids.device.type != self.embed.weight.device.type:
             raise ValueError(f"input_ids is on {input_ids.device}, the model on {self.embed.weight.device}")
         B, T = input_ids.shape
-        start = 0
-        if cache is not None:
-            if not isinstance(cache, KVCache):
-                raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+        if cache is not None and not all(hasattr(cache, a) for a in ("pos", "update", "loop_key", "advance")):
+            raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
+        start = cache.pos if cache is not None else 0
+        if isinstance(cache, KVCache):  # (the engine's slot cache binds its own rows and positions)
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch_size={cache.batch_size} rows, input_ids has {B}")
-            start = cache.pos
             if start + T > cache.max_len:
                 raise ValueError(f"cache of max_len={cache.max_len} holds {start} tokens: no room for {T} more")
         if start + T > self.cfg.max_seq_len:
@@ -128,10 +127,10 @@ class OpenMythos(nn.Module):
         if backprop_loops is not None:
             check_int("backprop_loops", backprop_loops, 1)
         if logits_at is not None:
-            if not isinstance(logits_at, torch.Tensor) or logits_at.shape != (B,) or logits_at.dtype not in TOKEN_ID_DTYPES:
+            if not (isinstance(logits_at, torch.Tensor) and logits_at.shape == (B,) and logits_at.dtype in TOKEN_ID_DTYPES):
+                got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, torch.Tensor) else logits_at
                 raise ValueError(f"logits_at must be an int64/int32 tensor of shape ({B},) (one position per row), "
-                                 f"got {logits_at.dtype if isinstance(logits_at, torch.Tensor) else type(logits_at).__name__} "
-                                 f"{tuple(getattr(logits_at, 'shape', ()))}")
+                                 f"got {got!r}")
             check_index_range("logits_at", logits_at, T, "position")
         return start
 
@@ -206,24 +205,32 @@ class OpenMythos(nn.Module):
 
     # ------------------------------------------------------------------------------ weights I/O
     def save_pretrained(self, directory: str | Path) -> None:
-        """Write ``config.json``, ``model.safetensors`` (no pickle anywhere), a model card and the
-        transformers remote-code shims (see hub.py)."""
+        """Write ``config.json``, ``model.safetensors`` (no pickle anywhere; a digest of the tensor bytes in
+        its metadata), a model card and the transformers remote-code shims (see hub.py)."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         write_config(directory, self.cfg)
-        save_model(self, str(directory / WEIGHTS_NAME))
-        share_file_mode(directory / WEIGHTS_NAME)
+        save_weights(self.state_dict(), directory / WEIGHTS_NAME, self.cfg)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype | None = None) -> "OpenMythos":
+                        dtype: torch.dtype | None = None, verify: bool = True) -> "OpenMythos":
+        """Load a ``save_pretrained`` directory. ``verify``: check the weights against the digest recorded
+        at save time (files written before digests load unchecked). ValueError naming the file when
+        config.json or the weights are invalid, incomplete or damaged."""
         directory = Path(directory)
         for name in (CONFIG_NAME, WEIGHTS_NAME):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"{directory / name} not found (expected a save_pretrained directory)")
-        cfg = MythosConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        cfg = read_config(directory)
+        weights = directory / WEIGHTS_NAME
+        if verify:
+            verify_tensors(weights)
         model = cls(cfg)
-        load_model(model, str(directory / WEIGHTS_NAME), strict=True, device=str(device))
+        try:
+            load_model(model, str(weights), strict=True, device=str(device))
+        except (SafetensorError, RuntimeError) as err:  # header damage, missing/unexpected/mis-shaped tensors
+            raise ValueError(f"{weights}: {err}") from None
         model.to(device)
         if dtype is not None:
             model.to(dtype)

@@ -53,7 +53,7 @@ def fit_saturating_exponential(n: list[float], loss: list[float]) -> dict:
 
 def _train(preset: str, overrides: list[str], out_dir: Path, progress: bool) -> tuple[dict, int]:
     cfg = load_config(preset, overrides=[*overrides, f"out_dir='{out_dir}'"])
-    trainer = Trainer(cfg, progress=progress)
+    trainer = Trainer(cfg, progress=progress, overwrite=True)  # the experiment replaces its own earlier run
     summary = trainer.train()
     return summary, sum(p.numel() for p in trainer.model.parameters())
 

@@ -10,7 +10,9 @@ Sources
 
 Packing: documents are tokenized, joined with the tokenizer's end-of-text id between them, and cut
 into windows of ``seq_len + 1`` tokens (inputs = window[:-1], labels = window[1:]).
-Held-out split: the last ``val_fraction`` of every document's tokens, so train and eval never overlap.
+Held-out split (``pack_documents``): a separate ``val_path`` when given; otherwise whole documents, chosen
+by the sha256 of their text, until they hold ``val_fraction`` of the tokens; only a single document is
+split inside (its last ``val_fraction``). Train and eval never overlap, and no document loses its end.
 
 Batches come from :class:`PackedLoader`: a seeded permutation per epoch over the windows, the
 global batch split across ranks, and a ``state_dict`` of (epoch, cursor) for exact resume.
@@ -18,7 +20,9 @@ global batch split across ranks, and a ``state_dict`` of (epoch, cursor) for exa
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -39,6 +43,7 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05
     text_field: str = "text"
+    val_path: str | None = None           # held-out documents (a file or directory like path); default: see pack_documents
     hf_dataset: str = "HuggingFaceFW/fineweb-edu"
     hf_name: str | None = "sample-10BT"
     hf_split: str = "train"
@@ -58,6 +63,8 @@ class DataConfig:
             raise ValueError(f"data.seq_len must be >= 1, got {self.seq_len}")
         if not 0 < self.val_fraction < 1:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.val_path is not None and self.source == "hf":
+            raise ValueError("data.val_path is for the local sources: hf holds out one shard of the stream")
 
 
 # ---------------------------------------------------------------------------------- documents
@@ -84,9 +91,12 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
         with path.open(encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if line.strip():
-                    row = json.loads(line)
-                    if text_field not in row:
-                        raise ValueError(f"{path}:{lineno}: no field {text_field!r}")
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
+                    if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
+                        raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
                     yield row[text_field]
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with the [data] extra
@@ -104,21 +114,49 @@ SOURCES: dict[str, Callable[[DataConfig], Iterable[str]]] = {
 
 
 # ---------------------------------------------------------------------------------- packing
-def pack_documents(docs: Iterable[str], tokenizer, val_fraction: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token streams (train, val): each document's tokens split at (1 - val_fraction), then
-    concatenated with the end-of-text id after every document."""
-    train, val = [], []
-    eos = tokenizer.eos_token_id
-    for text in docs:
-        ids = tokenizer.encode(text)
-        if not ids:
-            continue
-        cut = len(ids) - max(1, int(len(ids) * val_fraction))
-        train += ids[:cut] + [eos]
-        val += ids[cut:] + [eos]
-    if not train:
+def pack_documents(docs: Iterable[str], tokenizer, val_fraction: float,
+                   val_docs: Iterable[str] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token streams (train, val), the end-of-text id after every document.
+
+    Held out: ``val_docs`` when given (all of ``docs`` is then trained on). Otherwise whole documents,
+    in the order of the sha256 of their text, until they hold at least ``val_fraction`` of the tokens
+    (at least one document, never all): deterministic, independent of file order, and no document loses
+    its end (a short question-answer document split inside would never have its answer trained on).
+    A single document is the exception: its last ``val_fraction`` of tokens (at least one) is held out.
+    Both exceptions to an exact ``val_fraction`` warn: a split inside the document, and whole documents
+    holding more than twice ``val_fraction`` (few, long documents: give ``data.val_path``).
+    """
+    encoded = [(hashlib.sha256(text.encode("utf-8")).digest(), ids) for text in docs if (ids := tokenizer.encode(text))]
+    if not encoded:
         raise ValueError("the data source produced no tokens")
-    return torch.tensor(train, dtype=torch.long), torch.tensor(val, dtype=torch.long)
+    if val_docs is not None:
+        train = [ids for _, ids in encoded]
+        val = [ids for text in val_docs if (ids := tokenizer.encode(text))]
+        if not val:
+            raise ValueError("data.val_path produced no tokens")
+    elif len(encoded) == 1:
+        ids = encoded[0][1]
+        cut = len(ids) - max(1, int(len(ids) * val_fraction))
+        warnings.warn(f"one document: its last {len(ids) - cut} tokens are held out and never trained on "
+                      "(give data.val_path to train on all of it)", stacklevel=2)
+        train, val = [ids[:cut]], [ids[cut:]]
+    else:
+        total = sum(len(ids) for _, ids in encoded)
+        held, n_held = set(), 0
+        for i in sorted(range(len(encoded)), key=lambda i: encoded[i][0]):
+            if n_held >= val_fraction * total or len(held) == len(encoded) - 1:
+                break
+            held.add(i)
+            n_held += len(encoded[i][1])
+        if n_held > 2 * val_fraction * total:
+            warnings.warn(f"held out {len(held)} of {len(encoded)} whole documents, {n_held / total:.1%} of the "
+                          f"tokens (data.val_fraction = {val_fraction}): the documents are few and long; "
+                          "give data.val_path for a separate held-out set", stacklevel=2)
+        train = [ids for i, (_, ids) in enumerate(encoded) if i not in held]
+        val = [ids for i, (_, ids) in enumerate(encoded) if i in held]
+    eos = tokenizer.eos_token_id
+    return (torch.tensor([t for ids in train for t in (*ids, eos)], dtype=torch.long),
+            torch.tensor([t for ids in val for t in (*ids, eos)], dtype=torch.long))
 
 
 class PackedLoader:

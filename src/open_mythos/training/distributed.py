@@ -75,6 +75,12 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in a single process)."""
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def all_reduce_(tensor: torch.Tensor, op=dist.ReduceOp.SUM) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=op)

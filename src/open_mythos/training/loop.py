@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -31,8 +32,8 @@ from ..model import CUDAGRAPH_COMPILE_MODES, OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
-from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents
-from .distributed import all_reduce_, init_distributed, mean_across_ranks, unwrap, wrap_model
+from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents, read_documents
+from .distributed import all_reduce_, barrier, init_distributed, mean_across_ranks, unwrap, wrap_model
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
 
@@ -45,10 +46,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "fp32"
 
 
+RUN_OUTPUTS = ("metrics.jsonl", "train_config.json", "sweep.json", "loss.png", "sweep.png", "checkpoints", "model")
+
+
 class Trainer:
-    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True):
+    """``resume``: continue from the newest complete checkpoint in ``cfg.out_dir``. ``overwrite``: start a new
+    run there, deleting the previous run's outputs (RUN_OUTPUTS). Without either, a non-empty out_dir is
+    an error: a second run would mix its metrics and checkpoints with the first's."""
+
+    def __init__(self, cfg: TrainConfig, resume: bool = False, progress: bool = True, overwrite: bool = False):
         self.cfg = cfg
         self.info = init_distributed(cfg.device)
+        self.run_dir = Path(cfg.out_dir)
+        self._claim_run_dir(resume, overwrite)
         self.device = self.info.device
         self.precision = resolve_precision(cfg.precision, self.device)
         if cfg.step_graph and (self.info.world_size > 1 or self.precision == "fp16"
@@ -58,7 +68,6 @@ class Trainer:
                              f"{self.info.world_size}, precision {self.precision}")
         self.progress = progress
         torch.manual_seed(cfg.seed)
-        self.run_dir = Path(cfg.out_dir)
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
         if cfg.model.vocab_size < self.tokenizer.vocab_size:
@@ -83,11 +92,32 @@ class Trainer:
         self.skipped_steps = 0
         self._flops: dict[int, float] = {}
         self._prefetched: tuple[dict, list] | None = None  # (loader position before them, next step's batches)
+        self.metrics_records = 0  # lines in metrics.jsonl, saved with each checkpoint
         if resume and (ckpt := latest_checkpoint(self.run_dir)) is not None:
             self._restore(ckpt)
+        elif resume:  # nothing to continue from: records of an attempt killed before its first checkpoint go
+            self._truncate_metrics(0)
         self.graphs = StepGraphs(self) if cfg.step_graph else None
 
     # ------------------------------------------------------------------ setup
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> None:
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: continue the run in out_dir, or replace it")
+        entries = sorted(p.name for p in self.run_dir.iterdir()) if self.run_dir.is_dir() else []
+        if entries and not (resume or overwrite):
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ValueError(f"out_dir {self.run_dir} is not empty ({shown}): pass --resume to continue that run "
+                             "or --overwrite to replace it")
+        barrier()  # every rank has looked before the main one deletes or writes anything
+        if overwrite and self.info.is_main:
+            for name in RUN_OUTPUTS:
+                path = self.run_dir / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        barrier()
+
     def _build_data(self) -> None:
         cfg, info = self.cfg, self.info
         micro_batch = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
@@ -96,8 +126,9 @@ class Trainer:
                                                 info.rank, info.world_size + 1)
             val = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size, info.world_size, info.world_size + 1)
         else:
+            val_docs = read_documents(cfg.data.val_path, cfg.data.text_field) if cfg.data.val_path else None
             train_tokens, val_tokens = pack_documents(SOURCES[cfg.data.source](cfg.data), self.tokenizer,
-                                                      cfg.data.val_fraction)
+                                                      cfg.data.val_fraction, val_docs)
             self.train_loader = PackedLoader(train_tokens, cfg.data.seq_len, micro_batch, cfg.seed,
                                              info.rank, info.world_size)
             n_val = (val_tokens.numel() - 1) // cfg.data.seq_len
@@ -122,11 +153,22 @@ class Trainer:
         for sched, s in zip(self.schedulers, state["schedulers"]):
             sched.load_state_dict(s)
         self.scaler.load_state_dict(state["scaler"])
-        metrics = self.run_dir / "metrics.jsonl"
-        if self.info.is_main and metrics.is_file():  # drop records written after the checkpoint
-            keep = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) < self.step]
-            metrics.write_text("".join(l + "\n" for l in keep))
+        self._truncate_metrics(state.get("metrics_records"))
         self._log(f"resumed from {ckpt} at step {self.step}")
+
+    def _truncate_metrics(self, n_records: int | None) -> None:
+        """Keep the first ``n_records`` records of metrics.jsonl: those written before the checkpoint (evals at
+        its step included); later ones are written again by the resumed run. None (a checkpoint of an older
+        open-mythos, which did not count them): keep the records of earlier steps."""
+        metrics = self.run_dir / "metrics.jsonl"
+        if self.info.is_main and metrics.is_file():
+            lines = [line for line in metrics.read_text().splitlines() if line.strip()]
+            if n_records is None:
+                lines = [line for line in lines if json.loads(line).get("step", 0) < self.step]
+            else:
+                lines = lines[:n_records]
+            metrics.write_text("".join(line + "\n" for line in lines))
+            self.metrics_records = len(lines)
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
@@ -280,7 +322,8 @@ class Trainer:
     def checkpoint(self) -> Path:
         loader = self._prefetched[0] if self._prefetched is not None else self.train_loader.state_dict()
         state = {"step": self.step, "skipped_steps": self.skipped_steps, "loader": loader,
-                 "schedulers": [s.state_dict() for s in self.schedulers], "scaler": self.scaler.state_dict()}
+                 "schedulers": [s.state_dict() for s in self.schedulers], "scaler": self.scaler.state_dict(),
+                 "metrics_records": self.metrics_records}
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, state, self.info,
                                self.cfg.keep_last)
 
@@ -322,6 +365,7 @@ class Trainer:
         if self.info.is_main:
             with (self.run_dir / "metrics.jsonl").open("a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            self.metrics_records += 1
 
     def _log(self, msg: str) -> None:
         if self.info.is_main:

@@ -1,0 +1,131 @@
+"""save_pretrained directories never lie: config.json is complete and versioned, load errors name the
+file, and damaged weight bytes are detected (hub.py)."""
+
+import json
+
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors import safe_open
+
+from open_mythos import OpenMythos
+from open_mythos.hub import DIGEST_KEY, FIELDS_ADDED_SINCE_V0, FORMAT_VERSION, read_config, tensor_digest
+from open_mythos.tokenizer import tokenizer_for
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = OpenMythos(tiny_config())
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def _edit_config(directory, edit):
+    path = directory / "config.json"
+    d = json.loads(path.read_text())
+    edit(d)
+    path.write_text(json.dumps(d))
+
+
+def test_config_json_is_versioned_and_complete(saved):
+    model, directory = saved
+    d = json.loads((directory / "config.json").read_text())
+    assert d["format_version"] == FORMAT_VERSION
+    assert read_config(directory) == model.cfg
+
+
+def test_missing_fields_are_an_error_naming_them(saved):
+    _, directory = saved
+    _edit_config(directory, lambda d: (d.pop("norm_eps"), d.pop("init_std")))
+    with pytest.raises(ValueError, match=r"config\.json: missing MythosConfig field\(s\): norm_eps, init_std"):
+        OpenMythos.from_pretrained(directory)
+
+
+def test_version_0_files_migrate_by_the_documented_rule(saved):
+    """A config.json of open-mythos before format 1 (no format_version, no loop_embed_scale) loads the model
+    those versions built: loop_embed_scale = 1; other missing fields are still errors."""
+    model, directory = saved
+    assert model.cfg.loop_embed_scale == 1.0
+    _edit_config(directory, lambda d: (d.pop("format_version"), d.pop("loop_embed_scale")))
+    assert set(FIELDS_ADDED_SINCE_V0) == {"loop_embed_scale"}
+    loaded = OpenMythos.from_pretrained(directory)
+    assert loaded.cfg == model.cfg
+    ids = torch.randint(0, 97, (1, 6))
+    torch.testing.assert_close(loaded(ids, 2), model.eval()(ids, 2), rtol=0, atol=0)
+    _edit_config(directory, lambda d: d.pop("rope_theta"))
+    with pytest.raises(ValueError, match="rope_theta"):
+        OpenMythos.from_pretrained(directory)
+    _edit_config(directory, lambda d: d.update(format_version=FORMAT_VERSION + 1))
+    with pytest.raises(ValueError, match="format_version"):
+        OpenMythos.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("[1, 2]", r"config\.json: expected a JSON object, got list"),
+    ("{\"dim\": 64,", r"config\.json: not valid JSON"),
+    ("\"dim\"", r"config\.json: expected a JSON object, got str"),
+])
+def test_unreadable_config_json_names_the_file(saved, text, match):
+    _, directory = saved
+    (directory / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        OpenMythos.from_pretrained(directory)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{}", r"tokenizer_config\.json: \"tokenizer\" must be one of"),
+    ("{\"tokenizer\": \"gpt2\"}", r"tokenizer_config\.json: \"tokenizer\" must be one of"),
+    ("[\"byte\"]", r"tokenizer_config\.json: expected a JSON object"),
+    ("byte", r"tokenizer_config\.json: not valid JSON"),
+])
+def test_unreadable_tokenizer_config_names_the_file(tmp_path, text, match):
+    (tmp_path / "tokenizer_config.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        tokenizer_for(tmp_path, 257)
+
+
+def test_weights_carry_a_digest_of_their_bytes(saved):
+    model, directory = saved
+    with safe_open(str(directory / "model.safetensors"), "pt") as f:
+        recorded = f.metadata()[DIGEST_KEY]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert "head.weight" not in tensors  # tied: stored once
+    state = {k: v for k, v in model.state_dict().items() if k != "head.weight"}
+    assert recorded == tensor_digest(state) == tensor_digest(tensors)
+
+
+def test_damaged_weight_bytes_are_detected(saved):
+    model, directory = saved
+    path = directory / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x40  # one bit of the last tensor's data: the header still parses
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"model\.safetensors: the tensor bytes are damaged"):
+        OpenMythos.from_pretrained(directory)
+    loaded = OpenMythos.from_pretrained(directory, verify=False)  # skippable: loads the damaged bytes
+    assert any(not torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    path.write_bytes(bytes(data[:100]))  # truncated: the header no longer parses
+    with pytest.raises(ValueError, match=r"model\.safetensors"):
+        OpenMythos.from_pretrained(directory)
+
+
+def test_weights_without_a_digest_still_load(saved):
+    """Files written before digests (no metadata) load unchecked."""
+    from safetensors.torch import save_file
+
+    model, directory = saved
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "head.weight"}
+    save_file(state, str(directory / "model.safetensors"))
+    loaded = OpenMythos.from_pretrained(directory)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def test_transformers_config_checks_missing_fields_too(saved):
+    pytest.importorskip("transformers")
+    from open_mythos.hf import OpenMythosConfig
+
+    _, directory = saved
+    assert OpenMythosConfig.from_pretrained(directory).to_mythos() == read_config(directory)
+    _edit_config(directory, lambda d: d.pop("n_experts"))
+    with pytest.raises(ValueError, match="n_experts"):
+        OpenMythosConfig.from_pretrained(directory)
