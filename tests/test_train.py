@@ -358,3 +358,12 @@ def test_activation_checkpointing_trains_identically(tmp_path):
 
 def unwrap_state(trainer):
     return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_a_bad_config_file_is_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = \n")
+    with pytest.raises(ValueError, match=r"bad\.toml: not valid TOML"):
+        load_config(path=bad)
+    with pytest.raises(ValueError, match=r"missing\.toml: config file not found"):
+        load_config(path=tmp_path / "missing.toml")
