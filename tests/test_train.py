@@ -344,8 +344,9 @@ def test_activation_checkpointing_trains_identically(tmp_path):
     assert sum(m.expert_load.sum().item() for m in model.moe_layers()) == 4 * 2 * 2  # tokens x top-k x loops
     trained = {}
     for ckpt in (False, True):
-        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path / str(ckpt), "steps=3", "loops.backprop=1",
-                                                                       f"activation_checkpointing={str(ckpt).lower()}"))
+        overrides = tiny_overrides(tmp_path / str(ckpt), "steps=3", "loops.backprop=1",
+                                   f"activation_checkpointing={str(ckpt).lower()}")
+        cfg = load_config("shakespeare-tiny", overrides=overrides)
         trainer = Trainer(cfg, progress=False)
         for _ in range(3):
             trainer.train_step()
