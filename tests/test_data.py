@@ -38,12 +38,62 @@ def test_read_documents_errors(tmp_path):
         DataConfig(source="webtext")
 
 
-def test_packing_separates_documents_and_holds_out_each_tail():
+def test_held_out_split_is_whole_documents_chosen_by_their_text():
+    """Short question-answer documents: every held-out document is whole, so every training document keeps
+    its answer; the choice depends on the texts only (not their order) and holds >= val_fraction of tokens."""
     tok = ByteTokenizer()
-    train, val = pack_documents(["abcdefghij", "klmnopqrst"], tok, val_fraction=0.2)
     eos = tok.eos_token_id
-    assert train.tolist() == [*b"abcdefgh", eos, *b"klmnopqr", eos]
-    assert val.tolist() == [*b"ij", eos, *b"st", eos]
+    docs = [f"Q: what is {i} + {i}? A: {2 * i}" for i in range(40)]
+    train, val = pack_documents(docs, tok, val_fraction=0.1)
+
+    def documents(stream):
+        out, cur = [], []
+        for t in stream.tolist():
+            if t == eos:
+                out.append(tok.decode(cur))
+                cur = []
+            else:
+                cur.append(t)
+        return out
+
+    held, kept = documents(val), documents(train)
+    assert sorted(held + kept) == sorted(docs)  # whole documents, each on one side
+    assert 0.1 <= val.numel() / (train.numel() + val.numel()) < 0.2
+    train2, val2 = pack_documents(docs[::-1], tok, val_fraction=0.1)
+    assert sorted(documents(val2)) == sorted(held) and sorted(documents(train2)) == sorted(kept)
+
+
+def test_held_out_split_of_one_document_is_its_tail_with_a_warning():
+    tok = ByteTokenizer()
+    eos = tok.eos_token_id
+    with pytest.warns(UserWarning, match="one document: its last 2 tokens are held out"):
+        train, val = pack_documents(["abcdefghij"], tok, val_fraction=0.2)
+    assert train.tolist() == [*b"abcdefgh", eos] and val.tolist() == [*b"ij", eos]
+
+
+def test_held_out_split_warns_when_few_long_documents_overshoot():
+    tok = ByteTokenizer()
+    with pytest.warns(UserWarning, match=r"held out 1 of 3 whole documents, 33\.3% of the tokens"):
+        _, val = pack_documents(["a" * 100, "b" * 100, "c" * 100], tok, val_fraction=0.05)
+    assert val.numel() == 101
+
+
+def test_a_given_validation_set_is_held_out_and_everything_else_trained(tmp_path):
+    tok = ByteTokenizer()
+    eos = tok.eos_token_id
+    train, val = pack_documents(["abc", "de"], tok, 0.5, val_docs=["xy"])
+    assert train.tolist() == [*b"abc", eos, *b"de", eos] and val.tolist() == [*b"xy", eos]
+    with pytest.raises(ValueError, match="data.val_path"):
+        DataConfig(source="hf", val_path=str(tmp_path))
+
+
+@pytest.mark.parametrize("line,match", [("{\"text\": 1}", "field 'text' is not a string"), ("[1]", "no field 'text'"),
+                                        ("{oops", "not valid JSON")])
+def test_bad_jsonl_rows_name_the_file_and_line(tmp_path, line, match):
+    path = tmp_path / "d.jsonl"
+    path.write_text("{\"text\": \"fine\"}\n" + line + "\n")
+    with pytest.raises(ValueError, match=rf"d\.jsonl:2: .*{match}"):
+        list(read_documents(path))
 
 
 def test_packed_loader_is_deterministic_resumable_and_rank_consistent():

@@ -1,6 +1,7 @@
 """lm-evaluation-harness adapter: the scores equal direct model computations, and lm-eval runs it
 on tiny local tasks (multiple choice, rolling perplexity, generation) from Python and the CLI."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -54,6 +55,20 @@ def test_scores_equal_a_direct_computation(model_dir):
     assert rolling == pytest.approx(logp.gather(-1, torch.tensor(ids[1:])[:, None]).sum().item(), rel=1e-5)
     out = lm.generate_until([SimpleNamespace(args=("ROMEO:", {"until": ["\n"], "max_gen_toks": 8}))])[0]
     assert "\n" not in out and len(TOK.encode(out)) <= 8
+
+
+def test_generate_until_with_a_budget_as_long_as_the_context(tmp_path):
+    """lm-eval's default max_gen_toks (256) is the whole context of a model like shakespeare-tiny (context and
+    max output 256): the budget is capped so that the prompt keeps its last token, and generation runs."""
+    from open_mythos.eval.harness import OpenMythosLM
+
+    torch.manual_seed(0)
+    OpenMythos(dataclasses.replace(demo_config(), max_output_tokens=256)).save_pretrained(tmp_path)
+    lm = OpenMythosLM(str(tmp_path), n_loops=1, device="cpu")
+    assert lm.engine.max_len == 256
+    for max_gen in (256, 300):
+        out = lm.generate_until([SimpleNamespace(args=("ROMEO: " * 5, {"until": ["\n\n\n"], "max_gen_toks": max_gen}))])
+        assert len(TOK.encode(out[0])) <= 255
 
 
 def _write_tasks(directory: Path) -> None:

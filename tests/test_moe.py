@@ -56,6 +56,17 @@ def test_moe_matches_naive_loop_values_and_grads(path, monkeypatch):
     _assert_matches_naive(m, torch.randn(3, 7, 64), lambda mod, inp: mod(inp))
 
 
+@pytest.mark.parametrize("dim,expert_dim", [(66, 32), (64, 30), (68, 34)])
+def test_moe_with_rows_grouped_mm_cannot_take_matches_naive_loop(dim, expert_dim):
+    """grouped_mm needs 16-byte rows (fp32: dim and expert_dim multiples of 4); other widths take the padded
+    bmm instead of failing with "strides should be multiple of 16 bytes"."""
+    m = MoE(tiny_config(dim=dim, expert_dim=expert_dim, n_heads=1, n_kv_heads=1))
+    m.gather_max_assignments = 0
+    for p in m.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    _assert_matches_naive(m, torch.randn(3, 7, dim), lambda mod, inp: mod(inp))
+
+
 def test_topk_by_rank_matches_topk_and_breaks_ties_to_the_lower_index():
     scores = torch.rand(50, 64)
     assert torch.equal(topk_by_rank(scores, 4), torch.topk(scores, 4).indices)

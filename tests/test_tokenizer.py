@@ -25,3 +25,15 @@ def test_byte_tokenizer():
     assert tok.encode("a<|endoftext|>b", allow_special=True) == [97, 256, 98]
     with pytest.raises(ValueError, match="out of range"):
         tok.decode([300])
+
+
+@pytest.mark.parametrize("make", [ByteTokenizer, MythosTokenizer], ids=["byte", "o200k_harmony"])
+def test_decoding_an_id_outside_the_vocabulary_names_it_and_the_range(make):
+    tok = make()
+    hi = tok.vocab_size - 1
+    for bad in (-1, tok.vocab_size, 10 ** 20):
+        with pytest.raises(ValueError, match=rf"token id {bad} is out of range \[0, {hi}\]"):
+            tok.decode([1, bad])
+    with pytest.raises(ValueError, match="token id must be an int"):
+        tok.decode([1.0])
+    assert tok.decode([hi]) == tok.decode([hi])  # the last id decodes

@@ -382,3 +382,86 @@ def test_mfu_is_per_device(tmp_path, monkeypatch):
     assert rec["mfu"] == pytest.approx(flops_per_token(cfg.model, cfg.data.seq_len, rec["n_loops"]) * per_gpu / 1e12)
     line = trainer.rank_throughput()
     assert line["tokens_per_s"] == pytest.approx(cfg.batch_size // 2 * cfg.data.seq_len / trainer._step_times[0])
+
+
+def test_eval_records_at_a_checkpoint_step_survive_a_resume(tmp_path, monkeypatch):
+    """Killed right after the checkpoint at step 4 (its eval already written), the resumed run's metrics
+    are the uninterrupted run's records, evals included."""
+    common = [*TINY, "steps=6", "eval_every=2", "ckpt_every=2", "sweep_loops=[2]"]
+    ref = load_config("shakespeare-tiny", overrides=[*common, f"out_dir='{tmp_path / 'ref'}'"])
+    Trainer(ref, progress=False).train()
+    cfg = load_config("shakespeare-tiny", overrides=[*common, f"out_dir='{tmp_path / 'run'}'"])
+    save = Trainer.checkpoint
+
+    def checkpoint_then_die(self):
+        path = save(self)
+        if self.step == 4:
+            raise KeyboardInterrupt  # killed after the save, before step 5
+        return path
+
+    monkeypatch.setattr(Trainer, "checkpoint", checkpoint_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(cfg, progress=False).train()
+    monkeypatch.setattr(Trainer, "checkpoint", save)
+    Trainer(cfg, resume=True, progress=False).train()
+    clock = ("tokens_per_s", "mfu")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in clock} for r in rows]  # noqa: E731
+    assert strip(read_metrics(cfg.out_dir)) == strip(read_metrics(ref.out_dir))
+    assert [r["step"] for r in read_metrics(ref.out_dir) if "val_loss" in r] == [2, 4, 6]
+
+
+def test_a_second_run_into_a_used_out_dir_needs_resume_or_overwrite(tmp_path, capsys):
+    from open_mythos.cli import main
+
+    args = ["train", "--preset", "shakespeare-tiny", "--no-progress",
+            *[a for o in tiny_overrides(tmp_path, "steps=1", "sweep_loops=[2]") for a in ("--set", o)]]
+    assert main(args) == 0
+    run = tmp_path / "run"
+    first = (run / "metrics.jsonl").read_text()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"mythos: error: out_dir {run} is not empty") and "--resume" in err and "--overwrite" in err
+    assert (run / "metrics.jsonl").read_text() == first  # untouched
+    (run / "notes.txt").write_text("mine")
+    assert main([*args, "--overwrite"]) == 0
+    assert (run / "metrics.jsonl").read_text().count("\n") == first.count("\n")  # replaced, not appended
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own outputs are deleted
+    assert main([*args, "--resume", "--overwrite"]) == 2
+
+
+def test_activation_checkpointing_trains_identically(tmp_path):
+    """The recomputation in backward re-runs the MoE; its expert load is counted once, so the router bias
+    after 3 steps (and every weight) is the same with activation checkpointing on or off."""
+    from conftest import tiny_config
+
+    model = OpenMythos(tiny_config(n_experts_per_tok=2)).train()
+    model.recurrent.checkpoint_loops = True
+    model(torch.randint(0, 97, (1, 4)), 2, backprop_loops=1).sum().backward()
+    assert sum(m.expert_load.sum().item() for m in model.moe_layers()) == 4 * 2 * 2  # tokens x top-k x loops
+    trained = {}
+    for ckpt in (False, True):
+        overrides = tiny_overrides(tmp_path / str(ckpt), "steps=3", "loops.backprop=1",
+                                   f"activation_checkpointing={str(ckpt).lower()}")
+        cfg = load_config("shakespeare-tiny", overrides=overrides)
+        trainer = Trainer(cfg, progress=False)
+        for _ in range(3):
+            trainer.train_step()
+            trainer.step += 1
+        trained[ckpt] = unwrap_state(trainer)
+    for name in trained[False]:
+        torch.testing.assert_close(trained[True][name], trained[False][name], msg=name, rtol=0, atol=0)
+    assert any("router_bias" in n and trained[False][n].abs().sum() > 0 for n in trained[False])
+
+
+def unwrap_state(trainer):
+    return {k: v.clone() for k, v in trainer.model.state_dict().items()}
+
+
+def test_a_bad_config_file_is_named(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = \n")
+    with pytest.raises(ValueError, match=r"bad\.toml: not valid TOML"):
+        load_config(path=bad)
+    with pytest.raises(ValueError, match=r"missing\.toml: config file not found"):
+        load_config(path=tmp_path / "missing.toml")

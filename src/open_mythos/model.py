@@ -122,13 +122,15 @@ class OpenMythos(nn.Module):
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch_size={cache.batch_size} rows, input_ids has {B}")
             if start + T > cache.max_len:
-                raise ValueError(f"cache of max_len={cache.max_len} holds {start} tokens: no room for {T} more")
+                raise ValueError(f"cache overflow: the cache (max_len={cache.max_len}) holds {start} tokens, "
+                                 f"no room for {T} more")
         if start + T > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {start + T} tokens exceeds max_seq_len={self.cfg.max_seq_len}")
         if backprop_loops is not None:
             check_int("backprop_loops", backprop_loops, 1)
         if logits_at is not None:
-            if not (isinstance(logits_at, torch.Tensor) and logits_at.shape == (B,) and logits_at.dtype in TOKEN_ID_DTYPES):
+            if not (isinstance(logits_at, torch.Tensor) and logits_at.shape == (B,)
+                    and logits_at.dtype in TOKEN_ID_DTYPES):
                 got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, torch.Tensor) else logits_at
                 raise ValueError(f"logits_at must be an int64/int32 tensor of shape ({B},) (one position per row), "
                                  f"got {got!r}")

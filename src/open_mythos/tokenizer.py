@@ -97,14 +97,16 @@ class MythosTokenizer:
         return [i for piece in split_long_whitespace(text) for i in self.encoding.encode(piece, **special)]
 
     def decode(self, ids: list[int]) -> str:
-        ids = check_decode_ids(ids, self.vocab_size)
-        try:
-            return self.encoding.decode(ids)
-        except KeyError as err:  # a hole in the id range: ids the encoding does not define
-            raise ValueError(f"token id {err.args[0]} is not in the o200k_harmony vocabulary") from None
+        return self._decode_bytes(ids).decode("utf-8", errors="replace")
 
     def token_bytes(self, token: int) -> bytes:
-        return self.encoding.decode_single_token_bytes(token)
+        return self._decode_bytes([token])
+
+    def _decode_bytes(self, ids: list[int]) -> bytes:
+        try:
+            return self.encoding.decode_bytes(check_decode_ids(ids, self.vocab_size))
+        except KeyError as err:  # a hole in the id range: ids the encoding does not define
+            raise ValueError(f"token id {err.args[0]} is not in the o200k_harmony vocabulary") from None
 
     def apply_chat_template(self, messages: list[dict]) -> list[int]:
         """Harmony format: <|start|>{role}<|message|>{content}<|end|> ... <|start|>assistant<|message|>.
@@ -163,9 +165,7 @@ class ByteTokenizer:
     def token_bytes(self, token: int) -> bytes:
         if token == self.eos_token_id:
             return ENDOFTEXT.encode()
-        if not 0 <= token < 256:
-            raise ValueError(f"token id {token} is out of range for ByteTokenizer (vocab 257)")
-        return bytes((token,))
+        return bytes((check_int("token id", token, 0, 255),))
 
 
 def _check_unicode(text: str) -> None:
@@ -246,7 +246,8 @@ def tokenizer_for(directory: str | Path, vocab_size: int):
     if path.is_file():
         record = read_json(path)
         if record.get("tokenizer") not in TOKENIZERS:
-            raise ValueError(f"{path}: \"tokenizer\" must be one of {sorted(TOKENIZERS)}, got {record.get('tokenizer')!r}")
+            raise ValueError(f"{path}: \"tokenizer\" must be one of {sorted(TOKENIZERS)}, "
+                             f"got {record.get('tokenizer')!r}")
         tokenizer = load_tokenizer(record["tokenizer"])
     else:
         tokenizer = ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()

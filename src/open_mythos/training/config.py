@@ -200,7 +200,13 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
             raise ValueError(f"unknown preset {preset!r}; available: {', '.join(list_presets())}")
         tree = tomllib.loads(file.read_text())
     if path is not None:
-        for key, value in tomllib.loads(Path(path).read_text()).items():
+        try:
+            table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ValueError(f"{path}: config file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{path}: not valid TOML ({err})") from None
+        for key, value in table.items():
             if isinstance(value, dict):
                 tree.setdefault(key, {}).update(value)
             else:

@@ -46,7 +46,7 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05
     text_field: str = "text"
-    val_path: str | None = None           # held-out documents (a file or directory like path); default: see pack_documents
+    val_path: str | None = None           # held-out documents, a file or directory (default: pack_documents' rule)
     hf_dataset: str = "HuggingFaceFW/fineweb-edu"
     hf_name: str | None = "sample-10BT"
     hf_split: str = "train"
@@ -98,8 +98,10 @@ def read_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
                         row = json.loads(line)
                     except json.JSONDecodeError as err:
                         raise ValueError(f"{path}:{lineno}: not valid JSON ({err})") from None
-                    if not isinstance(row, dict) or not isinstance(row.get(text_field), str):
-                        raise ValueError(f"{path}:{lineno}: expected an object with a string field {text_field!r}")
+                    if not isinstance(row, dict) or text_field not in row:
+                        raise ValueError(f"{path}:{lineno}: no field {text_field!r} (expected a JSON object with it)")
+                    if not isinstance(row[text_field], str):
+                        raise ValueError(f"{path}:{lineno}: field {text_field!r} is not a string")
                     yield row[text_field]
     elif path.suffix == ".parquet":
         import pyarrow.parquet as pq  # installed with the [data] extra
