@@ -104,7 +104,7 @@ def test_train_help_lists_the_presets(capsys):
         assert f"  {name}" in out
 
 
-@pytest.mark.parametrize("name", ["khop", "loops", "dense-vs-looped"])
+@pytest.mark.parametrize("name", ["khop", "prefix-sums", "loops", "dense-vs-looped"])
 def test_experiment_bad_settings_are_one_line(name, tmp_path, capsys):
     base = ["experiment", name, "--out", str(tmp_path), "--no-progress", "--set"]
     assert "steps must be" in one_line_error(capsys, [*base, "steps=abc"])

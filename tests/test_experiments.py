@@ -1,5 +1,6 @@
-"""Experiments: the k-hop task is what it claims; the fit recovers known curves; each experiment's CPU
-preset runs end to end through the CLI (pipeline check, not the result)."""
+"""Experiments: the k-hop and prefix-sum tasks are what they claim (checked by independent solvers);
+the fit recovers known curves; each experiment's CPU preset runs end to end through the CLI (pipeline
+check, not the result)."""
 
 import dataclasses
 import json
@@ -12,14 +13,15 @@ import torch
 from open_mythos.cli import main
 from open_mythos.config import MythosConfig
 from open_mythos.experiments.baselines import DenseTransformer, matched_dense_layers
-from open_mythos.experiments.khop import IGNORE, QUERY, SEMI, KHopTask
+from open_mythos.experiments.khop import IGNORE, N_SPECIAL, QUERY, SEMI, KHopTask
+from open_mythos.experiments.prefix_sums import PrefixSumTask
 from open_mythos.experiments.scaling import fit_saturating_exponential
 
 
-def solve(task: KHopTask, row: list[int]) -> tuple[dict[int, int], list[tuple[int, int, int]]]:
-    """Independent solver: run the program in order. Returns the resolved value of every variable and,
-    per query, (variable, value, hops). Asserts the program is well formed: statements `var src ;`,
-    every variable assigned once, every variable used only after its assignment."""
+def solve(task: KHopTask, row: list[int]) -> tuple[dict[int, int], list[tuple[int, int, int]], dict[int, int]]:
+    """Independent solver: run the program in order. Returns the resolved value of every variable,
+    per query (variable, value, hops), and every variable's hops. Asserts the program is well formed:
+    statements `var src ;`, every variable assigned once, every variable used only after its assignment."""
     body, queries = row[:3 * task.statements], row[3 * task.statements:]
     value, hops = {}, {}
     for i in range(0, len(body), 3):
@@ -34,7 +36,7 @@ def solve(task: KHopTask, row: list[int]) -> tuple[dict[int, int], list[tuple[in
     for i in range(0, len(queries), 2):
         assert queries[i] == QUERY
         out.append((queries[i + 1], value[queries[i + 1]], hops[queries[i + 1]]))
-    return value, out
+    return value, out, hops
 
 
 @pytest.mark.parametrize("k", [1, 2, 5, 10])
@@ -44,7 +46,7 @@ def test_khop_problems_have_exactly_k_hops_and_the_right_targets(k, queries):
     x, y = task.sample([k] * 32, random.Random(k))
     assert x.shape == y.shape == (32, task.seq_len) and int(x.max()) < task.vocab_size
     for row, target in zip(x.tolist(), y.tolist()):
-        value, asked = solve(task, row)
+        value, asked, _ = solve(task, row)
         assert asked[-1][1:] == (target[-1], k)  # the scored query: the k-hop chain's end
         assert len({var for var, _, _ in asked}) == queries and max(h for _, _, h in asked) == k
         expected = [IGNORE] * task.seq_len
@@ -55,6 +57,68 @@ def test_khop_problems_have_exactly_k_hops_and_the_right_targets(k, queries):
         assert target == expected
 
 
+def test_khop_depths_and_the_depth_curriculum_follow_the_solver():
+    task = KHopTask(statements=12, max_hops=10, n_vars=16, queries=4, train_max_hops=5, depth_slack=1)
+    x, y, depth = task.sample_with_depths([3, 7, 10, 1], random.Random(0))
+    for row, d in zip(x.tolist(), depth.tolist()):
+        _, _, hops = solve(task, row)
+        body = 3 * task.statements
+        assert d[1:body:3] == [hops[row[i]] for i in range(0, body, 3)]  # each statement's src slot
+        assert d[body + 1::2] == [hops[v] for v in row[body + 1::2]]     # each query
+    assert ((depth > 0) == (y != IGNORE)).all()
+    for n_loops in (1, 2):  # the curriculum masks targets, never changes the problems
+        (xb, yb), (xf, yf) = task.batch(64, random.Random(5), n_loops), task.batch(64, random.Random(5), None)
+        kept = yb != IGNORE
+        assert torch.equal(xb, xf) and torch.equal(yb[kept], yf[kept]) and int(kept.sum()) < int((yf != IGNORE).sum())
+    hops = [max(solve(task, row)[2].values()) for row in task.batch(200, random.Random(1), None)[0].tolist()]
+    assert set(hops) == {1, 2, 3, 4, 5}  # training problems: k uniform in 1..train_max_hops
+
+
+def test_khop_curriculum_supervises_exactly_the_depths_n_loops_can_reach():
+    task = KHopTask(statements=12, max_hops=10, n_vars=16, queries=4, train_max_hops=5, depth_slack=2)
+    for n_loops in (1, 3):
+        x, y = task.batch(32, random.Random(n_loops), n_loops)
+        for row, target in zip(x.tolist(), y.tolist()):
+            _, _, hops = solve(task, row)
+            body = 3 * task.statements
+            for i in range(0, body, 3):
+                assert (target[i + 1] != IGNORE) == (hops[row[i]] <= n_loops + 2)
+            for j, v in enumerate(row[body + 1::2]):
+                assert (target[body + 1 + 2 * j] != IGNORE) == (hops[v] <= n_loops + 2)
+
+
+def test_khop_guess_is_one_over_the_values_present_when_the_answer_is_present():
+    task = KHopTask(statements=12, max_hops=10, n_vars=16, queries=2)
+    x, y = task.eval_batch(4, 64, random.Random(2))
+    guess = task.guess(x, y)
+    for row, answer, g in zip(x.tolist(), y[:, -1].tolist(), guess.tolist()):
+        values = {t for t in row if N_SPECIAL <= t < N_SPECIAL + task.n_values}
+        assert g == pytest.approx((answer in values) / len(values))
+    pred = y.clone()
+    pred[:3, -1] = 0
+    assert task.correct(pred, y).tolist() == [False] * 3 + [True] * 61
+
+
+def test_prefix_sums_targets_are_the_running_parity_and_scoring_is_all_positions():
+    task = PrefixSumTask(bits=12, depth_curriculum=True)
+    x, y = task.eval_batch(40, 16, random.Random(0))
+    for bits, target in zip(x.tolist(), y.tolist()):
+        parity = 0
+        for b, t in zip(bits, target):
+            parity ^= b
+            assert t == parity
+    assert task.correct(y, y).all() and not task.correct(1 - y, y).any()
+    off_by_one = y.clone()
+    off_by_one[:, -1] ^= 1
+    assert not task.correct(off_by_one, y).any()
+    xb, yb = task.batch(8, random.Random(3), 5)
+    assert xb.shape == (8, 12) and (yb[:, 5:] == IGNORE).all() and (yb[:, :5] == xb.cumsum(1)[:, :5] % 2).all()
+    assert (PrefixSumTask(bits=12).batch(8, random.Random(3), 5)[1] != IGNORE).all()  # the paper: every position
+    assert task.guess(x, y).tolist() == [0.5 ** 40] * 16
+    with pytest.raises(ValueError, match="bits"):
+        PrefixSumTask(bits=0)
+
+
 def test_khop_bad_settings():
     with pytest.raises(ValueError, match="hops must be"):
         KHopTask().sample([11], random.Random(0))
@@ -62,20 +126,10 @@ def test_khop_bad_settings():
         KHopTask(n_vars=10, statements=20)
     with pytest.raises(ValueError, match="queries"):
         KHopTask(queries=21)
-
-
-def test_khop_settings_overrides():
-    from open_mythos.experiments.khop import presets, with_overrides
-
-    base = presets()["cpu"]
-    cfg = with_overrides(base, ["task.queries=2", "eval_loops=[1, 3]", "model.dim=16", "lr=0.01", "device=cpu"])
-    assert (cfg.task.queries, cfg.eval_loops, cfg.model["dim"], cfg.lr, cfg.device) == (2, [1, 3], 16, 0.01, "cpu")
-    assert (base.task.queries, base.model["dim"]) == (4, 32)  # the preset itself is untouched
-    for bad in ["task.bogus=1", "model.bogus=1", "bogus=1", "task=3", "other.steps=2"]:
-        with pytest.raises(ValueError, match="unknown k-hop setting"):
-            with_overrides(base, [bad])
-    with pytest.raises(ValueError, match="queries"):  # the task's own checks run on the new values
-        with_overrides(base, ["task.queries=99"])
+    with pytest.raises(ValueError, match="train_max_hops"):
+        KHopTask(train_max_hops=11)
+    with pytest.raises(ValueError, match="depth_slack"):
+        KHopTask(depth_slack=-1)
 
 
 def test_fit_recovers_a_saturating_exponential():
@@ -93,14 +147,6 @@ def test_dense_baseline_matches_the_parameter_budget():
     layers = matched_dense_layers(cfg, one + 3 * per_block + per_block // 3)
     assert layers == 4
     assert DenseTransformer(cfg, 2)(torch.randint(0, 100, (2, 9))).shape == (2, 9, 100)
-
-
-def test_khop_cpu_preset_end_to_end(tmp_path):
-    assert main(["experiment", "khop", "--out", str(tmp_path), "--set", "steps=4"]) == 0
-    result = json.loads((tmp_path / "khop.json").read_text())
-    assert set(result["rdt_accuracy"]) == {"1", "2", "4", "8"} and len(result["dense_accuracy"]) == 4
-    assert abs(result["rdt_params"] - result["dense_params"]) < result["rdt_params"] * 0.25
-    assert (tmp_path / "khop.png").stat().st_size > 0
 
 
 def test_loops_and_dense_vs_looped_cpu_presets_end_to_end(tmp_path):
@@ -170,28 +216,25 @@ class _Recorder(torch.nn.Module):
         pass
 
 
-def test_khop_training_feeds_both_models_the_same_problems_and_warms_up_at_one_loop():
-    from open_mythos.experiments.khop import KHopConfig, train
+@pytest.mark.parametrize("name, stem, keys", [
+    ("khop", "khop", {"hop10_accuracy", "dense_hop10_accuracy"}),
+    ("prefix-sums", "prefix_sums", {"extrapolation_accuracy", "paper_accuracy", "baseline_extrapolation_accuracy"}),
+])
+def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys):
+    assert main(["experiment", name, "--out", str(tmp_path), "--set", "steps=4", "--no-progress"]) == 0
+    r = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert keys | {"overthinking", "rdt_accuracy", "baseline_accuracy", "guess_accuracy"} <= set(r)
+    assert r["rdt_params"] == r["baseline_params"]  # the baseline is the same model, run once
+    assert set(r["rdt_accuracy"]) == {str(n) for n in r["loops"]}
+    grid = [r["rdt_accuracy"][str(n)] for n in r["loops"]]
+    assert all(0 <= a <= 1 for row in grid + [r["baseline_accuracy"], r["guess_accuracy"]] for a in row)
+    assert r["rdt_best_accuracy"] == [max(col) for col in zip(*grid)]
+    assert r["overthinking"]["accuracy"] == grid[-1][-1] and (tmp_path / f"{stem}.png").stat().st_size > 0
+    assert r["settings"]["steps"] == 4 and r["settings"]["data"]["source"] == "task"
 
-    cfg = KHopConfig(task=KHopTask(statements=12, max_hops=10, n_vars=16, queries=2), train_max_hops=5,
-                     loops_mean=4, loops_min=2, warmup_steps=3, steps=8, batch_size=4, device="cpu")
-    rdt, dense = _Recorder(cfg.task.vocab_size), _Recorder(cfg.task.vocab_size)
-    train(rdt, cfg, loops=True, log=lambda _: None)
-    train(dense, cfg, loops=False, log=lambda _: None)
-    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rdt.calls, dense.calls))
-    assert [n for _, n in rdt.calls[:3]] == [1, 1, 1] and all(2 <= n <= 6 for _, n in rdt.calls[3:])
-    src = lambda x: x[:, 1: 3 * cfg.task.statements: 3]  # every statement's src slot
-    assert all(bool((src(x) < cfg.task.var(0)).all()) for x, _ in rdt.calls[:3])  # warm-up: 1-hop problems only
-    assert any(bool((src(x) >= cfg.task.var(0)).any()) for x, _ in rdt.calls[3:])  # then longer chains
 
-
-def test_khop_warmup_ends_once_one_hop_answers_are_exact_enough():
-    from open_mythos.experiments.khop import KHopConfig, train
-
-    cfg = KHopConfig(task=KHopTask(statements=12, max_hops=10, n_vars=16, queries=2), loops_mean=4, loops_min=2,
-                     warmup_steps=1000, warmup_until=0.0, steps=60, batch_size=2, device="cpu")
-    rdt = _Recorder(cfg.task.vocab_size)
-    assert train(rdt, cfg, loops=True, log=lambda _: None)["warmup_end"] == 50  # first check: step 50
-    assert [n for _, n in rdt.calls[:50]] == [1] * 50 and all(n >= 2 for _, n in rdt.calls[50:])
-    never = dataclasses.replace(cfg, warmup_until=1.01, warmup_steps=55)
-    assert train(_Recorder(cfg.task.vocab_size), never, loops=True, log=lambda _: None)["warmup_end"] == 55
+def test_experiment_settings_are_validated_before_training(tmp_path):
+    for bad, match in [("eval.bogus=1", "eval.bogus"), ("bogus=1", "bogus"), ("loops.schedule='nope'", "schedule"),
+                       ("data.task='nope'", "data.task")]:
+        assert main(["experiment", "khop", "--out", str(tmp_path), "--set", bad]) == 2
+    assert not (tmp_path / "rdt").exists()

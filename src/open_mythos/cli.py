@@ -152,10 +152,13 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
     if args.name == "khop":
-        from .experiments.khop import presets, run, with_overrides
+        from .experiments.khop import run
 
-        cfg = with_overrides(presets()[args.preset], args.set)
-        run(cfg, out)
+        run(args.preset, out, args.set, progress=not args.no_progress)
+    elif args.name == "prefix-sums":
+        from .experiments.prefix_sums import run
+
+        run(args.preset, out, args.set, progress=not args.no_progress)
     elif args.name == "loops":
         from .experiments.scaling import run_loops
 
@@ -311,10 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason \"abort\"")
     p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
-    p = add("experiment", help="evidence experiments: khop, loops, dense-vs-looped, ablate (docs/experiments.md)")
-    p.add_argument("name", choices=["khop", "loops", "dense-vs-looped", "ablate"],
-                   help="khop: k-hop extrapolation; loops: held-out loss vs loops; dense-vs-looped: looped vs "
-                        "parameter- and FLOP-matched fixed depth; ablate: the recurrence-recipe ablation")
+    p = add("experiment", help="evidence experiments: khop, prefix-sums, loops, dense-vs-looped, ablate "
+                               "(docs/experiments.md)")
+    p.add_argument("name", choices=["khop", "prefix-sums", "loops", "dense-vs-looped", "ablate"],
+                   help="khop: k-hop extrapolation; prefix-sums: 32-bit to 512-bit prefix parity (Bansal et al. "
+                        "2022); loops: held-out loss vs loops; dense-vs-looped: looped vs parameter- and "
+                        "FLOP-matched fixed depth; ablate: the recurrence-recipe ablation")
     p.add_argument("--rows", help="ablate: comma-separated row names (default: all; see experiments/ablate.py)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: a smoke test in minutes (tiny models, too small to show the effect); "

@@ -30,18 +30,24 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-LOOP_SCHEDULES = ("fixed", "poisson_lognormal", "uniform")
+LOOP_SCHEDULES = ("fixed", "poisson_lognormal", "uniform", "progressive")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
 class LoopConfig:
-    """How many recurrent iterations each training step runs.
+    """How many recurrent iterations each training step runs, and through how many the gradient flows.
 
     fixed: always ``mean``. uniform: integer in [min_loops, max_loops].
     poisson_lognormal (Huginn): n ~ 1 + Poisson(lambda), log lambda ~ N(log(mean - 1) - sigma^2/2, sigma),
-    clamped to [min_loops, max_loops]. The draw depends only on (seed, step): resume-exact and equal on
-    every rank. ``backprop``: gradient flows through the last k loops only (0 = all loops).
+    clamped to [min_loops, max_loops]. ``backprop``: gradient flows through the last k loops only (0 = all).
+    progressive (Bansal et al. 2022, "progressive loss"): a random start, n ~ U{0 .. m - min_loops}
+    loops without gradient, then k ~ U{max(1, min_loops - n) .. m - n} loops with gradient, m =
+    ``max_loops``; the step runs n + k loops and backpropagates through the last k. The block cannot
+    learn behaviour tied to a loop index: it learns to improve whatever state it is given.
+    ``warmup_steps``: the first steps run one loop (an RDT learns content lookups at one loop and keeps
+    them when looped, but does not learn them while looped: docs/experiments.md, k-hop).
+    The draw depends only on (seed, step): resume-exact and equal on every rank.
     """
 
     schedule: str = "poisson_lognormal"
@@ -50,6 +56,7 @@ class LoopConfig:
     min_loops: int = 1
     max_loops: int = 16
     backprop: int = 0
+    warmup_steps: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self, "loops.")
@@ -62,17 +69,33 @@ class LoopConfig:
             raise ValueError(f"loops.sigma must be >= 0, got {self.sigma}")
         if self.backprop < 0:
             raise ValueError(f"loops.backprop must be >= 0 (0 = all loops), got {self.backprop}")
+        if self.schedule == "progressive" and self.backprop:
+            raise ValueError("loops.backprop must be 0 with loops.schedule='progressive' (it draws its own)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"loops.warmup_steps must be >= 0, got {self.warmup_steps}")
 
     def sample(self, seed: int, step: int) -> int:
+        """The loop count of training step ``step``."""
+        return self.draw(seed, step)[0]
+
+    def draw(self, seed: int, step: int) -> tuple[int, int | None]:
+        """(loops, loops with gradient or None for all) of training step ``step``."""
+        if step < self.warmup_steps:
+            return 1, None
+        backprop = self.backprop or None
         if self.schedule == "fixed":
-            return self.mean
+            return self.mean, backprop
         g = torch.Generator().manual_seed(seed * 1_000_033 + step)
         if self.schedule == "uniform":
-            return int(torch.randint(self.min_loops, self.max_loops + 1, (), generator=g))
+            return int(torch.randint(self.min_loops, self.max_loops + 1, (), generator=g)), backprop
+        if self.schedule == "progressive":
+            start = int(torch.randint(0, self.max_loops - self.min_loops + 1, (), generator=g))
+            grad = int(torch.randint(max(1, self.min_loops - start), self.max_loops - start + 1, (), generator=g))
+            return start + grad, grad
         mu = math.log(max(self.mean - 1, 1e-3)) - self.sigma ** 2 / 2
         rate = math.exp(mu + self.sigma * float(torch.randn((), generator=g)))
         n = 1 + int(torch.poisson(torch.tensor(rate), generator=g))
-        return max(self.min_loops, min(self.max_loops, n))
+        return max(self.min_loops, min(self.max_loops, n)), backprop
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -127,6 +150,9 @@ class TrainConfig:
                              "learning rate into a captured graph as a constant)")
         if not self.grad_bucket_mb >= 0:
             raise ValueError(f"grad_bucket_mb must be >= 0 (0 = one all-reduce after the backward), got {self.grad_bucket_mb}")
+        if self.step_graph and self.loops.schedule == "progressive":
+            raise ValueError("step_graph=true captures one graph per loop count; loops.schedule='progressive' "
+                             "also varies the loops with gradient per step: use another schedule")
         if self.parallel not in ("ddp", "fsdp"):
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.data.seq_len > self.model.max_seq_len:

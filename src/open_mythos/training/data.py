@@ -8,7 +8,8 @@ Sources
   jsonl/parquet rows).
 * ``hf``: a Hugging Face dataset streamed with ``datasets`` (default FineWeb-Edu sample-10BT), split
   by rank, resumable through the dataset's own ``state_dict``.
-* any callable registered in ``SOURCES`` returning documents (synthetic tasks plug in here).
+* any callable registered in ``SOURCES`` returning documents.
+* ``task``: problems generated on the fly by a synthetic task (``data.task``, see ``tasks.py``).
 
 Packing: documents are tokenized, joined with the tokenizer's end-of-text id between them, and cut
 into windows of ``seq_len + 1`` tokens (inputs = window[:-1], labels = window[1:]).
@@ -26,7 +27,7 @@ import hashlib
 import json
 import sysconfig
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -34,6 +35,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..config import check_field_types
+from .tasks import TASKS
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -50,11 +52,20 @@ class DataConfig:
     hf_dataset: str = "HuggingFaceFW/fineweb-edu"
     hf_name: str | None = "sample-10BT"
     hf_split: str = "train"
+    task: str | None = None               # task: a name in tasks.TASKS, built with task_args
+    task_args: dict = field(default_factory=dict)
+    task_by_loops: bool = True            # task: supervise what the step's loop count can resolve (else all)
 
     def __post_init__(self) -> None:
         check_field_types(self, "data.")
-        if self.source not in SOURCES and self.source != "hf":
-            raise ValueError(f"data.source must be one of {sorted([*SOURCES, 'hf'])}, got {self.source!r}")
+        if self.source not in SOURCES and self.source not in ("hf", "task"):
+            raise ValueError(f"data.source must be one of {sorted([*SOURCES, 'hf', 'task'])}, got {self.source!r}")
+        if (self.source == "task") != (self.task is not None):
+            raise ValueError("data.task names the task exactly when data.source = 'task'")
+        if self.task is not None and self.task not in TASKS:
+            raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {self.task!r}")
+        if not isinstance(self.task_args, dict):
+            raise ValueError(f"data.task_args must be a table, got {self.task_args!r}")
         if self.source == "files" and not self.path:
             raise ValueError("data.path is required when data.source = 'files'")
         if self.source != "files" and self.path is not None:

@@ -1,9 +1,10 @@
 """The training loop: one `Trainer` for CPU, one GPU, and torchrun (DDP / FSDP2).
 
 Each optimizer step:
-  1. draw the loop count n (LoopConfig.sample(seed, step): same on every rank, resume-exact)
-  2. for each micro-batch: forward with n loops (gradient through the last ``loops.backprop``),
-     next-token loss, backward (DDP syncs gradients on the last micro-batch only)
+  1. draw the loop count n and the loops with gradient k (LoopConfig.draw(seed, step): same on every
+     rank, resume-exact)
+  2. for each micro-batch: forward with n loops (gradient through the last k), token loss (next
+     token, or a task's targets), backward (DDP syncs gradients on the last micro-batch only)
   3. unscale (fp16), clip, check loss and grad norm are finite — a non-finite step is skipped and
      counted; ``max_bad_steps`` in a row stop training with a clear error
   4. optimizer + scheduler step, then the MoE router-bias update from the expert load summed
@@ -39,6 +40,7 @@ from .distributed import (GradientAllReduce, all_reduce_, barrier, init_distribu
                           wrap_model)
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
+from .tasks import TaskLoader, build_task
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -76,7 +78,7 @@ class Trainer:
         torch.manual_seed(cfg.seed)
 
         self.tokenizer = load_tokenizer(cfg.data.tokenizer)
-        if cfg.model.vocab_size < self.tokenizer.vocab_size:
+        if cfg.data.source != "task" and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
                              f"{cfg.data.tokenizer} tokenizer's vocabulary ({self.tokenizer.vocab_size})")
         self._build_data()
@@ -131,6 +133,9 @@ class Trainer:
     def _build_data(self) -> None:
         cfg, info = self.cfg, self.info
         micro_batch = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
+        if cfg.data.source == "task":
+            self._build_task_data(micro_batch)
+            return
         if cfg.data.source == "hf":  # the stream is split world+1 ways: the last shard is held out
             self.train_loader = StreamingLoader(cfg.data, self.tokenizer, micro_batch // info.world_size,
                                                 info.rank, info.world_size + 1)
@@ -148,6 +153,20 @@ class Trainer:
             val = PackedLoader(val_tokens, cfg.data.seq_len, min(cfg.batch_size, n_val), shuffle=False)
         n_eval = cfg.eval_batches if cfg.data.source == "hf" else min(cfg.eval_batches, val.n_windows // val.global_batch)
         self.val_batches = [val.next_batch() for _ in range(n_eval)]
+
+    def _build_task_data(self, micro_batch: int) -> None:
+        cfg, info = self.cfg, self.info
+        task = build_task(cfg.data.task, cfg.data.task_args)
+        if task.seq_len != cfg.data.seq_len or task.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"task {cfg.data.task!r} has seq_len {task.seq_len} and vocab_size {task.vocab_size}: "
+                             f"set data.seq_len to it (got {cfg.data.seq_len}) and model.vocab_size >= it "
+                             f"(got {cfg.model.vocab_size})")
+        by_loops = cfg.data.task_by_loops
+        self.train_loader = TaskLoader(task, micro_batch, cfg.seed,
+                                       lambda step: cfg.loops.sample(cfg.seed, step) if by_loops else None,
+                                       cfg.grad_accum, info.rank, info.world_size)
+        val = TaskLoader(task, cfg.batch_size, cfg.seed + 1, lambda step: cfg.loops.mean if by_loops else None)
+        self.val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
 
     def autocast(self):
         if self.precision == "fp32":
@@ -183,7 +202,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict:
         cfg, model = self.cfg, self.model
-        n_loops = cfg.loops.sample(cfg.seed, self.step)
+        n_loops, backprop = cfg.loops.draw(cfg.seed, self.step)
         model.train()
         if cfg.compile and cfg.compile_mode in CUDAGRAPH_COMPILE_MODES:
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's CUDA-graph outputs may be reused
@@ -197,7 +216,8 @@ class Trainer:
             with self._uncaptured(n_loops):
                 batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
                            for x, y in batches]
-                loss_sum, depth = self.forward_backward(n_loops, batches, zero_grads=self.graphs is not None)
+                loss_sum, depth = self.forward_backward(n_loops, batches, zero_grads=self.graphs is not None,
+                                                        backprop_loops=backprop)
                 self.reduce_gradients()
                 grad_norm = self.clip_gradients()
         self._prefetch()  # the device is busy with this step: fetch the next one's batches meanwhile
@@ -260,16 +280,18 @@ class Trainer:
         return self.graphs.warmup(n_loops, optimizer_step) if self.graphs is not None else contextlib.nullcontext()
 
     def forward_backward(self, n_loops: int, batches: list[tuple[torch.Tensor, torch.Tensor]],
-                         zero_grads: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                         zero_grads: bool = False, backprop_loops: int | None = None
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
         """Forward with ``n_loops`` loops, loss and backward over the micro-batches (on the device);
         gradients accumulate into ``.grad``. Returns the loss and the mean ACT depth, as tensors.
-        ``zero_grads``: zero existing gradients first (step_graph keeps them allocated)."""
+        ``zero_grads``: zero existing gradients first (step_graph keeps them allocated).
+        ``backprop_loops``: gradient through the last k loops only (default: ``loops.backprop``)."""
         cfg, model = self.cfg, self.model
         if self.grad_sync is not None:
             self.grad_sync.attach()
         if zero_grads and (grads := [p.grad for p in model.parameters() if p.grad is not None]):
             torch._foreach_zero_(grads)
-        backprop = cfg.loops.backprop or None
+        backprop = backprop_loops or cfg.loops.backprop or None
         loss_sum = torch.zeros((), device=self.device)
         depth_sum = torch.zeros((), device=self.device)
         for micro, (x, y) in enumerate(batches):
