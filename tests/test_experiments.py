@@ -2,7 +2,6 @@
 the fit recovers known curves; each experiment's CPU preset runs end to end through the CLI (pipeline
 check, not the result)."""
 
-import dataclasses
 import json
 import math
 import random

@@ -1,7 +1,6 @@
 """The recipe pieces for easy-to-hard training: the progressive loop schedule, the 1-loop warm-up, and
 synthetic tasks as a resumable Trainer data source."""
 
-import random
 
 import pytest
 import torch
