@@ -116,10 +116,10 @@ def run_load(model, tokenizer, n_requests: int, n_disconnect: int, max_batch: in
     try:
         before = metrics(url)
 
-        async def send():
-            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
-                return await asyncio.gather(*(one(client, url, chat, body, i in disconnect)
-                                              for i, (chat, body) in enumerate(bodies)))
+        async def send():  # no per-request timeout (a request may wait long for a slot); 1 h for all
+            async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
+                return await asyncio.wait_for(asyncio.gather(*(one(client, url, chat, body, i in disconnect)
+                                                               for i, (chat, body) in enumerate(bodies))), 3600)
 
         t0 = time.perf_counter()
         results = asyncio.run(send())
