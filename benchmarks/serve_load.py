@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import random
 import sys
@@ -116,10 +117,10 @@ def run_load(model, tokenizer, n_requests: int, n_disconnect: int, max_batch: in
     try:
         before = metrics(url)
 
-        async def send():
-            async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=None)) as client:
-                return await asyncio.gather(*(one(client, url, chat, body, i in disconnect)
-                                              for i, (chat, body) in enumerate(bodies)))
+        async def send():  # no per-request timeout (a request may wait long for a slot); 1 h for all
+            async with httpx.AsyncClient(timeout=None, limits=httpx.Limits(max_connections=None)) as client:
+                return await asyncio.wait_for(asyncio.gather(*(one(client, url, chat, body, i in disconnect)
+                                                               for i, (chat, body) in enumerate(bodies))), 3600)
 
         t0 = time.perf_counter()
         results = asyncio.run(send())
@@ -168,13 +169,20 @@ def main() -> None:
     p.add_argument("--disconnect", type=int, default=50)
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", choices=["demo", "tiny"], default="demo",
+                   help="tiny: the demo model at half width, 8 experts, 3 loops (a busy CPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = OpenMythos(demo_config()).to(device).eval()
+    cfg = demo_config()
+    if args.model == "tiny":
+        cfg = dataclasses.replace(cfg, dim=64, n_experts=8, expert_dim=32, kv_lora_rank=32, q_lora_rank=48,
+                                  qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, lora_rank=4, max_loop_iters=3)
+    model = OpenMythos(cfg).to(device).eval()
     report = run_load(model, ByteTokenizer(), args.requests, args.disconnect, args.max_batch, args.seed)
-    write_report("serve_load", {"benchmark": "serve_load", "env": env_info(), "model": "demo (random, tiny)",
+    write_report("serve_load", {"benchmark": "serve_load", "env": env_info(), "model": f"{args.model} (random)",
+                                "config": dataclasses.asdict(cfg),
                                 **report}, args.out)
     sys.exit(0 if all(report["checks"].values()) else 1)
 
