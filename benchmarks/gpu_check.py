@@ -32,6 +32,7 @@ from open_mythos.sampling import SamplingParams
 from open_mythos.moe import MoE
 from open_mythos.training.config import load_config
 from open_mythos.training.loop import Trainer
+from open_mythos.training.speed import LoopRunner, compile_blocks
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -99,12 +100,13 @@ def main() -> int:
     for attn in ("gqa", "mla"):
         # 2. compiled vs eager, bf16 autocast
         model = OpenMythos(small(attn)).to(dev).train()
-        comp = copy.deepcopy(model).compile_blocks()
+        comp = copy.deepcopy(model)
+        runners = (LoopRunner(), compile_blocks(comp))
         ids = torch.randint(0, 512, (4, 128), device=dev)
         outs, grads = [], []
-        for m in (model, comp):
+        for m, runner in zip((model, comp), runners):
             with attention_backends(), torch.autocast("cuda", torch.bfloat16):
-                out = m(ids, 4)
+                out = m(ids, 4, loop_runner=runner)
             out.float().square().mean().backward()
             outs.append(out)
             grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))

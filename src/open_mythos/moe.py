@@ -132,7 +132,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, cfg.n_shared_experts * H) if cfg.n_shared_experts > 0 else None
         self.register_buffer("router_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
-        self.track_load = True
+        self.track_load = True  # count expert_load in training (off while activation checkpointing recomputes)
         self.gather_max_assignments = 16  # at most this many (token, expert) pairs: gathered-weights path
 
     def _few(self, n_tokens: int) -> bool:

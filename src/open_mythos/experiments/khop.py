@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from ..config import MythosConfig, check_field_types
 from ..model import OpenMythos
 from ..training.config import apply_overrides
+from ..training.speed import compile_blocks
 from .baselines import DenseTransformer, matched_dense_layers
 
 SEMI, QUERY = 0, 1
@@ -128,7 +129,7 @@ class KHopConfig:
                                                      coda_layers=1, n_experts=8, n_shared_experts=1,
                                                      n_experts_per_tok=2, expert_dim=128, lora_rank=8,
                                                      max_loop_iters=16, attn_type="gqa", rope_theta=10_000.0,
-                                                     loop_embed_scale=0.002))
+                                                     loop_embed_scale=0.002, router_bias_update_rate=1e-2))
     loops_mean: int = 6           # training loop count ~ uniform [loops_min, 2 * mean - loops_min]
     loops_min: int = 2
     warmup_steps: int = 3000      # at most this many first steps: 1-hop problems only, the RDT at 1 loop
@@ -161,7 +162,8 @@ def presets() -> dict[str, KHopConfig]:
     cpu = KHopConfig(task=KHopTask(max_hops=4, statements=8, n_vars=16, queries=4), train_max_hops=2, eval_hops=4,
                      model=dict(dim=32, n_heads=2, n_kv_heads=2, prelude_layers=1, coda_layers=1, n_experts=4,
                                 n_shared_experts=1, n_experts_per_tok=2, expert_dim=32, lora_rank=4,
-                                max_loop_iters=4, attn_type="gqa", loop_embed_scale=0.002),
+                                max_loop_iters=4, attn_type="gqa", loop_embed_scale=0.002,
+                                router_bias_update_rate=1e-2),
                      loops_mean=2, loops_min=1, warmup_steps=10, eval_loops=[1, 2, 4, 8], steps=30, batch_size=16,
                      eval_problems=32, device="cpu", compile=False)
     return {"cpu": cpu, "gpu": KHopConfig()}
@@ -185,13 +187,14 @@ def _value_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> dict:
+def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print, loop_runner=None) -> dict:
     """AdamW + cosine decay on fresh problems each step (k uniform in 1..train_max_hops).
 
     The first steps train on 1-hop problems and run the RDT at one loop: a looped block does not
     learn the lookup from scratch, but keeps it once learned (docs/experiments.md). The warm-up ends
     when the scored answers of a batch reach ``warmup_until`` exact match (checked every 50 steps),
-    or after ``warmup_steps``. Returns {"history": [{step, loss}], "warmup_end": step}."""
+    or after ``warmup_steps``. ``loop_runner``: the RDT's (training.speed.compile_blocks). Returns
+    {"history": [{step, loss}], "warmup_end": step}."""
     rng = random.Random(cfg.seed)  # the same problems for every model trained with this config
     loop_rng = random.Random(cfg.seed + 1)  # loop counts: a stream of their own, so the problems stay the same
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
@@ -212,7 +215,7 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> di
         with autocast:
             if loops:
                 n = 1 if warm else loop_rng.randint(cfg.loops_min, 2 * cfg.loops_mean - cfg.loops_min)
-                logits = model(x, n)
+                logits = model(x, n, loop_runner=loop_runner)
             else:
                 logits = model(x)
         loss = _value_loss(logits, y)
@@ -225,7 +228,7 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print) -> di
         opt.step()
         sched.step()
         if loops:
-            model.update_router_bias(1e-2)
+            model.update_router_bias()  # at the config's router_bias_update_rate
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": loss.item()})
             log(f"  step {step:5d}  loss {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)")
@@ -276,14 +279,15 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
     layers = matched_dense_layers(mcfg, rdt_params)
     dense = DenseTransformer(mcfg, layers).to(cfg.device)
     dense_params = sum(p.numel() for p in dense.parameters())
+    runner = None
     if cfg.compile:
-        rdt.compile_blocks()
+        runner = compile_blocks(rdt)
         dense.compile()
     log(f"k-hop: RDT {rdt_params:,} params (loops ~U[{cfg.loops_min}, {2 * cfg.loops_mean - cfg.loops_min}]); "
         f"dense {layers} layers {dense_params:,} params; train hops <= {cfg.train_max_hops}")
     t0 = time.perf_counter()
     log("training the RDT")
-    rdt_train = train(rdt, cfg, loops=True, log=log)
+    rdt_train = train(rdt, cfg, loops=True, log=log, loop_runner=runner)
     log("training the dense baseline")
     dense_train = train(dense, cfg, loops=False, log=log)
     hops = list(range(1, cfg.eval_hops + 1))

@@ -198,9 +198,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
                     raise APIError(500, "the engine failed on this request; see the server log", kind="server_error")
                 if ev.token is not None and not stream.stopped:  # tokens after a stop string are not the answer's
                     tokens.append(ev)
-                piece, hit_stop = stream.on_event(ev.token, ev.finish_reason is not None, stop_ids)
-                if hit_stop and ev.finish_reason is None:
-                    worker.cancel(ticket, "stop")
+                piece = stream.on_event(ev, stop_ids, lambda: worker.cancel(ticket, "stop"))
                 if ev.finish_reason is not None:
                     finished = True
                     yield piece, "stop" if stream.stopped else ev.finish_reason
@@ -317,7 +315,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "open-mythos", "max_model_len": engine.max_len,
-                                            "max_loops": engine.max_loops}]}
+                                            "max_loops": engine.max_loop_budget}]}
 
     @app.get("/health")
     async def health():
@@ -331,9 +329,11 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
     async def metrics():
         m = worker.snapshot()
         lines = []
-        for name, help_ in (("requests_total", "requests accepted"), ("requests_rejected_total", "requests refused (429)"),
-                            ("tokens_total", "tokens generated"), ("queue_depth", "requests waiting for a slot"),
-                            ("running", "requests holding a slot (running or prefilled on standby)"), ("tokens_per_s", "tokens/s over the last 10 s"),
+        for name, help_ in (("requests_total", "requests accepted"),
+                            ("requests_rejected_total", "requests refused (429)"),
+                            ("tokens_total", "tokens generated"), ("queue_depth", "requests waiting for a row"),
+                            ("running", "requests holding a row (running or prefilled on standby)"),
+                            ("tokens_per_s", "tokens/s over the last 10 s"),
                             ("mean_exit_depth", "mean loops per generated token")):
             lines += [f"# HELP mythos_{name} {help_}", f"mythos_{name} {m[name]}"]
         lines.append("# HELP mythos_requests_finished_total requests ended, by finish reason (error: the engine "

@@ -16,7 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..inference.engine import MAX_LOGPROBS, SEED_RANGE
+from ..inference.exit import EXIT_KINDS
+from ..inference.requests import MAX_LOGPROBS, SEED_RANGE
 
 MAX_STOP_STRINGS = 16     # stop strings per request (each is searched for at every token)
 MAX_STOP_CHARS = 1024     # characters per stop string
@@ -38,7 +39,7 @@ def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
 class ExitRuleSpec(BaseModel):
     """The ``exit_rule`` extension (inference.ExitRule); min_loops <= max_loops is the engine's check."""
     model_config = ConfigDict(extra="forbid", strict=True)
-    kind: Literal["none", "act", "rel_change", "kl"] = "none"
+    kind: Literal[EXIT_KINDS] = "none"
     threshold: Optional[Annotated[Float, Field(gt=0)]] = None
     min_loops: Annotated[Int, Field(ge=1)] = 1
 

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from ..config import MythosConfig, check_field_types
-from ..model import CUDAGRAPH_COMPILE_MODES
 from .data import DataConfig
 from .optim import OptimConfig
+from .speed import CUDAGRAPH_COMPILE_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -60,7 +60,6 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str) -> nn.Module:
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        model.recurrent.cast_matrices_once = False  # its parameters are sharded outside its own forward
         for block in [*model.prelude, model.recurrent, *model.coda]:
             fully_shard(block)
         fully_shard(model)

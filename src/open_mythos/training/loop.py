@@ -26,9 +26,10 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..attention import attention_backends
-from ..eval.perplexity import format_sweep, lm_loss, loop_sweep
+from ..eval.perplexity import format_sweep, loop_sweep
 from ..flops import flops_per_token, peak_flops
-from ..model import CUDAGRAPH_COMPILE_MODES, OpenMythos
+from ..loss import lm_loss
+from ..model import OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
@@ -36,6 +37,7 @@ from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents, read_d
 from .distributed import all_reduce_, barrier, init_distributed, mean_across_ranks, unwrap, wrap_model
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
+from .speed import CUDAGRAPH_COMPILE_MODES, LoopRunner, compile_blocks
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -76,14 +78,16 @@ class Trainer:
         self._build_data()
 
         model = OpenMythos(cfg.model).to(self.device)
-        model.recurrent.checkpoint_loops = cfg.activation_checkpointing
         if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
             model.recurrent.act.requires_grad_(False)  # every trainable parameter to receive a gradient)
         self.loss_fn = lm_loss
+        self.loop_runner = LoopRunner(checkpoint_loops=cfg.activation_checkpointing)  # how forward runs the loop
         if cfg.compile:
-            model.compile_blocks(mode=cfg.compile_mode)
+            self.loop_runner = compile_blocks(model, cfg.activation_checkpointing, mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel)
+        if self.info.enabled and cfg.parallel == "fsdp":  # parameters are sharded outside the block's own forward
+            self.loop_runner.cast_matrices_once = False
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
                                            capturable=cfg.step_graph)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
@@ -263,7 +267,8 @@ class Trainer:
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync, attention_backends():
                 with record_function("forward"), self.autocast():
-                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
+                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True,
+                                          loop_runner=self.loop_runner)
                 with record_function("loss"):
                     loss = self.loss_fn(logits, y) / len(batches)
                 with record_function("backward"):
