@@ -134,7 +134,8 @@ def main() -> None:
     write_report(f"depth_batching_{args.attn}", {
         "benchmark": "depth_batching", "env": env_info(), "attn": args.attn, "loop_policy": args.policy,
         "requests": args.requests, "max_batch": args.max_batch, "new_tokens": args.new_tokens,
-        "loop_budget": args.loops, "compiled_stages": args.compile, "exit_rule": "act", "halt_spread": args.halt_spread, "halt_bias": args.halt_bias,
+        "loop_budget": args.loops, "compiled_stages": args.compile, "exit_rule": "act",
+        "halt_spread": args.halt_spread, "halt_bias": args.halt_bias,
         "exit_depth_distribution": {d: depths[d] / total for d in sorted(depths)},
         "mean_exit_depth": sum(d * c for d, c in depths.items()) / total,
         "outputs_identical": same, "results": runs,

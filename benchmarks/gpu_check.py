@@ -130,7 +130,8 @@ def main() -> int:
         torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.05)
         gen = torch.Generator().manual_seed(0)
         rules = [ExitRule("act"), ExitRule("rel_change", 0.05), ExitRule("kl", 1e-4), ExitRule("none")]
-        reqs = [Request(torch.randint(0, 512, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist(),
+        reqs = [Request(torch.randint(0, 512, (int(torch.randint(1, 60, (1,), generator=gen)),),
+                                      generator=gen).tolist(),
                         24, 4, SamplingParams(temperature=0.7 * (i % 2)), rules[i % 4], seed=i) for i in range(12)]
         eager = Engine(model, max_batch=4, cuda_graphs=False).run(reqs)
         wrong = 0

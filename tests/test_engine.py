@@ -116,9 +116,9 @@ def test_slot_cache_decode_write_fills_forward_and_skips_masked_rows(compiled):
     before = buf.clone()
     read = (torch.compile(step) if compiled else step)(rows, pos, ls, write, value)
     expected = before.clone()
-    for r, p_, l, w, v in zip(rows.tolist(), pos.tolist(), ls.tolist(), write.tolist(), value):
+    for r, p_, loop_slot, w, v in zip(rows.tolist(), pos.tolist(), ls.tolist(), write.tolist(), value):
         if w:
-            expected[r, l:, p_] = v[0]
+            expected[r, loop_slot:, p_] = v[0]
     torch.testing.assert_close(buf[:4], expected[:4], rtol=0, atol=0)  # the real slots; 4 is scratch
     torch.testing.assert_close(read, buf[rows, ls], rtol=0, atol=0)
 
@@ -315,7 +315,8 @@ def test_kl_rule_exits_where_successive_distributions_agree(loop_output):
     ranked = sorted(kls.values())
     tol = (ranked[1] + ranked[2]) / 2  # between two measured values: some depths pass, some do not
     expected = next((d for d in range(2, budget + 1) if kls[d] < tol), budget)
-    out = Engine(model, max_batch=2, max_loop_budget=6).run([Request(prompt, 2, budget, GREEDY, ExitRule("kl", tol))])[0]
+    req = Request(prompt, 2, budget, GREEDY, ExitRule("kl", tol))
+    out = Engine(model, max_batch=2, max_loop_budget=6).run([req])[0]
     assert out.tokens[0] == first
     assert out.depths[1] == expected
     assert out.tokens[1] == ref[expected].argmax().item()

@@ -142,7 +142,9 @@ def test_khop_training_feeds_both_models_the_same_problems_and_warms_up_at_one_l
     train(dense, cfg, loops=False, log=lambda _: None)
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(rdt.calls, dense.calls))
     assert [n for _, n in rdt.calls[:3]] == [1, 1, 1] and all(2 <= n <= 6 for _, n in rdt.calls[3:])
-    src = lambda x: x[:, 1: 3 * cfg.task.statements: 3]  # every statement's src slot
+    def src(x):  # every statement's src slot
+        return x[:, 1: 3 * cfg.task.statements: 3]
+
     assert all(bool((src(x) < cfg.task.var(0)).all()) for x, _ in rdt.calls[:3])  # warm-up: 1-hop problems only
     assert any(bool((src(x) >= cfg.task.var(0)).any()) for x, _ in rdt.calls[3:])  # then longer chains
 

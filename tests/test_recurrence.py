@@ -69,7 +69,6 @@ def test_act_weights_sum_to_one_in_the_model(loop_output):
     model = OpenMythos(tiny_config(loop_output=loop_output))
     with torch.no_grad():
         model.recurrent.act.proj.weight.normal_(std=0.5)
-    e = torch.randn(2, 5, 64)
     act, cum = model.recurrent.act, torch.zeros(2, 5)
     total = torch.zeros(2, 5)
     for t in range(6):

@@ -27,7 +27,7 @@ def tiny_overrides(tmp_path, *extra):
 
 
 def read_metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loop_sampling_is_bounded_deterministic_and_centred():
@@ -249,8 +249,9 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel):
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     results = []
     for accum in (1, 2):
-        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, f"grad_accum={accum}",
-                                                                       "loops.schedule='fixed'", f"out_dir='{tmp_path / str(accum)}'"))
+        overrides = tiny_overrides(tmp_path, f"grad_accum={accum}", "loops.schedule='fixed'",
+                                   f"out_dir='{tmp_path / str(accum)}'")
+        cfg = load_config("shakespeare-tiny", overrides=overrides)
         trainer = Trainer(cfg, progress=False)
         trainer.train_loader.shuffle = False  # same windows in the same order for both
         recs = []

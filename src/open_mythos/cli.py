@@ -189,7 +189,8 @@ def cmd_variants(args: argparse.Namespace) -> int:
           f"{'total':>10}{'active':>9}")
     for r in rows:
         print(f"{r['variant']:<12}{r['dim']:>7}{r['experts']:>9}{r['expert_dim']:>9}{r['loops']:>7}"
-              f"{r['context']:>10}{r['max_output']:>9}{r['total_params'] / 1e9:>9.2f}B{r['active_params'] / 1e9:>8.2f}B")
+              f"{r['context']:>10}{r['max_output']:>9}{r['total_params'] / 1e9:>9.2f}B"
+              f"{r['active_params'] / 1e9:>8.2f}B")
     return 0
 
 
@@ -304,11 +305,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "continuous depth-wise batching; static: whole batches")
     p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick (per host sync)")
     p.add_argument("--prefill-batch", type=int, default=1,
-                   help="depth/continuous schedule: prefill waiting requests this many at a time, ahead of need (n-1 standby cache rows)")
+                   help="depth/continuous schedule: prefill waiting requests this many at a time, ahead of need "
+                        "(n-1 standby cache rows)")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
-    p.add_argument("--no-warmup", action="store_true", help="on a GPU: skip capturing every batch/prompt shape at start-up")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="on a GPU: skip capturing every batch/prompt shape at start-up")
     p.add_argument("--graceful-timeout", type=int, default=30,
-                   help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason \"abort\"")
+                   help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason "
+                        "\"abort\"")
     p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
     p = add("experiment", help="evidence experiments: khop, loops, dense-vs-looped (docs/experiments.md)")

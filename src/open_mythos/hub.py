@@ -28,8 +28,10 @@ from .config import MythosConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 REMOTE_CODE = {
-    "configuration_open_mythos.py": "from open_mythos.hf import OpenMythosConfig  # noqa: F401  (pip install 'open-mythos[hf]')\n",
-    "modeling_open_mythos.py": "from open_mythos.hf import OpenMythosForCausalLM  # noqa: F401  (pip install 'open-mythos[hf]')\n",
+    "configuration_open_mythos.py":
+        "from open_mythos.hf import OpenMythosConfig  # noqa: F401  (pip install 'open-mythos[hf]')\n",
+    "modeling_open_mythos.py":
+        "from open_mythos.hf import OpenMythosForCausalLM  # noqa: F401  (pip install 'open-mythos[hf]')\n",
 }
 AUTO_MAP = {"AutoConfig": "configuration_open_mythos.OpenMythosConfig",
             "AutoModelForCausalLM": "modeling_open_mythos.OpenMythosForCausalLM"}
@@ -165,4 +167,4 @@ out = hf_model.generate(ids, max_new_tokens=32, n_loops=8)
 ```
 
 Weights: `model.safetensors` (no pickle). Serve: `mythos serve --model THIS_DIR`.
-"""
+"""  # noqa: E501  (markdown table rows)

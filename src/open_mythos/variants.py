@@ -11,7 +11,8 @@
     | mythos_1t   | 16384 | 512     | 34560      | 64    | 1M      | 131072     |
 
 (loops = max_loop_iters, context = max_seq_len, max output = max_output_tokens; every variant: MLA
-attention, o200k_harmony vocabulary.) Counts are computed on the meta device: no weight is allocated, so even ``mythos_1t`` is instant.
+attention, o200k_harmony vocabulary.) Counts are computed on the meta device: no weight is allocated, so even
+``mythos_1t`` is instant.
 """
 
 from __future__ import annotations

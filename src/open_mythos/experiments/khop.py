@@ -63,7 +63,8 @@ class KHopTask:
         if self.n_vars < self.statements:
             raise ValueError(f"n_vars ({self.n_vars}) must be >= statements ({self.statements}): one variable each")
         if not 1 <= self.queries <= self.statements:
-            raise ValueError(f"queries ({self.queries}) must be in [1, statements={self.statements}]: distinct variables")
+            raise ValueError(f"queries ({self.queries}) must be in [1, statements={self.statements}]: "
+                             "distinct variables")
 
     @property
     def vocab_size(self) -> int:
@@ -200,7 +201,8 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print, loop_
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))))
-    autocast = torch.autocast("cuda", torch.bfloat16) if cfg.device.startswith("cuda") else torch.autocast("cpu", enabled=False)
+    autocast = (torch.autocast("cuda", torch.bfloat16) if cfg.device.startswith("cuda")
+                else torch.autocast("cpu", enabled=False))
     history = []
     model.train()
     t0 = time.perf_counter()
@@ -298,7 +300,8 @@ def run(cfg: KHopConfig, out_dir: Path, log=print) -> dict:
     guess = [guess_accuracy(cfg, k) for k in hops]
     result = {"experiment": "khop", "config": asdict(cfg), "rdt_params": rdt_params, "dense_params": dense_params,
               "dense_layers": layers, "hops": hops, "rdt_accuracy": {str(n): a for n, a in rdt_acc.items()},
-              "dense_accuracy": dense_acc, "guess_present_values_accuracy": guess, "train_history": {"rdt": rdt_train["history"], "dense": dense_train["history"]},
+              "dense_accuracy": dense_acc, "guess_present_values_accuracy": guess,
+              "train_history": {"rdt": rdt_train["history"], "dense": dense_train["history"]},
               "warmup_end": {"rdt": rdt_train["warmup_end"], "dense": dense_train["warmup_end"]},
               "seconds": time.perf_counter() - t0}
     (out_dir / "khop.json").write_text(json.dumps(result, indent=1))

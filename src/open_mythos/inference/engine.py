@@ -75,7 +75,7 @@ class _Tick:
     started: bool                        # whether it ran the start stage
     exits: set[int]                      # rows whose token exited in it (reached its loop budget)
     could_exit: set[int]                 # rows whose token may have exited in it (exit rule)
-    logits: torch.Tensor | None          # (B, vocab) of its finish stage (a graph output: overwritten by the next replay)
+    logits: torch.Tensor | None          # (B, vocab) of its finish stage (a graph output: the next replay rewrites it)
     results: torch.Tensor | None         # (3, B) greedy token, loops run, finished; None: no finish stage
     ready: torch.cuda.Event | None       # set when ``results`` (a host copy on CUDA) may be read
 
@@ -315,7 +315,8 @@ class Engine:
         if finish:
             logits, results = out
             if self.device.type == "cuda":  # copied to the host behind the tick, read after the next launch
-                results = torch.empty(results.shape, dtype=results.dtype, pin_memory=True).copy_(results, non_blocking=True)
+                host = torch.empty(results.shape, dtype=results.dtype, pin_memory=True)
+                results = host.copy_(results, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
         self.unread.append(_Tick(self._pairs(running), start, exits, could_exit, logits, results, ready))
