@@ -51,7 +51,7 @@ def step_graph_checks(checks: dict) -> None:
     for graph in (False, True):
         cfg = load_config("shakespeare-tiny", overrides=[
             f"step_graph={str(graph).lower()}", "optim.muon_impl='batched'", "compile=true", "grad_accum=2",
-            "precision='bf16'", "loops.schedule='uniform'", "loops.mean=2", "loops.max_loops=3", "loops.backprop=0",
+            "precision='bf16'", "loops.schedule='uniform'", "loops.mean=2", "loops.max_sampled=3", "loops.backprop=0",
             "sample_tokens=0", f"out_dir='/tmp/gpu_check_step_graph_{graph}'"])
         trainer = Trainer(cfg, progress=False)
         recs = []

@@ -118,7 +118,7 @@ def write_timeline(trainer, path: str) -> None:
 def loop_sweep_times(trainer, loop_counts: list[int]) -> None:
     """GPU time of the forward+backward graph for each loop count: the slope is the cost of one loop."""
     for n in loop_counts:
-        trainer.cfg.loops.mean = trainer.cfg.loops.max_loops = n
+        trainer.cfg.loops.mean = trainer.cfg.loops.max_sampled = n
         for _ in range(3):
             trainer.train_step()
         graph, _ = trainer.graphs.forward_graphs[n]

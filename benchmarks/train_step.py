@@ -35,7 +35,7 @@ SPEC = ["model.vocab_size=32000", "model.dim=1024", "model.n_heads=16", "model.n
         "model.n_shared_experts=2", "model.n_experts_per_tok=4", "model.expert_dim=256", "model.lora_rank=16",
         "model.kv_lora_rank=512", "model.q_lora_rank=1536", "model.qk_rope_head_dim=64", "model.qk_nope_head_dim=128",
         "model.v_head_dim=128", "data.seq_len=1024", "batch_size=8", "loops.schedule='fixed'", "loops.mean=8",
-        "loops.max_loops=8", "loops.backprop=0", "precision='bf16'", "eval_batches=1", "steps=1000",
+        "loops.max_sampled=8", "loops.backprop=0", "precision='bf16'", "eval_batches=1", "steps=1000",
         "optim.muon_impl='batched'"]
 
 

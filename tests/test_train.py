@@ -18,7 +18,7 @@ from open_mythos.training.loop import Trainer
 
 TINY = ["steps=6", "batch_size=4", "log_every=1", "eval_batches=2", "sample_tokens=0",
         "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_experts=4", "model.expert_dim=32",
-        "model.max_seq_len=32", "model.lora_rank=2", "data.seq_len=16", "loops.mean=2", "loops.max_loops=3",
+        "model.max_seq_len=32", "model.lora_rank=2", "data.seq_len=16", "loops.mean=2", "loops.max_sampled=3",
         "loops.backprop=2", "optim.warmup_steps=2", "sweep_loops=[1, 2, 4]"]
 
 
@@ -31,14 +31,14 @@ def read_metrics(run_dir):
 
 
 def test_loop_sampling_is_bounded_deterministic_and_centred():
-    cfg = LoopConfig(schedule="poisson_lognormal", mean=4, sigma=0.5, min_loops=1, max_loops=12)
+    cfg = LoopConfig(schedule="poisson_lognormal", mean=4, sigma=0.5, min_sampled=1, max_sampled=12)
     draws = [cfg.sample(seed=0, step=s) for s in range(2000)]
     assert min(draws) >= 1 and max(draws) <= 12
     assert draws == [cfg.sample(seed=0, step=s) for s in range(2000)]
     assert 3.5 < sum(draws) / len(draws) < 4.5
     assert LoopConfig(schedule="fixed", mean=3).sample(0, 5) == 3
-    with pytest.raises(ValueError, match="loops.min_loops"):
-        LoopConfig(mean=2, min_loops=3)
+    with pytest.raises(ValueError, match="loops.min_sampled"):
+        LoopConfig(mean=2, min_sampled=3)
 
 
 def test_config_presets_overrides_and_errors(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -38,26 +39,26 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class LoopConfig:
     """How many recurrent iterations each training step runs.
 
-    fixed: always ``mean``. uniform: integer in [min_loops, max_loops].
+    fixed: always ``mean``. uniform: integer in [min_sampled, max_sampled].
     poisson_lognormal (Huginn): n ~ 1 + Poisson(lambda), log lambda ~ N(log(mean - 1) - sigma^2/2, sigma),
-    clamped to [min_loops, max_loops]. The draw depends only on (seed, step): resume-exact and equal on
+    clamped to [min_sampled, max_sampled]. The draw depends only on (seed, step): resume-exact and equal on
     every rank. ``backprop``: gradient flows through the last k loops only (0 = all loops).
     """
 
     schedule: str = "poisson_lognormal"
     mean: int = 4
     sigma: float = 0.5
-    min_loops: int = 1
-    max_loops: int = 16
+    min_sampled: int = 1          # the range of sampled loop counts (formerly min_loops / max_loops)
+    max_sampled: int = 16
     backprop: int = 0
 
     def __post_init__(self) -> None:
         check_field_types(self, "loops.")
         if self.schedule not in LOOP_SCHEDULES:
             raise ValueError(f"loops.schedule must be one of {LOOP_SCHEDULES}, got {self.schedule!r}")
-        if not 1 <= self.min_loops <= self.mean <= self.max_loops:
-            raise ValueError(f"need 1 <= loops.min_loops <= loops.mean <= loops.max_loops, got "
-                             f"{self.min_loops}, {self.mean}, {self.max_loops}")
+        if not 1 <= self.min_sampled <= self.mean <= self.max_sampled:
+            raise ValueError(f"need 1 <= loops.min_sampled <= loops.mean <= loops.max_sampled, got "
+                             f"{self.min_sampled}, {self.mean}, {self.max_sampled}")
         if self.sigma < 0:
             raise ValueError(f"loops.sigma must be >= 0, got {self.sigma}")
         if self.backprop < 0:
@@ -68,11 +69,11 @@ class LoopConfig:
             return self.mean
         g = torch.Generator().manual_seed(seed * 1_000_033 + step)
         if self.schedule == "uniform":
-            return int(torch.randint(self.min_loops, self.max_loops + 1, (), generator=g))
+            return int(torch.randint(self.min_sampled, self.max_sampled + 1, (), generator=g))
         mu = math.log(max(self.mean - 1, 1e-3)) - self.sigma ** 2 / 2
         rate = math.exp(mu + self.sigma * float(torch.randn((), generator=g)))
         n = 1 + int(torch.poisson(torch.tensor(rate), generator=g))
-        return max(self.min_loops, min(self.max_loops, n))
+        return max(self.min_sampled, min(self.max_sampled, n))
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -135,6 +136,8 @@ class TrainConfig:
 
 
 SECTIONS = {"model": MythosConfig, "data": DataConfig, "optim": OptimConfig, "loops": LoopConfig}
+# old spellings of config keys, still read (with a DeprecationWarning): section -> {old: new}
+RENAMED_KEYS = {"loops": {"min_loops": "min_sampled", "max_loops": "max_sampled"}}
 
 
 def presets_dir() -> Path:
@@ -176,6 +179,7 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
             cls = SECTIONS[key]
             if not isinstance(value, dict):
                 raise ValueError(f"[{key}] must be a table")
+            value = _renamed(key, value)
             names = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(value) - names)
             if bad:
@@ -184,6 +188,18 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
         else:
             kwargs[key] = value
     return TrainConfig(**kwargs)
+
+
+def _renamed(section: str, table: dict[str, Any]) -> dict[str, Any]:
+    """``table`` with the section's old key spellings replaced by the new ones (DeprecationWarning)."""
+    out = dict(table)
+    for old, new in RENAMED_KEYS.get(section, {}).items():
+        if old in out:
+            warnings.warn(f"{section}.{old} is now {section}.{new}", DeprecationWarning, stacklevel=4)
+            if new in out:
+                raise ValueError(f"{section}.{old} and {section}.{new} are the same setting: give one")
+            out[new] = out.pop(old)
+    return out
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
