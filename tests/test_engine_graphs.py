@@ -40,12 +40,11 @@ class _EmulatedGraph:
         _copy_into(self.outputs, self.stage(*self.inputs))
 
 
-def emulated_capture(engine: Engine, log: list):
-    """A StageGraphs capture function for ``engine`` that behaves as a CUDA-graph capture does."""
+def emulated_capture(stages, log: list):
+    """A StageGraphs capture function for an engine's ``stages`` that behaves as a CUDA-graph capture does."""
 
     def capture(stage, static_inputs):
         assert not gc.isenabled(), "a capture must run with the garbage collector paused"
-        stages = engine.stages
         sites = {k: set(v) for k, v in stages.cache._buffers.items()}
         before = [t.clone() for t in _tensors(stages)]
         outputs = stage(*static_inputs)
@@ -72,18 +71,17 @@ def test_several_batch_sizes_and_prompt_lengths_in_one_process(schedule):
     torch.manual_seed(0)
     model = OpenMythos(tiny_config(max_seq_len=96)).eval()
     torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.5)
-    for max_batch in (1, 4, 1):
-        for lengths in ([3] * max_batch, [20, 3, 40, 9][:max_batch], [40] * max_batch):
-            for rule in (ExitRule(), ExitRule("act")):
-                reqs = _requests(lengths, rule=rule)
-                ref = Engine(model, max_batch=max_batch, max_len=96, schedule=schedule).run(reqs)
-                engine = Engine(model, max_batch=max_batch, max_len=96, schedule=schedule)
-                captured = []
-                engine.graphs = StageGraphs(capture=emulated_capture(engine, captured))
-                for _ in range(2):  # the second run replays what the first captured
-                    out = engine.run(reqs)
-                    assert [(c.tokens, c.depths) for c in out] == [(c.tokens, c.depths) for c in ref]
-                assert captured and len(engine.graphs) == len(captured)
+    for max_batch in (1, 4):
+        for lengths, rule in (([3] * max_batch, ExitRule()), ([20, 3, 40, 9][:max_batch], ExitRule("act"))):
+            reqs = _requests(lengths, rule=rule)
+            ref = Engine(model, max_batch=max_batch, max_len=96, schedule=schedule).run(reqs)
+            engine = Engine(model, max_batch=max_batch, max_len=96, schedule=schedule)
+            captured = []
+            engine.graphs = StageGraphs(capture=emulated_capture(engine.stages, captured))
+            for _ in range(2):  # the second run replays what the first captured
+                out = engine.run(reqs)
+                assert [(c.tokens, c.depths) for c in out] == [(c.tokens, c.depths) for c in ref]
+            assert captured and len(engine.graphs) == len(captured)
 
 
 def test_an_engine_and_its_graphs_are_freed_without_the_garbage_collector():
@@ -94,7 +92,7 @@ def test_an_engine_and_its_graphs_are_freed_without_the_garbage_collector():
     gc.disable()
     try:
         engine = Engine(model, max_batch=2, max_len=40)
-        engine.graphs = StageGraphs(capture=emulated_capture(engine, []))
+        engine.graphs = StageGraphs(capture=emulated_capture(engine.stages, []))
         for _ in range(2):
             engine.run(_requests([3, 5]))
         graphs, engine_ref = weakref.ref(engine.graphs), weakref.ref(engine)

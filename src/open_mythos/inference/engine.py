@@ -319,6 +319,8 @@ class Engine:
                 results = host.copy_(results, non_blocking=True)
                 ready = torch.cuda.Event()
                 ready.record()
+            elif self.graphs is not None:  # a graph output: the next tick's replay rewrites it before it is read
+                results = results.clone()
         self.unread.append(_Tick(self._pairs(running), start, exits, could_exit, logits, results, ready))
         # host sampling (temperature > 0) must write its token before the next tick starts it, and
         # logits read on the host must be read before the next tick's graph replay overwrites them

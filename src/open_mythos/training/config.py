@@ -161,6 +161,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ValueError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
         *path, last = key.strip().split(".")
+        last = _new_key(".".join(path), last)
         node = tree
         for part in path:
             node = node.setdefault(part, {})
@@ -179,7 +180,7 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
             cls = SECTIONS[key]
             if not isinstance(value, dict):
                 raise ValueError(f"[{key}] must be a table")
-            value = _renamed(key, value)
+            value = {_new_key(key, k): v for k, v in value.items()}
             names = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(value) - names)
             if bad:
@@ -190,16 +191,13 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
     return TrainConfig(**kwargs)
 
 
-def _renamed(section: str, table: dict[str, Any]) -> dict[str, Any]:
-    """``table`` with the section's old key spellings replaced by the new ones (DeprecationWarning)."""
-    out = dict(table)
-    for old, new in RENAMED_KEYS.get(section, {}).items():
-        if old in out:
-            warnings.warn(f"{section}.{old} is now {section}.{new}", DeprecationWarning, stacklevel=4)
-            if new in out:
-                raise ValueError(f"{section}.{old} and {section}.{new} are the same setting: give one")
-            out[new] = out.pop(old)
-    return out
+def _new_key(section: str, key: str) -> str:
+    """A config key's current spelling (an old one is renamed, with a DeprecationWarning)."""
+    new = RENAMED_KEYS.get(section, {}).get(key)
+    if new is None:
+        return key
+    warnings.warn(f"{section}.{key} is now {section}.{new}", DeprecationWarning, stacklevel=3)
+    return new
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
@@ -214,7 +212,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
     if path is not None:
         for key, value in tomllib.loads(Path(path).read_text()).items():
             if isinstance(value, dict):
-                tree.setdefault(key, {}).update(value)
+                tree.setdefault(key, {}).update({_new_key(key, k): v for k, v in value.items()})
             else:
                 tree[key] = value
     return config_from_dict(apply_overrides(tree, overrides or []))
