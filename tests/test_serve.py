@@ -23,7 +23,8 @@ TOK = ByteTokenizer()
 class LiveServer:
     def __init__(self, model, max_pending=256, max_batch=8, engine_cls=Engine, drain_timeout=10.0, tokenizer=TOK,
                  **app_kwargs):
-        self.app = build_app(engine_cls(model, max_batch=max_batch), tokenizer, "tiny", max_pending=max_pending, **app_kwargs)
+        self.app = build_app(engine_cls(model, max_batch=max_batch), tokenizer, "tiny", max_pending=max_pending,
+                             **app_kwargs)
         self.server, self.url = serve_in_thread(self.app, drain_timeout=drain_timeout)
         self.thread = self.server.thread
 

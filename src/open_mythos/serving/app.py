@@ -289,13 +289,16 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
                     if piece or reason is not None or (want_logprobs and len(tokens) > sent):
                         yield chunk(piece, reason)
                 if include_usage:  # OpenAI's usage chunk: no choices
-                    yield f"data: {json.dumps({'id': ident, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [], 'usage': usage()})}\n\n"
+                    chunk = {'id': ident, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [],
+                             'usage': usage()}
+                    yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             except APIError as err:
                 yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.kind))}\n\n"
             except Exception as err:  # a bug, after the headers went out: the stream still ends in OpenAI's shape
                 logger.error("stream %s failed", ident, exc_info=err)
-                yield f"data: {json.dumps(error_body(500, 'internal error; see the server log', None, 'server_error'))}\n\n"
+                error = error_body(500, 'internal error; see the server log', None, 'server_error')
+                yield f"data: {json.dumps(error)}\n\n"
             finally:
                 await gen.aclose()  # a disconnect lands here: the request is cancelled
 

@@ -52,7 +52,8 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     # OpenAI fields not implemented here -> the values that mean "off" (accepted, as they are honoured)
-    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "presence_penalty": (None, 0),
+                                                 "frequency_penalty": (None, 0)}
 
     model: Optional[str] = None
     max_tokens: Optional[Annotated[Int, Field(ge=1)]] = None
@@ -84,7 +85,8 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = _Common.NOT_SUPPORTED | {"echo": (False,), "best_of": (None, 1), "suffix": (None, "")}
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = _Common.NOT_SUPPORTED | {"echo": (False,), "best_of": (None, 1),
+                                                                         "suffix": (None, "")}
 
     prompt: Union[str, list[Int]]
     logprobs: Optional[Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)]] = None  # alternatives per token
@@ -140,7 +142,8 @@ class ChatBody(_Common):
 
     def new_tokens(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens not in (None, self.max_tokens):
-            raise BadBody("give max_completion_tokens or max_tokens (its older name), not both", "max_completion_tokens")
+            raise BadBody("give max_completion_tokens or max_tokens (its older name), not both",
+                          "max_completion_tokens")
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def top_logprobs_count(self) -> int | None:
