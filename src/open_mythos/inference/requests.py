@@ -73,9 +73,9 @@ class ActiveRequest:
     loops: int = 0              # depth schedule: loop iterations launched for the current token so far
 
 
-def validate_request(r: Request, cfg: MythosConfig, context: int, max_loops: int) -> None:
+def validate_request(r: Request, cfg: MythosConfig, context: int, max_loop_budget: int) -> None:
     """Raise ValueError naming the problem if ``r`` cannot run on an engine with ``context`` tokens per row
-    and loop budgets up to ``max_loops``."""
+    and loop budgets up to ``max_loop_budget``."""
     if not isinstance(r.prompt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
                                                           for i in r.prompt):
         raise ValueError("prompt must be a list of token ids (ints)")
@@ -88,14 +88,14 @@ def validate_request(r: Request, cfg: MythosConfig, context: int, max_loops: int
         raise ValueError(f"prompt of {len(r.prompt)} tokens is too long: the context holds {context}")
     check_generation_length(len(r.prompt), r.max_new_tokens, cfg.max_output_tokens, context)
     if r.n_loops is not None:
-        check_int("n_loops", r.n_loops, 1, max_loops, note="the engine's max_loops; a deeper budget needs "
-                  "Engine(max_loop_budget=...) or mythos serve --max-loop-budget")
+        check_int("n_loops", r.n_loops, 1, max_loop_budget, note="the engine's max_loop_budget; a deeper budget "
+                  "needs Engine(max_loop_budget=...) or mythos serve --max-loop-budget")
     if not isinstance(r.sampling, SamplingParams):
         raise ValueError("sampling must be a SamplingParams")
     if not isinstance(r.exit_rule, ExitRule):
         raise ValueError("exit_rule must be an ExitRule")
-    if not r.exit_rule.min_loops <= max_loops:
-        raise ValueError(f"exit_rule min_loops must be in [1, {max_loops}] (the engine's max_loop_budget), "
+    if not r.exit_rule.min_loops <= max_loop_budget:
+        raise ValueError(f"exit_rule min_loops must be in [1, {max_loop_budget}] (the engine's max_loop_budget), "
                          f"got {r.exit_rule.min_loops}")
     if any(not isinstance(i, int) or not 0 <= i < cfg.vocab_size for i in r.eos_token_ids):
         raise ValueError(f"eos_token_ids must be token ids in [0, {cfg.vocab_size})")

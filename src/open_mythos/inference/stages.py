@@ -26,11 +26,11 @@ from .slots import SlotKVCache
 
 
 class DecodeStages:
-    def __init__(self, model: OpenMythos, n_rows: int, max_len: int, loop_policy: str, max_loops: int):
+    def __init__(self, model: OpenMythos, n_rows: int, max_len: int, loop_policy: str, max_loop_budget: int):
         self.model, self.cfg, self.max_len = model, model.cfg, max_len
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = SlotKVCache(n_rows, max_len, loop_policy, max_loops)
+        self.cache = SlotKVCache(n_rows, max_len, loop_policy, max_loop_budget)
         dev, D, V, n = self.device, self.cfg.dim, self.cfg.vocab_size, n_rows
         f32 = dict(device=dev, dtype=torch.float32)
         self.h = torch.zeros(n, D, device=dev, dtype=self.dtype)    # recurrent state h_t
