@@ -23,9 +23,8 @@ ticks, but waiting requests take free rows at every tick. Every schedule compute
 every request; only the work differs. For fixed-depth requests "continuous" is the default (measured
 fastest under the server: docs/inference.md); "depth" pays off with early exit.
 
-Prompts are prefilled with the full-sequence forward at the request's full loop budget (exit
-rules apply to generated tokens): the requests admitted in one tick with the same budget form one
-batch, right-padded to a power-of-two length, so each (batch, length) bucket is one CUDA graph.
+Prompts are prefilled with the full forward at the request's loop budget (exit rules apply to generated
+tokens), those admitted together with the same budget as one batch padded to a bucket shape (buckets.py).
 """
 
 from __future__ import annotations
@@ -324,7 +323,7 @@ class Engine:
         self.unread.append(_Tick(self._pairs(running), start, exits, could_exit, logits, results, ready))
         # host sampling (temperature > 0) must write its token before the next tick starts it, and
         # logits read on the host must be read before the next tick's graph replay overwrites them
-        keep = int(not any(_reads_logits(self.active[s].request) for s in running))
+        keep = int(not any(self.active[s].request.reads_logits() for s in running))
         while len(self.unread) > keep:
             self._read(self.unread.popleft(), events)
 
@@ -446,7 +445,3 @@ class Engine:
             self._release(row)
         return reason is None
 
-
-def _reads_logits(request: Request) -> bool:
-    """Whether the host reads the request's logits (sampling, log-probabilities)."""
-    return not request.sampling.greedy or request.logprobs is not None

@@ -35,6 +35,10 @@ class Request:
         """Loops per token: ``n_loops``, or the model's max_loop_iters."""
         return self.n_loops or cfg.max_loop_iters
 
+    def reads_logits(self) -> bool:
+        """Whether the host reads this request's logits (sampling, log-probabilities)."""
+        return not self.sampling.greedy or self.logprobs is not None
+
 
 @dataclass
 class TokenLogprobs:
