@@ -197,6 +197,8 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print, loop_
     or after ``warmup_steps``. ``loop_runner``: the RDT's (training.speed.compile_blocks). Returns
     {"history": [{step, loss}], "warmup_end": step}."""
     rng = random.Random(cfg.seed)  # the same problems for every model trained with this config
+    runner = {} if loop_runner is None else {"loop_runner": loop_runner}
+    router_rate = cfg.model.get("router_bias_update_rate", MythosConfig.router_bias_update_rate)
     loop_rng = random.Random(cfg.seed + 1)  # loop counts: a stream of their own, so the problems stay the same
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.1, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -217,7 +219,7 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print, loop_
         with autocast:
             if loops:
                 n = 1 if warm else loop_rng.randint(cfg.loops_min, 2 * cfg.loops_mean - cfg.loops_min)
-                logits = model(x, n, loop_runner=loop_runner)
+                logits = model(x, n, **runner)
             else:
                 logits = model(x)
         loss = _value_loss(logits, y)
@@ -230,7 +232,7 @@ def train(model: torch.nn.Module, cfg: KHopConfig, loops: bool, log=print, loop_
         opt.step()
         sched.step()
         if loops:
-            model.update_router_bias()  # at the config's router_bias_update_rate
+            model.update_router_bias(router_rate)
         if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps - 1:
             history.append({"step": step, "loss": loss.item()})
             log(f"  step {step:5d}  loss {loss.item():.4f}  ({time.perf_counter() - t0:.0f} s)")
