@@ -140,7 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy,
-                    max_loop_budget=args.max_loop_budget, schedule=args.schedule, sync_every=args.sync_every, prefill_batch=args.prefill_batch)
+                    max_loop_budget=args.max_loop_budget, schedule=args.schedule, sync_every=args.sync_every,
+                    prefill_batch=args.prefill_batch)
     if engine.graphs is not None and not args.no_warmup:  # capture every CUDA graph before clients arrive
         t0 = time.perf_counter()
         shapes = engine.warmup()
@@ -279,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 'To be, or not to be')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--n-loops", type=int, default=None,
-                   help="loop budget per token, >= 1; may exceed the trained depth (default: the model's max_loop_iters)")
+                   help="loop budget per token, >= 1; may exceed the trained depth (default: the model's "
+                        "max_loop_iters)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")

@@ -45,7 +45,8 @@ def check_field_types(obj: Any, section: str = "") -> None:
 
 
 # keys of a config.json that describe the file, not the model (written by us or by transformers)
-HUB_METADATA = {"format_version", "model_type", "open_mythos_version", "architectures", "auto_map", "transformers_version", "dtype",
+HUB_METADATA = {"format_version", "model_type", "open_mythos_version", "architectures", "auto_map",
+                "transformers_version", "dtype",
                 "torch_dtype", "use_cache", "num_hidden_layers"}
 
 

@@ -161,8 +161,9 @@ class OpenMythos(nn.Module):
         if backprop_loops is not None:
             check_int("backprop_loops", backprop_loops, 1)
         if logits_at is not None:
-            if not (isinstance(logits_at, torch.Tensor) and logits_at.shape == (B,) and logits_at.dtype in TOKEN_ID_DTYPES):
-                got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, torch.Tensor) else logits_at
+            is_tensor = isinstance(logits_at, torch.Tensor)
+            if not (is_tensor and logits_at.shape == (B,) and logits_at.dtype in TOKEN_ID_DTYPES):
+                got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if is_tensor else logits_at
                 raise ValueError(f"logits_at must be an int64/int32 tensor of shape ({B},) (one position per row), "
                                  f"got {got!r}")
             check_index_range("logits_at", logits_at, T, "position")

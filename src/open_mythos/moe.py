@@ -146,7 +146,8 @@ class MoE(nn.Module):
         if torch.compiler.is_compiling() and self._few(x.shape[0]):
             expert_ids = topk_by_rank(biased, self.top_k)  # decoding: one fused kernel instead of a sort
         else:
-            expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices  # the gates need no order: skip the sort
+            # the gates need no order: skip the sort
+            expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices
         gates = scores.gather(-1, expert_ids)
         return expert_ids, gates / gates.sum(-1, keepdim=True)
 

@@ -239,7 +239,8 @@ def tokenizer_for(directory: str | Path, vocab_size: int):
     if path.is_file():
         record = read_json(path)
         if record.get("tokenizer") not in TOKENIZERS:
-            raise ValueError(f"{path}: \"tokenizer\" must be one of {sorted(TOKENIZERS)}, got {record.get('tokenizer')!r}")
+            raise ValueError(f"{path}: \"tokenizer\" must be one of {sorted(TOKENIZERS)}, "
+                             f"got {record.get('tokenizer')!r}")
         tokenizer = load_tokenizer(record["tokenizer"])
     else:
         tokenizer = ByteTokenizer() if vocab_size <= ByteTokenizer.vocab_size else MythosTokenizer()

@@ -99,7 +99,8 @@ class OpenMythosLM(LM):
             until = [until] if isinstance(until, str) else list(until)
             # the budget leaves room for at least one prompt token (lm-eval's default max_gen_toks is 256,
             # which can be the whole context); the prompt keeps its last max_len - max_new tokens
-            max_new = min(int(kwargs.get("max_gen_toks", 256)), self.model.cfg.max_output_tokens, self.engine.max_len - 1)
+            max_new = min(int(kwargs.get("max_gen_toks", 256)), self.model.cfg.max_output_tokens,
+                          self.engine.max_len - 1)
             if max_new < 1:
                 raise ValueError(f"max_gen_toks must be >= 1, got {kwargs.get('max_gen_toks')!r}")
             temperature = float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample", False) else 0.0

@@ -15,7 +15,8 @@ has the same length whatever k. Vocabulary: ';', '?', values, variables.
 
 Why dense supervision: with only the final answer supervised, neither an RDT nor a dense model
 learned even the 1-hop lookup in 3,000 steps x 256 problems (docs/experiments.md); with several
-queries per problem a 2-layer model learns 1-hop in < 2,000 CPU steps. Why a warm-up (``warmup_steps``: 1-hop problems, the RDT at one loop) and a quiet loop
+queries per problem a 2-layer model learns 1-hop in < 2,000 CPU steps. Why a warm-up (``warmup_steps``: 1-hop
+problems, the RDT at one loop) and a quiet loop
 embedding (``loop_embed_scale``): an RDT does not learn the lookup from scratch while its block is
 iterated, or while the loop-index embedding drowns the tokens, but keeps a lookup learned at one loop.
 

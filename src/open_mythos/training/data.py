@@ -43,7 +43,7 @@ class DataConfig:
     seq_len: int = 256
     val_fraction: float = 0.05
     text_field: str = "text"
-    val_path: str | None = None           # held-out documents (a file or directory like path); default: see pack_documents
+    val_path: str | None = None           # held-out documents (a file or directory like path); see pack_documents
     hf_dataset: str = "HuggingFaceFW/fineweb-edu"
     hf_name: str | None = "sample-10BT"
     hf_split: str = "train"

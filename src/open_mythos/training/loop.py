@@ -140,7 +140,8 @@ class Trainer:
                 raise ValueError(f"held-out split has fewer than seq_len+1={cfg.data.seq_len + 1} tokens: "
                                  "raise data.val_fraction or use more data")
             val = PackedLoader(val_tokens, cfg.data.seq_len, min(cfg.batch_size, n_val), shuffle=False)
-        n_eval = cfg.eval_batches if cfg.data.source == "hf" else min(cfg.eval_batches, val.n_windows // val.global_batch)
+        n_eval = (cfg.eval_batches if cfg.data.source == "hf"
+                  else min(cfg.eval_batches, val.n_windows // val.global_batch))
         self.val_batches = [val.next_batch() for _ in range(n_eval)]
 
     def autocast(self):
@@ -186,7 +187,7 @@ class Trainer:
         graphed = self.graphs is not None and self.graphs.ready(n_loops)
         if graphed:
             loss_sum, depth, grad_norm = self.graphs.forward_backward(n_loops, batches)
-            self.graphs.update()  # launched before the host reads the loss: a non-finite step skips itself on the device
+            self.graphs.update()  # launched before the host reads the loss: a non-finite step skips itself on device
         else:
             with self._uncaptured(n_loops):
                 batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
