@@ -161,7 +161,7 @@ def test_request_arriving_mid_token_changes_nothing(sync_every):
     early = [Request(p, 4, 6, GREEDY) for p in PROMPTS + [[3, 1], [4, 4, 4]]] + [Request([8], 4, 2, GREEDY)]
     late = Request([5, 6, 7], 4, 6, GREEDY, ExitRule("kl", 1e-3))
     alone = [Engine(model, max_batch=1, max_loop_budget=6).run([r])[0] for r in [*early, late]]
-    engine = Engine(model, max_batch=8, max_loop_budget=6, sync_every=sync_every)
+    engine = Engine(model, max_batch=8, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     ids = [engine.submit(r) for r in early]
     events = engine.step()  # admission + prefill, then the second tokens' first loops
     assert 0 < int(engine.stages.t[0]) < 6  # the fixed-depth tokens are mid-loop
@@ -195,7 +195,7 @@ def test_depth_ticks_are_pipelined_for_greedy_requests(sync_every):
     token; a request that samples on the host is read before the next tick (no lag)."""
     model = _model(max_loop_iters=6)
     reqs = [dataclasses.replace(r, sampling=GREEDY, max_new_tokens=r.max_new_tokens + 1) for r in _mixed_requests()]
-    engine = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every)
+    engine = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     ids = [engine.submit(r) for r in reqs]
     events = engine.step()
     assert len(engine.unread) == 1  # the first tick is launched, not read
@@ -205,7 +205,7 @@ def test_depth_ticks_are_pipelined_for_greedy_requests(sync_every):
     for rid, r in zip(ids, reqs):  # and the tokens are those of running each request alone
         ref = Engine(model, max_batch=1, max_loop_budget=6, sync_every=sync_every).run([r])[0]
         assert [e.token for e in events if e.request_id == rid] == ref.tokens
-    sampled = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every)
+    sampled = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     sampled.run([dataclasses.replace(r, sampling=SamplingParams(temperature=0.7), seed=1) for r in reqs])
     assert sampled.stats["lag_rows"] == 0
 
@@ -215,7 +215,7 @@ def test_fixed_depth_depth_ticks_start_and_finish_only_when_a_token_starts_or_en
     pipelined tick one tick late, only the ticks where a token starts (or ends) run the start (or
     finish) stage."""
     model = _model(max_loop_iters=6)
-    engine = Engine(model, max_batch=2, max_loop_budget=6)
+    engine = Engine(model, max_batch=2, max_loop_budget=6, schedule="depth")
     keys, run = [], engine.run_stage
     engine.run_stage = lambda stage, key, *inputs: keys.append(key) or run(stage, key, *inputs)
     n = 5
@@ -231,7 +231,7 @@ def test_prefill_batch_prefills_ahead_onto_standby_rows():
     are free, and a prefilled request waits on standby until a running slot frees, so while
     requests wait every tick runs max_batch rows; a lone waiting request is admitted at once."""
     model = _model()
-    engine = Engine(model, max_batch=3, prefill_batch=2)
+    engine = Engine(model, max_batch=3, prefill_batch=2, schedule="depth")
     lengths = [2, 6, 9, 4, 4, 3, 5]
     ids = [engine.submit(Request([1 + i, 2], n, 2, GREEDY)) for i, n in enumerate(lengths)]
     admitted_at, prefill_sizes, ticks = {}, [], []
@@ -249,7 +249,7 @@ def test_prefill_batch_prefills_ahead_onto_standby_rows():
     assert prefill_sizes[0] == 3 and all(n == 2 for n in prefill_sizes[1:-1])  # the last one may be alone
     # the first slot frees after its 2 loops (2 ticks), read one tick later (pipelined), refilled at the next
     assert admitted_at[ids[3]] == admitted_at[ids[4]] == 2 + 1 + 1
-    late = Engine(model, max_batch=3, prefill_batch=2)
+    late = Engine(model, max_batch=3, prefill_batch=2, schedule="depth")
     late.submit(Request([1, 2], 9, 2, GREEDY))
     late.step()
     late.submit(Request([3, 4], 2, 2, GREEDY))  # only one waits: it does not wait for a second row
@@ -423,7 +423,7 @@ def test_bad_engine_and_rule_settings():
         Engine(model, sync_every=0)
     with pytest.raises(ValueError, match="prefill_batch"):
         Engine(model, max_batch=4, prefill_batch=5)
-    with pytest.raises(ValueError, match="prefill_batch applies to the depth and token"):
+    with pytest.raises(ValueError, match="prefill_batch applies to the depth and continuous"):
         Engine(model, max_batch=4, prefill_batch=2, schedule="static")
     with pytest.raises(ValueError, match="exit rule kind"):
         ExitRule("entropy")
