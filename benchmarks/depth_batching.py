@@ -58,14 +58,14 @@ def run_measured(engine: Engine, requests: list[Request]) -> tuple[dict, list[tu
     and the admissions (prefills: each ends in a host sync, so their wall time is their GPU time)."""
     ids = [engine.submit(r) for r in requests]
     outputs = {i: ([], []) for i in ids}
-    admit, admit_s = engine._admit, [0.0]
+    admit, admit_s = engine.admit, [0.0]
 
     def timed_admit(events):
         t0 = time.perf_counter()
         admit(events)
         admit_s[0] += time.perf_counter() - t0
 
-    engine._admit = timed_admit
+    engine.admit = timed_admit
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     begin, tokens, sustained = time.perf_counter(), 0, None
@@ -112,7 +112,7 @@ def main() -> None:
     variants = [("static", 1, 1)] + [("depth", k, b) for b in args.prefill_batch for k in args.sync_every]
     for schedule, sync_every, prefill_batch in variants:
         engine = Engine(model, max_batch=args.max_batch, schedule=schedule, loop_policy=args.policy,
-                        max_len=128 + args.new_tokens, max_loops=args.loops, compile=args.compile,
+                        max_len=128 + args.new_tokens, max_loop_budget=args.loops, compile=args.compile,
                         sync_every=sync_every, prefill_batch=prefill_batch)
         name = schedule + ("" if sync_every == 1 else f"_sync_every_{sync_every}") + (
             "" if prefill_batch == 1 else f"_prefill_batch_{prefill_batch}")
@@ -134,7 +134,8 @@ def main() -> None:
     write_report(f"depth_batching_{args.attn}", {
         "benchmark": "depth_batching", "env": env_info(), "attn": args.attn, "loop_policy": args.policy,
         "requests": args.requests, "max_batch": args.max_batch, "new_tokens": args.new_tokens,
-        "loop_budget": args.loops, "compiled_stages": args.compile, "exit_rule": "act", "halt_spread": args.halt_spread, "halt_bias": args.halt_bias,
+        "loop_budget": args.loops, "compiled_stages": args.compile, "exit_rule": "act",
+        "halt_spread": args.halt_spread, "halt_bias": args.halt_bias,
         "exit_depth_distribution": {d: depths[d] / total for d in sorted(depths)},
         "mean_exit_depth": sum(d * c for d, c in depths.items()) / total,
         "outputs_identical": same, "results": runs,

@@ -32,6 +32,7 @@ from open_mythos.sampling import SamplingParams
 from open_mythos.moe import MoE
 from open_mythos.training.config import load_config
 from open_mythos.training.loop import Trainer
+from open_mythos.training.speed import LoopRunner, compile_blocks
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -50,7 +51,7 @@ def step_graph_checks(checks: dict) -> None:
     for graph in (False, True):
         cfg = load_config("shakespeare-tiny", overrides=[
             f"step_graph={str(graph).lower()}", "optim.muon_impl='batched'", "compile=true", "grad_accum=2",
-            "precision='bf16'", "loops.schedule='uniform'", "loops.mean=2", "loops.max_loops=3", "loops.backprop=0",
+            "precision='bf16'", "loops.schedule='uniform'", "loops.mean=2", "loops.max_sampled=3", "loops.backprop=0",
             "sample_tokens=0", f"out_dir='/tmp/gpu_check_step_graph_{graph}'"])
         trainer = Trainer(cfg, progress=False)
         recs = []
@@ -99,12 +100,13 @@ def main() -> int:
     for attn in ("gqa", "mla"):
         # 2. compiled vs eager, bf16 autocast
         model = OpenMythos(small(attn)).to(dev).train()
-        comp = copy.deepcopy(model).compile_blocks()
+        comp = copy.deepcopy(model)
+        runners = (LoopRunner(), compile_blocks(comp))
         ids = torch.randint(0, 512, (4, 128), device=dev)
         outs, grads = [], []
-        for m in (model, comp):
+        for m, runner in zip((model, comp), runners):
             with attention_backends(), torch.autocast("cuda", torch.bfloat16):
-                out = m(ids, 4)
+                out = m(ids, 4, loop_runner=runner)
             out.float().square().mean().backward()
             outs.append(out)
             grads.append(torch.cat([p.grad.flatten() for p in m.parameters() if p.grad is not None]))
@@ -128,7 +130,8 @@ def main() -> int:
         torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.05)
         gen = torch.Generator().manual_seed(0)
         rules = [ExitRule("act"), ExitRule("rel_change", 0.05), ExitRule("kl", 1e-4), ExitRule("none")]
-        reqs = [Request(torch.randint(0, 512, (int(torch.randint(1, 60, (1,), generator=gen)),), generator=gen).tolist(),
+        reqs = [Request(torch.randint(0, 512, (int(torch.randint(1, 60, (1,), generator=gen)),),
+                                      generator=gen).tolist(),
                         24, 4, SamplingParams(temperature=0.7 * (i % 2)), rules[i % 4], seed=i) for i in range(12)]
         eager = Engine(model, max_batch=4, cuda_graphs=False).run(reqs)
         wrong = 0

@@ -54,7 +54,7 @@ def dense_bound_moe(m: MoE, x: torch.Tensor) -> torch.Tensor:
     expert GEMMs at dense-GEMM efficiency: no MoE kernel can beat it at this shape."""
     flat = x.reshape(-1, x.shape[-1])
     _, gates = m.route(flat)
-    k, (E, H, D) = m.top_k, m.w1.shape
+    k, (_, H, D) = m.top_k, m.w1.shape
     dtype = compute_dtype(flat)
     w1, w3 = (w[:k].reshape(k * H, D).to(dtype) for w in (m.w1, m.w3))
     w2 = m.w2[:k].permute(1, 0, 2).reshape(D, k * H).to(dtype)

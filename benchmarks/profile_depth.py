@@ -68,9 +68,9 @@ def overlap_with_prefill(engine: Engine, tick, rows: torch.Tensor, loops: int,
     prefill_graphs = StageGraphs()
     ids = torch.randint(0, engine.cfg.vocab_size, (rows.numel(), 128), device="cuda")
     last = torch.full((rows.numel(),), 127, device="cuda")
-    prefill = lambda: prefill_graphs(("prefill",), lambda r, x, at: engine._prefill_stage(r, x, at, loops),  # noqa: E731
+    prefill = lambda: prefill_graphs(("prefill",), functools.partial(engine.stages.prefill, n_loops=loops),  # noqa: E731
                                      rows, ids, last)
-    ticks = lambda: [engine._run(tick, ("profile_depth_tick", rows.numel()), rows)  # noqa: E731
+    ticks = lambda: [engine.run_stage(tick, ("profile_depth_tick", rows.numel()), rows)  # noqa: E731
                      for _ in range(n_ticks)]
     for _ in range(2):
         prefill()
@@ -110,14 +110,14 @@ def main() -> None:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, model.cfg.vocab_size, (64,), generator=g).tolist() for _ in range(4 * args.max_batch)]
     spread_halting(model, torch.tensor([prompts[0]], device="cuda"), 2.0, 1.0)
-    engine = Engine(model, max_batch=args.max_batch, max_len=256, max_loops=args.loops, compile=True,
+    engine = Engine(model, max_batch=args.max_batch, max_len=256, max_loop_budget=args.loops, compile=True,
                     sync_every=args.sync_every)
     engine.warmup(args.loops)
     for pr in prompts:
         engine.submit(Request(pr, 128, args.loops, SamplingParams(temperature=0), ExitRule("act")))
     for _ in range(20):  # admission of the first max_batch requests, then steady ticks
         engine.step()
-    assert len(engine.slots) == args.max_batch
+    assert len(engine.active) == args.max_batch
     report = {"max_batch": args.max_batch, "loop_budget": args.loops, "sync_every": args.sync_every}
     torch.cuda.synchronize()
     report["tick_wall"] = gpu_ms(engine.step)
@@ -129,20 +129,20 @@ def main() -> None:
     tables = [prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
               for key in ("cpu_time_total", "cuda_time_total")]
 
-    rows = engine._rows(engine.running())
+    rows = engine.rows(engine.running())
     done = torch.ones_like(rows, dtype=torch.bool)
 
     def loops4(r):
         for _ in range(4):
-            engine._loop_stage(r)
+            engine.stages.loop(r)
 
-    tick = functools.partial(engine._depth_stage, probe=False, start=True, finish=True)
-    stages = {"depth_tick": (tick, (rows,)), "start": (engine._start_stage, (rows,)),
-              "loop": (engine._loop_stage, (rows,)), "loop_x4": (loops4, (rows,)),
-              "finish": (engine._finish_stage, (rows, done))}
+    tick = functools.partial(engine.stages.depth_tick, probe=False, start=True, finish=True, loops=1)
+    stages = {"depth_tick": (tick, (rows,)), "start": (engine.stages.start, (rows,)),
+              "loop": (engine.stages.loop, (rows,)), "loop_x4": (loops4, (rows,)),
+              "finish": (engine.stages.finish, (rows, done))}
     with torch.inference_mode():
         for name, (stage, inputs) in stages.items():
-            replay = lambda: engine._run(stage, ("profile_" + name, rows.numel()), *inputs)  # noqa: E731
+            replay = lambda: engine.run_stage(stage, ("profile_" + name, rows.numel()), *inputs)  # noqa: E731
             report[name + "_gpu"] = gpu_ms(replay)
             report[name + "_launch_host"] = host_ms(replay)
         report |= overlap_with_prefill(engine, tick, rows, args.loops)

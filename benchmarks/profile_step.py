@@ -32,11 +32,13 @@ from open_mythos.training.loop import Trainer
 
 def sdpa_table() -> None:
     B, H, T = 8, 16, 1024
-    for name, (dqk, dv, hk) in {"gqa_h128_kv4": (64, 64, 4), "mha_h64": (64, 64, 16), "mla_192_128": (192, 128, 16)}.items():
+    shapes = {"gqa_h128_kv4": (64, 64, 4), "mha_h64": (64, 64, 16), "mla_192_128": (192, 128, 16)}
+    for name, (dqk, dv, hk) in shapes.items():
         q = torch.randn(B, H, T, dqk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         k = torch.randn(B, hk, T, dqk, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         v = torch.randn(B, hk, T, dv, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH):
+        for be in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                   SDPBackend.MATH):
             def run():
                 with sdpa_kernel([be]):
                     F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=hk != H).sum().backward()
@@ -116,7 +118,7 @@ def write_timeline(trainer, path: str) -> None:
 def loop_sweep_times(trainer, loop_counts: list[int]) -> None:
     """GPU time of the forward+backward graph for each loop count: the slope is the cost of one loop."""
     for n in loop_counts:
-        trainer.cfg.loops.mean = trainer.cfg.loops.max_loops = n
+        trainer.cfg.loops.mean = trainer.cfg.loops.max_sampled = n
         for _ in range(3):
             trainer.train_step()
         graph, _ = trainer.graphs.forward_graphs[n]
@@ -126,7 +128,8 @@ def loop_sweep_times(trainer, loop_counts: list[int]) -> None:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--attn", default="gqa")
-    p.add_argument("--set", nargs="*", default=[], help="extra TrainConfig overrides, e.g. compile_mode='reduce-overhead'")
+    p.add_argument("--set", nargs="*", default=[],
+                   help="extra TrainConfig overrides, e.g. compile_mode='reduce-overhead'")
     p.add_argument("--sdpa", action="store_true", help="also time each SDPA backend at the SPEC shape")
     p.add_argument("--rows", type=int, default=25)
     p.add_argument("--timeline", help="step_graph: write each graph's kernels in launch order (name, us) to this JSON")

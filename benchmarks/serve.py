@@ -7,7 +7,8 @@ For each concurrency c, 2c requests (prompt 64 bytes-tokens, --max-tokens new to
 n_loops 8 or the model's max) are sent by c concurrent streaming clients; reported: requests/s,
 generated tokens/s, mean time to first token. Before the server listens, ``Engine.warmup`` runs (and
 captures) every batch and prompt-length bucket, as ``mythos serve`` does; ``--untimed-round`` also
-runs each concurrency's load once before timing it. Baseline in the same run: concurrency 1 (one request at a time, i.e. no
+runs each concurrency's load once before timing it. Baseline in the same run: concurrency 1 (one request at a
+time, i.e. no
 batching). ``--schedule depth token`` measures several engine schedules, one server each
 (``--sync-every``, ``--prefill-batch``: the engine's options, as ``mythos serve`` takes them).
 """
@@ -66,7 +67,8 @@ def main() -> None:
     p.add_argument("--schedule", nargs="+", default=["depth"], choices=["depth", "token", "static"],
                    help="engine schedules to measure, each with its own server, in the same run")
     p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick")
-    p.add_argument("--prefill-batch", type=int, default=1, help="depth/token schedules: prefill this many requests at once")
+    p.add_argument("--prefill-batch", type=int, default=1,
+                   help="depth/continuous schedules: prefill this many requests at once")
     p.add_argument("--untimed-round", action="store_true",
                    help="after the engine's warm-up, also run each concurrency's load once untimed")
     p.add_argument("--out", default=None)

@@ -139,7 +139,8 @@ def run_load(model, tokenizer, n_requests: int, n_disconnect: int, max_batch: in
     mismatches = [i for i in completed
                   if (results[i]["text"], results[i]["finish_reason"]) != alone(model, tokenizer, *bodies[i])]
     delta = {k.replace("mythos_", ""): m[k] - before[k] for k in m if "total" in k}
-    ended = {r: delta[f'requests_finished_total{{reason="{r}"}}'] for r in ("stop", "length", "cancelled", "abort", "error")}
+    reasons = ("stop", "length", "cancelled", "abort", "error")
+    ended = {r: delta[f'requests_finished_total{{reason="{r}"}}'] for r in reasons}
     statuses = sorted({str(r["status"]) for r in results})
     n_disconnected = sum(r["status"] == "disconnected" for r in results)
     checks = {
@@ -148,7 +149,8 @@ def run_load(model, tokenizer, n_requests: int, n_disconnect: int, max_batch: in
         # every accepted request ended (none leaked); a client that left before its request was
         # accepted is not counted, one that left after it ended finished normally
         "metrics_every_accepted_request_ended": delta["requests_total"] == sum(ended.values()),
-        "metrics_agree_with_the_clients": len(completed) <= ended["stop"] + ended["length"] <= len(completed) + n_disconnected
+        "metrics_agree_with_the_clients":
+            len(completed) <= ended["stop"] + ended["length"] <= len(completed) + n_disconnected
                                           and ended["cancelled"] <= n_disconnected
                                           and delta["requests_total"] >= n_requests - n_disconnected,
         "metrics_no_failed_or_rejected": ended["error"] + ended["abort"] == 0 and delta["requests_rejected_total"] == 0,

@@ -9,12 +9,14 @@ our model eager, compiled (torch.compile of each block, the loop iteration once,
 with activation checkpointing of each loop, compiled with CUDA graphs (compile_mode='reduce-overhead'), compiled
 with the whole step as CUDA graphs (step_graph=true: training/graphs.py), and that with the MoE replaced by
 its dense bound (`compiled_step_graph_dense_bound`: moe.dense_bound_moe, the routed FLOPs as dense GEMMs with
-dispatch free; a ceiling for any MoE kernel work, not a model). MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
+dispatch free; a ceiling for any MoE kernel work, not a model).
+MFU = flops_per_token (open_mythos.flops) * tokens/s / 989 TFLOP/s.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
@@ -33,7 +35,7 @@ SPEC = ["model.vocab_size=32000", "model.dim=1024", "model.n_heads=16", "model.n
         "model.n_shared_experts=2", "model.n_experts_per_tok=4", "model.expert_dim=256", "model.lora_rank=16",
         "model.kv_lora_rank=512", "model.q_lora_rank=1536", "model.qk_rope_head_dim=64", "model.qk_nope_head_dim=128",
         "model.v_head_dim=128", "data.seq_len=1024", "batch_size=8", "loops.schedule='fixed'", "loops.mean=8",
-        "loops.max_loops=8", "loops.backprop=0", "precision='bf16'", "eval_batches=1", "steps=1000",
+        "loops.max_sampled=8", "loops.backprop=0", "precision='bf16'", "eval_batches=1", "steps=1000",
         "optim.muon_impl='batched'"]
 
 
@@ -73,7 +75,8 @@ def plot(paths: list[str], out: str) -> None:
     from open_mythos.plot import plt
 
     rows = [(attn, variant, r["tokens_per_s"]) for path in paths
-            for attn, variants in json.loads(Path(path).read_text())["results"].items() for variant, r in variants.items()]
+            for attn, variants in json.loads(Path(path).read_text())["results"].items()
+            for variant, r in variants.items()]
     fig, ax = plt.subplots(figsize=(8, 4))
     labels = [f"{attn.upper()} {variant}" for attn, variant, _ in rows]
     ax.barh(labels, [t / 1e3 for *_, t in rows], color=["C0" if a == "gqa" else "C1" for a, *_ in rows])
@@ -107,8 +110,8 @@ def main() -> None:
                 r["speedup_vs_naive_moe"] = r["tokens_per_s"] / base
     cfg = load_config("shakespeare-tiny", overrides=SPEC).model
     write_report("train_step", {"benchmark": "train_step", "env": env_info(), "batch": "8 x 1024", "n_loops": 8,
-                                "flops_per_token": {a: flops_per_token(cfg.__class__(**{**cfg.to_dict(), "attn_type": a}),
-                                                                       1024, 8) for a in args.attn},
+                                "flops_per_token": {a: flops_per_token(dataclasses.replace(cfg, attn_type=a), 1024, 8)
+                                                    for a in args.attn},
                                 "results": results}, args.out)
 
 

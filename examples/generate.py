@@ -20,7 +20,7 @@ else:
     torch.manual_seed(0)
     model, tok = OpenMythos(demo_config()).eval(), ByteTokenizer()
 
-engine = Engine(model, max_batch=4, max_loops=8)
+engine = Engine(model, max_batch=4, max_loop_budget=8)
 prompts = ["ROMEO.\n", "To be, or not to be", "O"]
 requests = [Request(tok.encode(p), max_new_tokens=24, n_loops=n, sampling=SamplingParams(temperature=0.8, top_p=0.95),
                     exit_rule=ExitRule("kl", 1e-3), eos_token_ids=(tok.eos_token_id,), seed=i)

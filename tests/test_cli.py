@@ -61,7 +61,7 @@ def test_serve_passes_engine_settings_and_rejects_bad_ones(monkeypatch, capsys):
     engine = built["engine"]
     assert (engine.schedule, engine.sync_every, engine.prefill_batch, engine.max_batch) == ("depth", 2, 3, 4)
     assert main([*args, "--prefill-batch", "5"]) == 2
-    assert "prefill_batch must be an int in [1, max_batch=4]" in capsys.readouterr().err
+    assert "prefill_batch 5 is out of range [1, max_batch=4]" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------ common mistakes: one line, exit 2

@@ -116,9 +116,9 @@ def test_slot_cache_decode_write_fills_forward_and_skips_masked_rows(compiled):
     before = buf.clone()
     read = (torch.compile(step) if compiled else step)(rows, pos, ls, write, value)
     expected = before.clone()
-    for r, p_, l, w, v in zip(rows.tolist(), pos.tolist(), ls.tolist(), write.tolist(), value):
+    for r, p_, loop_slot, w, v in zip(rows.tolist(), pos.tolist(), ls.tolist(), write.tolist(), value):
         if w:
-            expected[r, l:, p_] = v[0]
+            expected[r, loop_slot:, p_] = v[0]
     torch.testing.assert_close(buf[:4], expected[:4], rtol=0, atol=0)  # the real slots; 4 is scratch
     torch.testing.assert_close(read, buf[rows, ls], rtol=0, atol=0)
 
@@ -151,12 +151,12 @@ def test_engine_follows_the_models_recurrence_recipe(recipe):
 def test_batched_schedules_equal_running_each_request_alone(attn, loop_output):
     model = _model(attn, max_loop_iters=6, loop_output=loop_output)
     reqs = _mixed_requests()
-    alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in reqs]
+    alone = [Engine(model, max_batch=1, max_loop_budget=6).run([r])[0] for r in reqs]
     assert len({tuple(d) for c in alone for d in [c.depths[1:]] if d}) > 1  # exit depths do vary
     for schedule, sync_every, prefill_batch in (("depth", 1, 1), ("depth", 3, 1), ("depth", 1, 3), ("token", 1, 1),
                                                 ("token", 1, 2), ("static", 1, 1)):
         for max_batch in (3, 8):
-            out = Engine(model, max_batch=max_batch, max_loops=6, schedule=schedule, sync_every=sync_every,
+            out = Engine(model, max_batch=max_batch, max_loop_budget=6, schedule=schedule, sync_every=sync_every,
                          prefill_batch=min(prefill_batch, max_batch)).run(reqs)
             for a, b in zip(alone, out):
                 assert (a.tokens, a.depths, a.finish_reason) == (b.tokens, b.depths, b.finish_reason)
@@ -172,11 +172,11 @@ def test_request_arriving_mid_token_changes_nothing(sync_every):
     # six tokens loop 6 times; the seventh request's budget of 2 makes its tokens exit first
     early = [Request(p, 4, 6, GREEDY) for p in PROMPTS + [[3, 1], [4, 4, 4]]] + [Request([8], 4, 2, GREEDY)]
     late = Request([5, 6, 7], 4, 6, GREEDY, ExitRule("kl", 1e-3))
-    alone = [Engine(model, max_batch=1, max_loops=6).run([r])[0] for r in [*early, late]]
-    engine = Engine(model, max_batch=8, max_loops=6, sync_every=sync_every)
+    alone = [Engine(model, max_batch=1, max_loop_budget=6).run([r])[0] for r in [*early, late]]
+    engine = Engine(model, max_batch=8, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     ids = [engine.submit(r) for r in early]
     events = engine.step()  # admission + prefill, then the second tokens' first loops
-    assert 0 < int(engine.t[0]) < 6  # the fixed-depth tokens are mid-loop
+    assert 0 < int(engine.stages.t[0]) < 6  # the fixed-depth tokens are mid-loop
     ids.append(engine.submit(late))
     for _ in range(200):
         if not engine.has_work():
@@ -190,12 +190,12 @@ def test_request_arriving_mid_token_changes_nothing(sync_every):
 def test_depth_batching_only_pays_for_the_loops_tokens_run():
     model = _model(max_loop_iters=6)
     reqs = _mixed_requests(n=10, seed=3)
-    depth = Engine(model, max_batch=4, max_loops=6, schedule="depth")
+    depth = Engine(model, max_batch=4, max_loop_budget=6, schedule="depth")
     out = depth.run(reqs)
     # the first token of each request comes from the prefill; every other token ran its own depth,
     # besides rows of requests that had ended (see the next test)
     assert depth.stats["loop_rows"] - depth.stats["lag_rows"] == sum(sum(c.depths[1:]) for c in out)
-    static = Engine(model, max_batch=4, max_loops=6, schedule="static")
+    static = Engine(model, max_batch=4, max_loop_budget=6, schedule="static")
     static.run(reqs)
     assert static.stats["loop_rows"] > depth.stats["loop_rows"]
 
@@ -207,17 +207,17 @@ def test_depth_ticks_are_pipelined_for_greedy_requests(sync_every):
     token; a request that samples on the host is read before the next tick (no lag)."""
     model = _model(max_loop_iters=6)
     reqs = [dataclasses.replace(r, sampling=GREEDY, max_new_tokens=r.max_new_tokens + 1) for r in _mixed_requests()]
-    engine = Engine(model, max_batch=3, max_loops=6, sync_every=sync_every)
+    engine = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     ids = [engine.submit(r) for r in reqs]
     events = engine.step()
-    assert len(engine._unread) == 1  # the first tick is launched, not read
+    assert len(engine.unread) == 1  # the first tick is launched, not read
     while engine.has_work():
         events += engine.step()
     assert engine.stats["lag_rows"] == len(reqs) * sync_every
     for rid, r in zip(ids, reqs):  # and the tokens are those of running each request alone
-        ref = Engine(model, max_batch=1, max_loops=6, sync_every=sync_every).run([r])[0]
+        ref = Engine(model, max_batch=1, max_loop_budget=6, sync_every=sync_every).run([r])[0]
         assert [e.token for e in events if e.request_id == rid] == ref.tokens
-    sampled = Engine(model, max_batch=3, max_loops=6, sync_every=sync_every)
+    sampled = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     sampled.run([dataclasses.replace(r, sampling=SamplingParams(temperature=0.7), seed=1) for r in reqs])
     assert sampled.stats["lag_rows"] == 0
 
@@ -227,9 +227,9 @@ def test_fixed_depth_depth_ticks_start_and_finish_only_when_a_token_starts_or_en
     pipelined tick one tick late, only the ticks where a token starts (or ends) run the start (or
     finish) stage."""
     model = _model(max_loop_iters=6)
-    engine = Engine(model, max_batch=2, max_loops=6)
-    keys, run = [], engine._run
-    engine._run = lambda stage, key, *inputs: keys.append(key) or run(stage, key, *inputs)
+    engine = Engine(model, max_batch=2, max_loop_budget=6, schedule="depth")
+    keys, run = [], engine.run_stage
+    engine.run_stage = lambda stage, key, *inputs: keys.append(key) or run(stage, key, *inputs)
     n = 5
     engine.run([Request([1, 2, 3], n, 4, GREEDY)])
     ticks = [k for k in keys if k[0] == "depth"]  # ("depth", rows, probe, start, finish)
@@ -243,25 +243,25 @@ def test_prefill_batch_prefills_ahead_onto_standby_rows():
     are free, and a prefilled request waits on standby until a running slot frees, so while
     requests wait every tick runs max_batch rows; a lone waiting request is admitted at once."""
     model = _model()
-    engine = Engine(model, max_batch=3, prefill_batch=2)
+    engine = Engine(model, max_batch=3, prefill_batch=2, schedule="depth")
     lengths = [2, 6, 9, 4, 4, 3, 5]
     ids = [engine.submit(Request([1 + i, 2], n, 2, GREEDY)) for i, n in enumerate(lengths)]
     admitted_at, prefill_sizes, ticks = {}, [], []
-    prefill, tick = engine._prefill, engine._depth_tick
-    engine._prefill = lambda slots, n_loops: prefill_sizes.append(len(slots)) or prefill(slots, n_loops)
-    engine._depth_tick = lambda events: ticks.append((len(engine.running()), bool(engine.waiting or engine.standby),
-                                                      len(engine.slots))) or tick(events)
+    prefill, tick = engine.prefill, engine.depth_tick
+    engine.prefill = lambda slots, n_loops: prefill_sizes.append(len(slots)) or prefill(slots, n_loops)
+    engine.depth_tick = lambda events: ticks.append((len(engine.running()), bool(engine.waiting or engine.standby),
+                                                      len(engine.active))) or tick(events)
     while engine.has_work():
-        before = set(engine.slots)
+        before = set(engine.active)
         engine.step()
-        for slot in set(engine.slots) - before:
-            admitted_at.setdefault(engine.slots[slot].request_id, engine.stats["ticks"])
+        for slot in set(engine.active) - before:
+            admitted_at.setdefault(engine.active[slot].request_id, engine.stats["ticks"])
     assert all(running == 3 for running, loaded, _ in ticks if loaded)  # under load no running slot is empty
     assert max(rows for *_, rows in ticks) == 4 and all(running <= 3 for running, *_ in ticks)
     assert prefill_sizes[0] == 3 and all(n == 2 for n in prefill_sizes[1:-1])  # the last one may be alone
     # the first slot frees after its 2 loops (2 ticks), read one tick later (pipelined), refilled at the next
     assert admitted_at[ids[3]] == admitted_at[ids[4]] == 2 + 1 + 1
-    late = Engine(model, max_batch=3, prefill_batch=2)
+    late = Engine(model, max_batch=3, prefill_batch=2, schedule="depth")
     late.submit(Request([1, 2], 9, 2, GREEDY))
     late.step()
     late.submit(Request([3, 4], 2, 2, GREEDY))  # only one waits: it does not wait for a second row
@@ -302,7 +302,7 @@ def test_warmup_covers_every_shape_a_workload_meets_and_changes_no_output(schedu
     engine = Engine(model, max_batch=3, max_len=40, schedule=schedule)
     engine.graphs = _RecordingGraphs()
     assert engine.warmup() == 3 * 3 + 3  # batch buckets 1, 2, 3 x prompt buckets 16, 32, 40; + exit-rule runs
-    assert not engine.slots and not engine.waiting and engine.stats["tokens"] == 0
+    assert not engine.active and not engine.waiting and engine.stats["tokens"] == 0
     warmed = set(engine.graphs.keys)
     out = engine.run(reqs)
     assert engine.graphs.keys == warmed
@@ -327,7 +327,8 @@ def test_kl_rule_exits_where_successive_distributions_agree(loop_output):
     ranked = sorted(kls.values())
     tol = (ranked[1] + ranked[2]) / 2  # between two measured values: some depths pass, some do not
     expected = next((d for d in range(2, budget + 1) if kls[d] < tol), budget)
-    out = Engine(model, max_batch=2, max_loops=6).run([Request(prompt, 2, budget, GREEDY, ExitRule("kl", tol))])[0]
+    req = Request(prompt, 2, budget, GREEDY, ExitRule("kl", tol))
+    out = Engine(model, max_batch=2, max_loop_budget=6).run([req])[0]
     assert out.tokens[0] == first
     assert out.depths[1] == expected
     assert out.tokens[1] == ref[expected].argmax().item()
@@ -338,7 +339,7 @@ def test_act_rule_exits_at_the_models_act_halting_depth():
     prompt = [5, 6, 7, 8, 9]
     first = model(torch.tensor([prompt]), 6)[0, -1].argmax().item()
     logits, act_depth = model(torch.tensor([prompt + [first]]), 6, return_act_depth=True)
-    out = Engine(model, max_batch=1, max_loops=6).run([Request(prompt, 2, 6, GREEDY, ExitRule("act"))])[0]
+    out = Engine(model, max_batch=1, max_loop_budget=6).run([Request(prompt, 2, 6, GREEDY, ExitRule("act"))])[0]
     expected = int(act_depth[0, -1])
     assert out.depths[1] == expected
     # loop_output="act": the loops after halting have zero weight, so the output is the full forward's
@@ -349,7 +350,7 @@ def test_min_loops_and_budget_bound_the_exit_depth():
     model = _model(max_loop_iters=6)
     reqs = [Request([1, 2, 3], 8, 5, GREEDY, ExitRule("rel_change", 10.0, min_loops=3)),  # fires at once
             Request([1, 2, 3], 8, 4, GREEDY, ExitRule("rel_change", 1e-9))]               # never fires
-    fast, slow = Engine(model, max_batch=2, max_loops=6).run(reqs)
+    fast, slow = Engine(model, max_batch=2, max_loop_budget=6).run(reqs)
     assert fast.depths[1:] == [3] * 7
     assert slow.depths[1:] == [4] * 7
 
@@ -389,7 +390,7 @@ def test_cache_memory_per_token_per_policy():
     for attn in ("gqa", "mla"):
         model = _model(attn, max_loop_iters=4)
         for policy in ("per_loop", "shared"):
-            engine = Engine(model, max_batch=2, loop_policy=policy, max_loops=4)
+            engine = Engine(model, max_batch=2, loop_policy=policy, max_loop_budget=4)
             engine.run([Request([1, 2, 3], 2, 4, GREEDY)])
             per_token[attn, policy] = engine.cache.bytes_per_token()
     cfg = tiny_config()
@@ -434,7 +435,7 @@ def test_bad_engine_and_rule_settings():
         Engine(model, sync_every=0)
     with pytest.raises(ValueError, match="prefill_batch"):
         Engine(model, max_batch=4, prefill_batch=5)
-    with pytest.raises(ValueError, match="prefill_batch applies to the depth and token"):
+    with pytest.raises(ValueError, match="prefill_batch applies to the depth and continuous"):
         Engine(model, max_batch=4, prefill_batch=2, schedule="static")
     with pytest.raises(ValueError, match="exit rule kind"):
         ExitRule("entropy")

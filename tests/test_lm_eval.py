@@ -135,7 +135,8 @@ def test_lm_eval_runs_the_model_on_local_tasks(model_dir, tmp_path):
 def test_mythos_lm_eval_command(model_dir, tmp_path):
     _write_tasks(tmp_path)
     cmd = [sys.executable, "-c", "from open_mythos.eval.harness import main; main()", "--model", "open_mythos",
-           "--model_args", f"pretrained={model_dir},n_loops=3", "--device", "cpu", "--tasks", "mythos_choice", "--include_path",
+           "--model_args", f"pretrained={model_dir},n_loops=3", "--device", "cpu", "--tasks", "mythos_choice",
+           "--include_path",
            str(tmp_path), "--output_path", str(tmp_path / "out")]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from open_mythos import OpenMythos
 from open_mythos.layers import Linear
+from open_mythos.training.speed import compile_blocks
 
 from conftest import tiny_config
 
@@ -168,14 +169,14 @@ def test_compiled_blocks_match_eager_values_and_grads():
     ref.square().mean().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
-    model.compile_blocks()
-    out = model(ids, 3)
+    runner = compile_blocks(model)
+    out = model(ids, 3, loop_runner=runner)
     out.square().mean().backward()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     for n, p in model.named_parameters():
         if p.grad is not None:
             torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6, msg=n)
-    assert model(ids, 5).shape == ref.shape  # another loop count reuses the compiled body
+    assert model(ids, 5, loop_runner=runner).shape == ref.shape  # another loop count reuses the compiled body
 
 
 @torch.no_grad()

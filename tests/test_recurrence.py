@@ -6,6 +6,7 @@ import torch
 from open_mythos import OpenMythos
 from open_mythos.layers import rope_angles
 from open_mythos.recurrence import ACTHalting, LTIInjection, loop_embeddings
+from open_mythos.training.speed import LoopRunner
 
 from conftest import tiny_config
 
@@ -38,14 +39,28 @@ def test_injection_is_the_update_rule():
     torch.testing.assert_close(inj(h, e, out), A * h + dt * inj.B * e + out)
 
 
+def test_act_weight_with_a_per_position_last_mask_equals_the_scalar_rule():
+    """The engine's per-token budgets pass ``last`` as a mask: each position gets the weight the scalar rule
+    gives it (True: the remainder; False: p, or the remainder once cum + p reaches the threshold)."""
+    act = ACTHalting(8, threshold=0.9)
+    cum = torch.tensor([0.0, 0.5, 0.95, 0.2, 0.6, 0.0])
+    p = torch.tensor([0.3, 0.5, 0.4, 0.1, 0.1, 0.95])
+    last = torch.tensor([True, False, True, False, True, False])
+    w = act.weight(p, cum, last)
+    for i in range(6):
+        one = act.weight(p[i: i + 1], cum[i: i + 1], bool(last[i]))
+        assert torch.equal(w[i: i + 1], one)
+    assert torch.equal(act.weight(None, cum, True), act.weight(p, cum, torch.ones(6, dtype=torch.bool)))
+
+
 def test_act_weights_sum_to_one_with_remainder():
     act = ACTHalting(8, threshold=0.99)
-    probs = iter([0.5, 0.3, 0.4, 0.9])  # cum: 0.5, 0.8, then 0.8 + 0.4 >= 0.99 -> remainder 0.2
-    act.halting_prob = lambda h: torch.full(h.shape[:-1], next(probs))
+    probs = [0.5, 0.3, 0.4, 0.9]  # cum: 0.5, 0.8, then 0.8 + 0.4 >= 0.99 -> remainder 0.2
     cum = torch.zeros(1)
     weights = []
     for t in range(4):
-        w, cum = act.step(torch.zeros(1, 8), cum, is_last=t == 3)
+        w = act.weight(torch.full((1,), probs[t]), cum, last=t == 3)
+        cum = cum + w
         weights.append(w.item())
     assert weights == pytest.approx([0.5, 0.3, 0.2, 0.0])
 
@@ -55,11 +70,11 @@ def test_act_weights_sum_to_one_in_the_model(loop_output):
     model = OpenMythos(tiny_config(loop_output=loop_output))
     with torch.no_grad():
         model.recurrent.act.proj.weight.normal_(std=0.5)
-    e = torch.randn(2, 5, 64)
     act, cum = model.recurrent.act, torch.zeros(2, 5)
     total = torch.zeros(2, 5)
     for t in range(6):
-        w, cum = act.step(torch.randn(2, 5, 64), cum, is_last=t == 5)
+        w = act.weight(act.halting_prob(torch.randn(2, 5, 64)), cum, last=t == 5)
+        cum = cum + w
         assert (w >= 0).all()
         total += w
     torch.testing.assert_close(total, torch.ones(2, 5))
@@ -125,9 +140,9 @@ def test_matrices_cast_once_per_forward_match_per_loop_casts():
     results = []
     for once, ckpt in ((False, False), (True, False), (True, True)):
         model.zero_grad()
-        model.recurrent.cast_matrices_once, model.recurrent.checkpoint_loops = once, ckpt
+        runner = LoopRunner(checkpoint_loops=ckpt, cast_matrices_once=once)
         with torch.autocast("cpu", torch.bfloat16):
-            out = model(ids, 3)
+            out = model(ids, 3, loop_runner=runner)
         out.float().square().mean().backward()
         results.append((out.float(), torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])))
     (out0, g0), (out1, g1), (out2, g2) = results
@@ -176,7 +191,7 @@ def test_residual_injection_keeps_what_a_loop_wrote():
     h, e = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     rope = rope_angles(torch.arange(5), model.cfg.rope_dim, model.cfg.rope_theta)
     zero = torch.zeros(64)
-    step = model.recurrent.step(h, e, rope, zero, None)
+    step = model.recurrent.iteration(h, e, rope, zero, None)
     torch.testing.assert_close(step - h, model.recurrent.block.residual(h + e, rope))
     assert model.recurrent.injection.spectral_radius() == 1.0
 

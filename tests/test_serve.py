@@ -23,7 +23,8 @@ TOK = ByteTokenizer()
 class LiveServer:
     def __init__(self, model, max_pending=256, max_batch=8, engine_cls=Engine, drain_timeout=10.0, tokenizer=TOK,
                  **app_kwargs):
-        self.app = build_app(engine_cls(model, max_batch=max_batch), tokenizer, "tiny", max_pending=max_pending, **app_kwargs)
+        self.app = build_app(engine_cls(model, max_batch=max_batch), tokenizer, "tiny", max_pending=max_pending,
+                             **app_kwargs)
         self.server, self.url = serve_in_thread(self.app, drain_timeout=drain_timeout)
         self.thread = self.server.thread
 
@@ -189,7 +190,8 @@ def test_full_queue_answers_429_and_shutdown_finishes_in_flight_work(model):
             live.server.should_exit = True  # graceful shutdown while both streams are in flight
             events = head + sse_events(first_lines) + sse_events(second.iter_lines())
         assert events.count("[DONE]") == 2
-        reasons = [e["choices"][0]["finish_reason"] for e in events if e != "[DONE]" and e["choices"][0]["finish_reason"]]
+        reasons = [e["choices"][0]["finish_reason"] for e in events
+                   if e != "[DONE]" and e["choices"][0]["finish_reason"]]
         assert reasons == ["length", "length"]  # in-flight work was finished, not dropped
         live.thread.join(30)
         assert not live.thread.is_alive()

@@ -42,7 +42,8 @@ def server(model):
 
 def post(server, body, path="/v1/completions", **kw):
     kwargs = {"content": body} if isinstance(body, (bytes, str)) else {"json": body}
-    return httpx.post(f"{server.url}{path}", headers={"content-type": "application/json"}, **kwargs, **{"timeout": 60} | kw)
+    return httpx.post(f"{server.url}{path}", headers={"content-type": "application/json"}, **kwargs,
+                      **{"timeout": 60} | kw)
 
 
 def assert_openai_error(r, status, param="absent", text=None):
@@ -330,7 +331,8 @@ def test_chat_logprobs_and_max_completion_tokens(server, model):
     content = r["choices"][0]["logprobs"]["content"]
     assert b"".join(bytes(e["bytes"]) for e in content).decode() == r["choices"][0]["message"]["content"]
     for e in content:  # greedy: the chosen token is the most likely one
-        assert [t["logprob"] for t in e["top_logprobs"]] == sorted((t["logprob"] for t in e["top_logprobs"]), reverse=True)
+        top = [t["logprob"] for t in e["top_logprobs"]]
+        assert top == sorted(top, reverse=True)
         assert e["top_logprobs"][0]["token"] == e["token"] and e["top_logprobs"][0]["logprob"] == e["logprob"]
     assert_openai_error(post(server, body | {"max_tokens": 3}, "/v1/chat/completions"), 400, "max_completion_tokens")
     assert_openai_error(post(server, body | {"logprobs": False}, "/v1/chat/completions"), 400, "top_logprobs")
@@ -465,7 +467,8 @@ PLAUSIBLE = {
     "top_p": st.floats(0.01, 1), "top_k": st.integers(0, 300), "n": st.just(1), "n_loops": st.integers(1, 4),
     "stop": st.one_of(texts, st.lists(texts, max_size=3)), "seed": st.integers(-2 ** 63, 2 ** 64 - 1),
     "stream": st.booleans(), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
-    "exit_rule": exit_rules, "logprobs": st.one_of(st.booleans(), st.integers(0, 21)), "top_logprobs": st.integers(0, 21),
+    "exit_rule": exit_rules, "logprobs": st.one_of(st.booleans(), st.integers(0, 21)),
+    "top_logprobs": st.integers(0, 21),
     "model": st.sampled_from(["tiny", "other"]), "echo": st.booleans(), "logit_bias": st.just({}),
     "user": texts, "unknown_field": st.integers()}
 COMMON = ["max_tokens", "temperature", "top_p", "top_k", "n", "n_loops", "stop", "seed", "stream", "stream_options",

@@ -12,7 +12,7 @@ from open_mythos.training.tasks import TaskLoader, build_task
 
 
 def test_progressive_schedule_draws_bansals_random_start_and_gradient_loops():
-    cfg = LoopConfig(schedule="progressive", mean=2, min_loops=1, max_loops=4)
+    cfg = LoopConfig(schedule="progressive", mean=2, min_sampled=1, max_sampled=4)
     draws = [cfg.draw(seed=3, step=s) for s in range(3000)]
     assert draws == [cfg.draw(seed=3, step=s) for s in range(3000)]  # a function of (seed, step)
     # every (detached start n in 0..m-1, gradient loops k in 1..m-n) occurs, and nothing else
@@ -20,14 +20,14 @@ def test_progressive_schedule_draws_bansals_random_start_and_gradient_loops():
     assert set(draws) == expected
     starts = [loops - grad for loops, grad in draws]
     assert all(abs(starts.count(n) / 3000 - 0.25) < 0.04 for n in range(4))  # n ~ U{0..m-1}
-    floor = LoopConfig(schedule="progressive", mean=3, min_loops=3, max_loops=5)
+    floor = LoopConfig(schedule="progressive", mean=3, min_sampled=3, max_sampled=5)
     assert {floor.draw(0, s) for s in range(2000)} == {(n + k, k) for n in range(3) for k in range(max(1, 3 - n), 6 - n)}
-    assert LoopConfig(schedule="uniform", mean=2, max_loops=4, backprop=2).draw(0, 1)[1] == 2
-    assert LoopConfig(schedule="uniform", mean=2, max_loops=4).draw(0, 1)[1] is None
+    assert LoopConfig(schedule="uniform", mean=2, max_sampled=4, backprop=2).draw(0, 1)[1] == 2
+    assert LoopConfig(schedule="uniform", mean=2, max_sampled=4).draw(0, 1)[1] is None
 
 
 def test_warmup_runs_one_loop_then_the_schedule():
-    cfg = LoopConfig(schedule="fixed", mean=5, max_loops=8, warmup_steps=3)
+    cfg = LoopConfig(schedule="fixed", mean=5, max_sampled=8, warmup_steps=3)
     assert [cfg.draw(0, s) for s in range(5)] == [(1, None)] * 3 + [(5, None)] * 2
     assert [cfg.sample(0, s) for s in range(5)] == [1, 1, 1, 5, 5]
 
@@ -79,7 +79,7 @@ def _task_overrides(tmp_path, *extra):
             "model.expert_dim=32", "model.max_seq_len=16",
             "model.vocab_size=2", "model.attn_type='gqa'", "model.lora_rank=0", "model.prelude_layers=1",
             "model.coda_layers=1", "data.source='task'", "data.task='prefix_sums'", "data.task_args={bits=8}",
-            "data.seq_len=8", "loops.schedule='progressive'", "loops.mean=2", "loops.max_loops=4",
+            "data.seq_len=8", "loops.schedule='progressive'", "loops.mean=2", "loops.max_sampled=4",
             "loops.warmup_steps=2", "optim.warmup_steps=1", "sweep_loops=[1]", f"out_dir='{tmp_path}'", *extra]
 
 

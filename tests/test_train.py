@@ -18,7 +18,7 @@ from open_mythos.training.loop import Trainer
 
 TINY = ["steps=6", "batch_size=4", "log_every=1", "eval_batches=2", "sample_tokens=0",
         "model.dim=32", "model.n_heads=2", "model.n_kv_heads=1", "model.n_experts=4", "model.expert_dim=32",
-        "model.max_seq_len=32", "model.lora_rank=2", "data.seq_len=16", "loops.mean=2", "loops.max_loops=3",
+        "model.max_seq_len=32", "model.lora_rank=2", "data.seq_len=16", "loops.mean=2", "loops.max_sampled=3",
         "loops.backprop=2", "optim.warmup_steps=2", "sweep_loops=[1, 2, 4]"]
 
 
@@ -27,18 +27,18 @@ def tiny_overrides(tmp_path, *extra):
 
 
 def read_metrics(run_dir):
-    return [json.loads(l) for l in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_loop_sampling_is_bounded_deterministic_and_centred():
-    cfg = LoopConfig(schedule="poisson_lognormal", mean=4, sigma=0.5, min_loops=1, max_loops=12)
+    cfg = LoopConfig(schedule="poisson_lognormal", mean=4, sigma=0.5, min_sampled=1, max_sampled=12)
     draws = [cfg.sample(seed=0, step=s) for s in range(2000)]
     assert min(draws) >= 1 and max(draws) <= 12
     assert draws == [cfg.sample(seed=0, step=s) for s in range(2000)]
     assert 3.5 < sum(draws) / len(draws) < 4.5
     assert LoopConfig(schedule="fixed", mean=3).sample(0, 5) == 3
-    with pytest.raises(ValueError, match="loops.min_loops"):
-        LoopConfig(mean=2, min_loops=3)
+    with pytest.raises(ValueError, match="loops.min_sampled"):
+        LoopConfig(mean=2, min_sampled=3)
 
 
 def test_config_presets_overrides_and_errors(tmp_path):
@@ -178,13 +178,14 @@ def test_compiled_bf16_training_with_activation_checkpointing(tmp_path):
 def test_activation_checkpointing_gives_the_same_gradients():
     from conftest import tiny_config
 
+    from open_mythos.training.speed import LoopRunner
+
     model = OpenMythos(tiny_config())
     ids = torch.randint(0, 97, (2, 8))
     grads = []
     for ckpt in (False, True):
         model.zero_grad()
-        model.recurrent.checkpoint_loops = ckpt
-        model(ids, 3).square().mean().backward()
+        model(ids, 3, loop_runner=LoopRunner(checkpoint_loops=ckpt)).square().mean().backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], msg=n)
@@ -261,8 +262,9 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel, step_graph)
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     results = []
     for accum in (1, 2):
-        cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, f"grad_accum={accum}",
-                                                                       "loops.schedule='fixed'", f"out_dir='{tmp_path / str(accum)}'"))
+        overrides = tiny_overrides(tmp_path, f"grad_accum={accum}", "loops.schedule='fixed'",
+                                   f"out_dir='{tmp_path / str(accum)}'")
+        cfg = load_config("shakespeare-tiny", overrides=overrides)
         trainer = Trainer(cfg, progress=False)
         trainer.train_loader.shuffle = False  # same windows in the same order for both
         recs = []
@@ -436,8 +438,8 @@ def test_activation_checkpointing_trains_identically(tmp_path):
     from conftest import tiny_config
 
     model = OpenMythos(tiny_config(n_experts_per_tok=2)).train()
-    model.recurrent.checkpoint_loops = True
-    model(torch.randint(0, 97, (1, 4)), 2, backprop_loops=1).sum().backward()
+    model(torch.randint(0, 97, (1, 4)), 2, backprop_loops=1,
+          loop_runner=LoopRunner(checkpoint_loops=True)).sum().backward()
     assert sum(m.expert_load.sum().item() for m in model.moe_layers()) == 4 * 2 * 2  # tokens x top-k x loops
     trained = {}
     for ckpt in (False, True):

@@ -65,10 +65,6 @@ class GQAttention(nn.Module):
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    @property
-    def rope_dim(self) -> int:
-        return self.head_dim
-
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
         B, T, _ = x.shape

@@ -15,14 +15,42 @@ import torch
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding and indexing accept
 
 
-def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None) -> int:
-    """``value`` as an int in [lo, hi] (either bound optional); bool is not an int here, numpy's ints are."""
+def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, hi_name: str = "",
+              note: str = "") -> int:
+    """``value`` as an int in [lo, hi] (either bound optional); bool is not an int here, numpy's ints are.
+    ``hi_name`` names the upper bound in the message ("[1, max_batch=4]"); ``note`` explains the range."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {value!r}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
-        bounds = f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
-        raise ValueError(f"{name} {value} is out of range {bounds}")
+        high = "inf" if hi is None else f"{hi_name}={hi}" if hi_name else hi
+        bounds = f"[{'-inf' if lo is None else lo}, {high}]"
+        raise ValueError(f"{name} {value} is out of range {bounds}{f' ({note})' if note else ''}")
     return int(value)
+
+
+def check_generation_length(prompt_len: int, max_new_tokens: Any, max_output_tokens: int, context: int,
+                            context_name: str = "") -> None:
+    """A generation request's length limits (``OpenMythos.generate``, the inference engine, the server):
+    max_new_tokens an int in [1, max_output_tokens], and prompt + max_new_tokens within ``context`` tokens
+    (``context_name`` says where that limit comes from)."""
+    check_int("max_new_tokens", max_new_tokens, 1)
+    if max_new_tokens > max_output_tokens:
+        raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_output_tokens={max_output_tokens}")
+    if prompt_len + max_new_tokens > context:
+        raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
+                         f"of {context} tokens{f' ({context_name})' if context_name else ''}")
+
+
+# dtype names users type (CLI --dtype, lm-eval's dtype=...): the short and the torch spellings
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str, argument: str = "dtype") -> torch.dtype:
+    """The torch dtype called ``name`` (a key of DTYPES); else ValueError naming ``argument``."""
+    if name not in DTYPES:
+        raise ValueError(f"{argument} must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 def check_finite(name: str, value: Any) -> float:

@@ -13,6 +13,9 @@ from pathlib import Path
 import torch
 
 from .config import MythosConfig
+from .inference.engine import SCHEDULE_ALIASES, SCHEDULES
+from .inference.exit import EXIT_KINDS
+from .checks import DTYPES, parse_dtype
 from .model import OpenMythos
 from .tokenizer import ByteTokenizer
 from .variants import VARIANTS, count_parameters
@@ -53,7 +56,7 @@ def load_model(args: argparse.Namespace):
     """(model, tokenizer) from ``--model DIR`` (a save_pretrained directory) or ``--demo``."""
     from .tokenizer import tokenizer_for
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = parse_dtype(args.dtype, "--dtype")
     if args.demo:
         torch.manual_seed(0)  # the demo model is the same random model every time
         return OpenMythos(demo_config()).to(device=args.device, dtype=dtype).eval(), ByteTokenizer()
@@ -68,7 +71,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--demo", action="store_true", help="a random tiny byte-level model instead of --model")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="torch device to run on")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="weight and compute dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weight and compute dtype")
     p.add_argument("--loop-policy", choices=["per_loop", "shared"], default="per_loop",
                    help="recurrent KV cache: per_loop (exact) or shared (one slot for all loops, less memory; "
                         "docs/inference.md)")
@@ -90,7 +93,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-loops must be >= 1 (recurrent iterations per token), got {args.n_loops}")
     model, tok = load_model(args)
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy,
-                    max_loops=max(args.n_loops or 0, model.cfg.max_loop_iters))
+                    max_loop_budget=max(args.n_loops or 0, model.cfg.max_loop_iters))
     rule = ExitRule(args.exit, args.exit_threshold, args.min_loops)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     prompts = args.prompt or ["To be, or not to be"]
@@ -136,8 +139,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .serving import build_app, make_server
 
     model, tok = load_model(args)
-    engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy, max_loops=args.max_loops,
-                    schedule=args.schedule, sync_every=args.sync_every, prefill_batch=args.prefill_batch)
+    engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy,
+                    max_loop_budget=args.max_loop_budget, schedule=args.schedule, sync_every=args.sync_every,
+                    prefill_batch=args.prefill_batch)
     if engine.graphs is not None and not args.no_warmup:  # capture every CUDA graph before clients arrive
         t0 = time.perf_counter()
         shapes = engine.warmup()
@@ -194,7 +198,8 @@ def cmd_variants(args: argparse.Namespace) -> int:
           f"{'total':>10}{'active':>9}")
     for r in rows:
         print(f"{r['variant']:<12}{r['dim']:>7}{r['experts']:>9}{r['expert_dim']:>9}{r['loops']:>7}"
-              f"{r['context']:>10}{r['max_output']:>9}{r['total_params'] / 1e9:>9.2f}B{r['active_params'] / 1e9:>8.2f}B")
+              f"{r['context']:>10}{r['max_output']:>9}{r['total_params'] / 1e9:>9.2f}B"
+              f"{r['active_params'] / 1e9:>8.2f}B")
     return 0
 
 
@@ -283,11 +288,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: 'To be, or not to be')")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate per prompt")
     p.add_argument("--n-loops", type=int, default=None,
-                   help="loop budget per token, >= 1; may exceed the trained depth (default: the model's max_loop_iters)")
+                   help="loop budget per token, >= 1; may exceed the trained depth (default: the model's "
+                        "max_loop_iters)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 is greedy")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
-    p.add_argument("--exit", choices=["none", "act", "rel_change", "kl"], default="none",
+    p.add_argument("--exit", choices=EXIT_KINDS, default="none",
                    help="per-token early-exit rule (docs/inference.md)")
     p.add_argument("--exit-threshold", type=float, default=None,
                    help="the rule's threshold (default: act the config's act_threshold, rel_change 1e-2, kl 5e-4)")
@@ -301,17 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--model-name", help="the model id clients use (default: the directory's name; a run's "
                                         "model/ is named after the run: runs/NAME/model -> NAME)")
-    p.add_argument("--max-loops", type=int, default=None,
-                   help="largest per-request n_loops; deeper than trained is allowed (default: the model's max_loop_iters)")
-    p.add_argument("--schedule", choices=["depth", "token", "static"], default="token",
-                   help="depth: continuous depth-wise batching; token: whole tokens, requests join every token; static: whole batches")
+    p.add_argument("--max-loop-budget", "--max-loops", dest="max_loop_budget", type=int, default=None,
+                   help="largest per-request loop budget n_loops; deeper than trained is allowed (default: the "
+                        "model's max_loop_iters; --max-loops is the old spelling)")
+    p.add_argument("--schedule", choices=[*SCHEDULES, *SCHEDULE_ALIASES], default="continuous",
+                   help="continuous: whole tokens, requests join every token (\"token\" is the old name); depth: "
+                        "continuous depth-wise batching; static: whole batches")
     p.add_argument("--sync-every", type=int, default=1, help="depth schedule: loop iterations per tick (per host sync)")
     p.add_argument("--prefill-batch", type=int, default=1,
-                   help="depth/token schedule: prefill waiting requests this many at a time, ahead of need (n-1 standby cache rows)")
+                   help="depth/continuous schedule: prefill waiting requests this many at a time, ahead of need "
+                        "(n-1 standby cache rows)")
     p.add_argument("--max-pending", type=int, default=256, help="requests in flight before answering 429")
-    p.add_argument("--no-warmup", action="store_true", help="on a GPU: skip capturing every batch/prompt shape at start-up")
+    p.add_argument("--no-warmup", action="store_true",
+                   help="on a GPU: skip capturing every batch/prompt shape at start-up")
     p.add_argument("--graceful-timeout", type=int, default=30,
-                   help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason \"abort\"")
+                   help="seconds to finish in-flight work on shutdown; what still runs then ends with finish_reason "
+                        "\"abort\"")
     p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
     p = add("experiment", help="evidence experiments: khop, prefix-sums, loops, dense-vs-looped, ablate "

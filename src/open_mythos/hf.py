@@ -21,8 +21,8 @@ from transformers.modeling_outputs import CausalLMOutput
 
 # absolute imports: transformers' remote-code loader follows relative ones file by file
 from open_mythos.config import MythosConfig
-from open_mythos.eval.perplexity import lm_loss
 from open_mythos.hub import migrate_config
+from open_mythos.loss import lm_loss
 from open_mythos.model import OpenMythos
 
 MODEL_TYPE = "open_mythos"

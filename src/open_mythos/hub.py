@@ -29,8 +29,10 @@ from .config import MythosConfig
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 REMOTE_CODE = {
-    "configuration_open_mythos.py": "from open_mythos.hf import OpenMythosConfig  # noqa: F401  (pip install 'open-mythos[hf]')\n",
-    "modeling_open_mythos.py": "from open_mythos.hf import OpenMythosForCausalLM  # noqa: F401  (pip install 'open-mythos[hf]')\n",
+    "configuration_open_mythos.py":
+        "from open_mythos.hf import OpenMythosConfig  # noqa: F401  (pip install 'open-mythos[hf]')\n",
+    "modeling_open_mythos.py":
+        "from open_mythos.hf import OpenMythosForCausalLM  # noqa: F401  (pip install 'open-mythos[hf]')\n",
 }
 AUTO_MAP = {"AutoConfig": "configuration_open_mythos.OpenMythosConfig",
             "AutoModelForCausalLM": "modeling_open_mythos.OpenMythosForCausalLM"}
@@ -50,13 +52,24 @@ def share_file_mode(path: Path) -> None:
     os.chmod(path, 0o666 & ~umask)
 
 
-def write_config(directory: Path, cfg: MythosConfig) -> None:
+def write_pretrained(directory: str | Path, cfg: MythosConfig, state: dict[str, torch.Tensor],
+                     counts: dict[str, int]) -> None:
+    """The one writer of a save_pretrained directory (``OpenMythos.save_pretrained``, checkpoint exports):
+    ``model.safetensors`` from a full state dict, config.json, model card (``counts``:
+    ``OpenMythos.parameter_counts``) and the remote-code shims."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    save_weights(state, directory / WEIGHTS_NAME, cfg)
+    write_config(directory, cfg, counts)
+
+
+def write_config(directory: Path, cfg: MythosConfig, counts: dict[str, int]) -> None:
     config = {"format_version": FORMAT_VERSION, "model_type": "open_mythos",
               "architectures": ["OpenMythosForCausalLM"], "auto_map": AUTO_MAP, **cfg.to_dict()}
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True))
     for name, text in REMOTE_CODE.items():
         (directory / name).write_text(text)
-    (directory / "README.md").write_text(model_card(cfg))
+    (directory / "README.md").write_text(model_card(cfg, counts))
 
 
 def migrate_config(d: dict) -> dict:
@@ -126,10 +139,7 @@ def verify_tensors(path: str | Path) -> bool:
     return True
 
 
-def model_card(cfg: MythosConfig) -> str:
-    from .variants import count_parameters  # variants imports the model, which imports this module
-
-    counts = count_parameters(cfg)
+def model_card(cfg: MythosConfig, counts: dict[str, int]) -> str:
     return f"""---
 library_name: open-mythos
 tags: [recurrent-depth-transformer, looped-transformer, mixture-of-experts]
@@ -161,4 +171,4 @@ out = hf_model.generate(ids, max_new_tokens=32, n_loops=8)
 ```
 
 Weights: `model.safetensors` (no pickle). Serve: `mythos serve --model THIS_DIR`.
-"""
+"""  # noqa: E501  (markdown table rows)

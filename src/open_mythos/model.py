@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -17,15 +18,13 @@ from torch import nn
 
 from .blocks import TransformerBlock
 from .cache import KVCache
-from .checks import TOKEN_ID_DTYPES, check_index_range, check_int, check_token_ids
+from .checks import TOKEN_ID_DTYPES, check_generation_length, check_index_range, check_int, check_token_ids
 from .config import MythosConfig
-from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config, save_weights, verify_tensors, write_config
-from .layers import Linear, RMSNorm, compute_dtype, rope_angles, scaled_init_std
+from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config, verify_tensors, write_pretrained
+from .layers import Linear, RMSNorm, rope_angles, scaled_init_std
 from .moe import MoE
 from .recurrence import RecurrentBlock
 from .sampling import SamplingParams, sample_next
-
-CUDAGRAPH_COMPILE_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that add cudagraph trees
 
 
 class OpenMythos(nn.Module):
@@ -59,10 +58,64 @@ class OpenMythos(nn.Module):
         if not self.cfg.tie_word_embeddings:
             nn.init.normal_(self.head.weight, std=std)
 
+    # ------------------------------------------------------------------------------ stages
+    # The forward pass as stages, so that every driver (this forward, the inference engine) runs the
+    # same code: rope -> embed_prelude -> iterate x n (+ halting_prob / act_weight) -> readout -> coda_logits.
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE (cos, sin) for integer ``positions`` of any shape S: two fp32 tensors S + (rope_dim / 2,)."""
+        return rope_angles(positions, self.cfg.rope_dim, self.cfg.rope_theta)
+
+    def embed_prelude(self, input_ids: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                      cache: KVCache | None = None) -> torch.Tensor:
+        """e = Prelude(embed(ids)): ids (B, T) -> (B, T, dim); run once per token."""
+        x = self.embed(input_ids)
+        for i, block in enumerate(self.prelude):
+            x = block(x, rope, cache, ("prelude", i))
+        return x
+
+    def initial_state(self, e: torch.Tensor) -> torch.Tensor:
+        """h_0 of the loop for Prelude output ``e`` (..., dim): zeros, e, or noise (``cfg.state_init``)."""
+        return self.recurrent.initial_state(e)
+
+    def iterate(self, h: torch.Tensor, e: torch.Tensor, t: int | torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
+                cache_key: tuple | None = None) -> torch.Tensor:
+        """One recurrent iteration h_t -> h_{t+1} (B, T, dim) at loop index ``t``: an int, or a LongTensor (B,)
+        of one index per row. Owns the index clamp (loops past max_loop_iters reuse the last LoRA adapter and
+        loop embedding), the LoRA adapter and the loop embedding (recurrence.py has the update rule)."""
+        return self.recurrent.iterate(h, e, t, rope, cache, cache_key)
+
+    def halting_prob(self, h: torch.Tensor) -> torch.Tensor:
+        """ACT halting probability p_t = sigmoid(w . h_t + b) per position, fp32 (h.shape[:-1])."""
+        return self.recurrent.act.halting_prob(h)
+
+    def act_weight(self, p: torch.Tensor | None, cum: torch.Tensor, last: bool | torch.Tensor) -> torch.Tensor:
+        """ACT weight w_t of the current loop's state given the weight ``cum`` used so far (see
+        ``ACTHalting.weight``); ``last`` marks the final loop (bool, or a per-position bool tensor)."""
+        return self.recurrent.act.weight(p, cum, last)
+
+    @property
+    def act_threshold(self) -> float:
+        return self.recurrent.act.threshold
+
+    def readout(self, state: torch.Tensor) -> torch.Tensor:
+        """What the loop hands to the Coda: out_norm(state), state = h_T or the ACT mixture."""
+        return self.recurrent.readout(state)
+
+    def coda_logits(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: KVCache | None = None,
+                    logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """logits = head(norm(Coda(x))) for the readout ``x`` (B, T, dim): (B, T, vocab), or (B, vocab) at
+        one position per row with ``logits_at`` (B,)."""
+        for i, block in enumerate(self.coda):
+            x = block(x, rope, cache, ("coda", i))
+        if logits_at is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), logits_at]
+        return self.head(self.norm(x))
+
     # ------------------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, n_loops: int | None = None, cache: KVCache | None = None,
                 *, backprop_loops: int | None = None, return_act_depth: bool = False,
-                logits_at: torch.Tensor | None = None):
+                logits_at: torch.Tensor | None = None, loop_runner: Callable | None = None):
         """Logits (B, T, vocab) for token ids (B, T).
 
         n_loops: recurrent iterations (default ``cfg.max_loop_iters``); may exceed it (depth
@@ -72,38 +125,23 @@ class OpenMythos(nn.Module):
         return_act_depth: also return the ACT halting depth per position (B, T).
         logits_at: (B,) one position per row: logits (B, vocab) at those positions only (a prefill
         needs only each prompt's last token; the head over every position would dominate it).
+        loop_runner: how a driver runs the loop, ``loop_runner(recurrent, e, rope, n_loops, cache,
+        backprop_loops) -> (readout, depth)`` (training's compiled / checkpointed loop:
+        ``open_mythos.training.speed.LoopRunner``); default ``self.recurrent(...)``.
         """
         n_loops = self._check_n_loops(n_loops)
         start = self._check_input(input_ids, cache, backprop_loops, logits_at)
         T = input_ids.shape[1]
-        positions = torch.arange(start, start + T, device=input_ids.device)
-        rope = rope_angles(positions, self.cfg.rope_dim, self.cfg.rope_theta)
-
-        x = self.embed(input_ids)
-        for i, block in enumerate(self.prelude):
-            x = block(x, rope, cache, ("prelude", i))
-        h, act_depth = self.run_loop(x, rope, n_loops, cache, backprop_loops)
-        for i, block in enumerate(self.coda):
-            h = block(h, rope, cache, ("coda", i))
-        if logits_at is not None:
-            h = h[torch.arange(h.shape[0], device=h.device), logits_at]
-        logits = self.head(self.norm(h))
+        rope = self.rope(torch.arange(start, start + T, device=input_ids.device))
+        e = self.embed_prelude(input_ids, rope, cache)
+        if loop_runner is None:
+            h, act_depth = self.recurrent(e, rope, n_loops, cache, backprop_loops)
+        else:
+            h, act_depth = loop_runner(self.recurrent, e, rope, n_loops, cache, backprop_loops)
+        logits = self.coda_logits(h, rope, cache, logits_at)
         if cache is not None:
             cache.advance(T)
         return (logits, act_depth) if return_act_depth else logits
-
-    def run_loop(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
-                 cache: KVCache | None, backprop_loops: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The recurrent block. Training under autocast, its shared matrices are cast to the autocast dtype
-        once for all n_loops iterations, not once per iteration inside each compiled one (eager autocast's
-        weight cache does the same for F.linear); their gradient is then summed over the loops in that
-        dtype (as FSDP2's mixed precision does) and cast back to fp32 once. Not with activation
-        checkpointing: its recomputation runs after this call, on the fp32 parameters."""
-        rec = self.recurrent
-        dtype = compute_dtype(e)
-        if rec.cast_matrices_once and not rec.checkpoint_loops and torch.is_grad_enabled() and dtype != e.dtype:
-            return torch.func.functional_call(rec, rec.matrices_in(dtype), (e, rope, n_loops, cache, backprop_loops))
-        return rec(e, rope, n_loops, cache, backprop_loops)
 
     def _check_n_loops(self, n_loops: int | None) -> int:
         return self.cfg.max_loop_iters if n_loops is None else check_int("n_loops", n_loops, 1)
@@ -129,26 +167,25 @@ class OpenMythos(nn.Module):
         if backprop_loops is not None:
             check_int("backprop_loops", backprop_loops, 1)
         if logits_at is not None:
-            if not (isinstance(logits_at, torch.Tensor) and logits_at.shape == (B,)
-                    and logits_at.dtype in TOKEN_ID_DTYPES):
-                got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if isinstance(logits_at, torch.Tensor) else logits_at
+            is_tensor = isinstance(logits_at, torch.Tensor)
+            if not (is_tensor and logits_at.shape == (B,) and logits_at.dtype in TOKEN_ID_DTYPES):
+                got = f"{logits_at.dtype} {tuple(logits_at.shape)}" if is_tensor else logits_at
                 raise ValueError(f"logits_at must be an int64/int32 tensor of shape ({B},) (one position per row), "
                                  f"got {got!r}")
             check_index_range("logits_at", logits_at, T, "position")
         return start
 
-    def compile_blocks(self, **compile_kwargs) -> "OpenMythos":
-        """torch.compile every Prelude/Coda block, one recurrent iteration (injection + LoRA + transformer
-        body) and the ACT bookkeeping after it, used for every loop without a cache. The loop itself stays
-        in Python, so any n_loops runs without recompiling; decoding with a cache runs the eager iteration."""
-        for block in [*self.prelude, *self.coda]:
-            block.compile(**compile_kwargs)
-        self.recurrent.compiled_step = torch.compile(self.recurrent.step, **compile_kwargs)
-        self.recurrent.compiled_halt = torch.compile(self.recurrent.halt, **compile_kwargs)
-        # CUDA-graph trees (these modes) treat parameters as static inputs: matrices cast once per forward would
-        # be new tensors at every call, so the trees would re-record their graphs: there, cast inside each iteration
-        self.recurrent.cast_matrices_once = compile_kwargs.get("mode") not in CUDAGRAPH_COMPILE_MODES
-        return self
+    def parameter_counts(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts (works on the meta device).
+
+        active = total - routed expert weights not selected: a token uses n_experts_per_tok of the
+        n_experts routed experts. Embedding/head are counted once (tied) and included in both."""
+        cfg = self.cfg
+        total = sum(p.numel() for p in self.parameters())
+        routed = sum(m.w1.numel() + m.w2.numel() + m.w3.numel() for m in self.moe_layers())
+        inactive = routed * (cfg.n_experts - cfg.n_experts_per_tok) // cfg.n_experts
+        return {"total": total, "active": total - inactive, "routed_experts": routed,
+                "embedding": self.embed.weight.numel()}
 
     # ------------------------------------------------------------------------------ router
     def moe_layers(self) -> list[MoE]:
@@ -175,9 +212,8 @@ class OpenMythos(nn.Module):
         """
         params = SamplingParams(temperature, top_k, top_p)
         check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
-        check_int("max_new_tokens", max_new_tokens, 1)
-        if max_new_tokens > self.cfg.max_output_tokens:
-            raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_output_tokens={self.cfg.max_output_tokens}")
+        check_generation_length(input_ids.shape[1], max_new_tokens, self.cfg.max_output_tokens, self.cfg.max_seq_len,
+                                "max_seq_len")
         self._check_n_loops(n_loops)
         if eos_token_id is not None:
             check_int("eos_token_id", eos_token_id, 0, self.cfg.vocab_size - 1)
@@ -187,9 +223,6 @@ class OpenMythos(nn.Module):
                                       or generator.device.type != input_ids.device.type):
             raise ValueError(f"generator must be a torch.Generator on {input_ids.device.type}, got {generator!r}")
         B, T0 = input_ids.shape
-        if T0 + max_new_tokens > self.cfg.max_seq_len:
-            raise ValueError(f"prompt ({T0} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                             f"max_seq_len={self.cfg.max_seq_len}")
         if generator is None and seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         cache = KVCache(B, T0 + max_new_tokens, loop_policy)
@@ -210,11 +243,9 @@ class OpenMythos(nn.Module):
     # ------------------------------------------------------------------------------ weights I/O
     def save_pretrained(self, directory: str | Path) -> None:
         """Write ``config.json``, ``model.safetensors`` (no pickle anywhere; a digest of the tensor bytes in
-        its metadata), a model card and the transformers remote-code shims (see hub.py)."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_config(directory, self.cfg)
-        save_weights(self.state_dict(), directory / WEIGHTS_NAME, self.cfg)
+        its metadata), a model card and the transformers remote-code shims (the format and its one writer:
+        hub.py)."""
+        write_pretrained(directory, self.cfg, self.state_dict(), self.parameter_counts())
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",

@@ -132,7 +132,7 @@ class MoE(nn.Module):
         self.shared = SwiGLU(D, cfg.n_shared_experts * H) if cfg.n_shared_experts > 0 else None
         self.register_buffer("router_bias", torch.zeros(E, dtype=torch.float32))
         self.register_buffer("expert_load", torch.zeros(E, dtype=torch.float32), persistent=False)
-        self.track_load = True
+        self.track_load = True  # count expert_load in training (off while activation checkpointing recomputes)
         self.gather_max_assignments = 16  # at most this many (token, expert) pairs: gathered-weights path
 
     def _few(self, n_tokens: int) -> bool:
@@ -146,7 +146,8 @@ class MoE(nn.Module):
         if torch.compiler.is_compiling() and self._few(x.shape[0]):
             expert_ids = topk_by_rank(biased, self.top_k)  # decoding: one fused kernel instead of a sort
         else:
-            expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices  # the gates need no order: skip the sort
+            # the gates need no order: skip the sort
+            expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices
         gates = scores.gather(-1, expert_ids)
         return expert_ids, gates / gates.sum(-1, keepdim=True)
 

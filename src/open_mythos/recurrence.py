@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -90,16 +91,24 @@ class ACTHalting(nn.Module):
     def halting_prob(self, h: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.proj(h).squeeze(-1).float())
 
-    def step(self, h: torch.Tensor, cum: torch.Tensor, is_last: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weight of this loop's state for every position, and the updated cumulative probability."""
+    def weight(self, p: torch.Tensor | None, cum: torch.Tensor, last: bool | torch.Tensor) -> torch.Tensor:
+        """ACT weight w_t of this loop's state for every position (the one copy of the rule).
+
+            running = cum < threshold
+            w_t     = 1 - cum   where running and (cum + p >= threshold or this is the last loop)
+                    = p         where running otherwise,    0 where halted earlier
+
+        p: halting probabilities of this loop (shape of ``cum``); may be None when ``last`` is True.
+        last: True / False for every position, or a bool tensor (shape of ``cum``) marking the
+        positions whose final loop this is (the inference engine's per-token budgets).
+        The caller adds w_t to ``cum``: the weights over loops sum to exactly 1."""
         running = cum < self.threshold
-        if is_last:
-            weight = torch.where(running, 1.0 - cum, torch.zeros_like(cum))
-        else:
-            p = self.halting_prob(h)
-            halts_now = running & (cum + p >= self.threshold)
-            weight = torch.where(halts_now, 1.0 - cum, torch.where(running, p, torch.zeros_like(p)))
-        return weight, cum + weight
+        if last is True:
+            return torch.where(running, 1.0 - cum, torch.zeros_like(cum))
+        halts = running & (cum + p >= self.threshold)
+        if last is not False:
+            halts = halts | (running & last)
+        return torch.where(halts, 1.0 - cum, torch.where(running, p, torch.zeros_like(p)))
 
 
 class DepthLoRA(nn.Module):
@@ -140,7 +149,12 @@ def loop_embeddings(n_loops: int, dim: int, scale: float, device: torch.device, 
 
 class RecurrentBlock(nn.Module):
     """One shared transformer block (MoE FFN by default) looped ``n_loops`` times with input injection
-    (``cfg.injection``) and ACT halting."""
+    (``cfg.injection``) and ACT halting.
+
+    Stages (``OpenMythos`` exposes them to its drivers, the training loop and the inference engine):
+    :meth:`initial_state` (h_0), :meth:`loop_inputs` (loop index -> its embedding row and LoRA matrices),
+    :meth:`iteration` (one loop, pure in tensors: compiled once for every index), :meth:`iterate` (both),
+    :meth:`halt` (ACT bookkeeping) and :meth:`readout` (what the Coda receives)."""
 
     def __init__(self, cfg: MythosConfig):
         super().__init__()
@@ -152,10 +166,7 @@ class RecurrentBlock(nn.Module):
             if cfg.lora_rank > 0 else None
         # Coda sees the state's direction, not its scale (cfg.loop_out_norm)
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.loop_out_norm else nn.Identity()
-        self.checkpoint_loops = False  # activation checkpointing: recompute each loop in backward
-        self.compiled_step = None     # set by OpenMythos.compile_blocks: `step` compiled once, used without cache
-        self.compiled_halt = None     # ... and `halt`
-        self.cast_matrices_once = True  # training under autocast: see OpenMythos.run_loop (off: FSDP, cudagraph trees)
+        self._loop_tables: dict[tuple, torch.Tensor] = {}  # memo of loop_table by (device, dtype)
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
         """h_0 for Prelude output e (..., dim): zeros, e itself, or N(0, init_std^2) noise (``cfg.state_init``)."""
@@ -165,19 +176,57 @@ class RecurrentBlock(nn.Module):
             return torch.randn_like(e) * self.cfg.init_std
         return torch.zeros_like(e)
 
-    def step(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-             loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
-             cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
+    def loop_table(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        """Loop-index embeddings of the trained loop indices 0..max_loop_iters-1, (max_loop_iters, dim).
+
+        Computed once per (device, dtype) and kept (not a buffer: it is derived, never saved); inside
+        torch.compile or a CUDA-graph capture a missing table is computed without being kept."""
+        cfg = self.cfg
+        if torch.compiler.is_compiling():
+            return loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, device, dtype)
+        key = (torch.device(device), dtype)
+        table = self._loop_tables.get(key)
+        if table is None:
+            with torch.inference_mode(False), torch.no_grad():  # a plain tensor, usable under autograd later
+                table = loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, device, dtype)
+            if not (table.is_cuda and torch.cuda.is_current_stream_capturing()):
+                self._loop_tables[key] = table
+        return table
+
+    def loop_inputs(self, t: int | torch.Tensor, like: torch.Tensor
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """(loop embedding, LoRA (D_t, U_t) or None) of loop index ``t``, clamped to max_loop_iters - 1.
+
+        t: an int (every position at the same loop), or a LongTensor (B,) of one index per row for
+        states (B, T, dim): then the embedding is (B, 1, dim) and the LoRA matrices (B, rank, dim) /
+        (B, dim, rank). ``like``: a tensor with the device and dtype of the state."""
+        last = self.cfg.max_loop_iters - 1
+        table = self.loop_table(like.device, like.dtype)
+        if isinstance(t, torch.Tensor):
+            i = t.clamp(max=last)
+            emb = table[i][:, None]
+            lora = (self.lora.down[i], self.lora.up[i]) if self.lora is not None else None
+            return emb, lora
+        return table[min(t, last)], self.lora.adapter(t) if self.lora is not None else None
+
+    def iteration(self, h: torch.Tensor, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                  loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
+                  cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
         """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x)
         (``injection="residual"``: h_{t+1} = h_t + Transformer(x) + LoRA_t(x)).
 
-        The loop index enters only through tensors (its embedding row and LoRA matrices), so one
-        compiled graph serves every iteration."""
+        The loop index enters only through tensors (its embedding row and LoRA matrices, from
+        :meth:`loop_inputs`), so one compiled graph serves every iteration."""
         x = h + e + loop_emb
         out = self.block.residual(x, rope, cache, cache_key)
         if lora is not None:
             out = out + self.lora.delta(x, *lora)
         return self.injection(h, e, out)
+
+    def iterate(self, h: torch.Tensor, e: torch.Tensor, t: int | torch.Tensor,
+                rope: tuple[torch.Tensor, torch.Tensor], cache=None, cache_key: tuple | None = None) -> torch.Tensor:
+        """h_{t+1} from h_t at loop index ``t`` (int, or (B,) per row: see :meth:`loop_inputs`)."""
+        return self.iteration(h, e, rope, *self.loop_inputs(t, h), cache, cache_key)
 
     def halt(self, h: torch.Tensor, cum: torch.Tensor, depth: torch.Tensor, mixture: torch.Tensor | None,
              is_last: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -186,15 +235,21 @@ class RecurrentBlock(nn.Module):
 
         With ``loop_output="final"`` the weights only measure depth: no gradient flows through them."""
         depth = depth + (cum < self.act.threshold).float()
-        weight, cum = self.act.step(h if mixture is not None else h.detach(), cum, is_last)
+        p = None if is_last else self.act.halting_prob(h if mixture is not None else h.detach())
+        weight = self.act.weight(p, cum, is_last)
         if mixture is not None:
             mixture = mixture + weight.unsqueeze(-1) * h.float()
-        return cum, depth, mixture
+        return cum + weight, depth, mixture
+
+    def readout(self, state: torch.Tensor) -> torch.Tensor:
+        """What the Coda receives: out_norm of the loop's output state (h_T or the ACT mixture)."""
+        return self.out_norm(state)
 
     def _recompute_context(self):
         """Activation checkpointing's (forward, recomputation) contexts: the recomputation in backward
         re-runs the MoE, which must not count its expert load a second time."""
-        return contextlib.nullcontext(), self.block.ffn.load_tracking(False)
+        no_count = self.block.ffn.load_tracking(False) if isinstance(self.block.ffn, MoE) else contextlib.nullcontext()
+        return contextlib.nullcontext(), no_count
 
     def matrices_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The shared block's weight matrices cast to ``dtype``, by name (for ``torch.func.functional_call``);
@@ -203,29 +258,32 @@ class RecurrentBlock(nn.Module):
                 if name.startswith("block.") and p.ndim >= 2 and p.dtype != dtype}
 
     def forward(self, e: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], n_loops: int,
-                cache: KVCache | None = None, backprop_loops: int | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the loop. Returns (output state, ACT halting depth per position (B, T), fp32).
+                cache: KVCache | None = None, backprop_loops: int | None = None, *,
+                iteration: Callable | None = None, halt: Callable | None = None,
+                checkpoint_iterations: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the loop. Returns (readout of the output state, ACT halting depth per position (B, T), fp32).
 
         The output state is h_T (``loop_output="final"``) or sum_t w_t h_t (``"act"``).
         ``backprop_loops=k`` runs the first n_loops-k iterations without autograd (truncated BPTT).
+        Drivers may pass equivalents of :meth:`iteration` / :meth:`halt` (e.g. compiled ones, used only
+        without a cache) and ``checkpoint_iterations`` (recompute each loop in backward); see
+        ``training/speed.py``.
         """
         h = self.initial_state(e)
         cum = torch.zeros(e.shape[:-1], device=e.device, dtype=torch.float32)
         depth = torch.zeros_like(cum)
         mixture = torch.zeros_like(e, dtype=torch.float32) if self.cfg.loop_output == "act" else None
         first_grad_loop = 0 if backprop_loops is None else max(0, n_loops - backprop_loops)
-        last = self.cfg.max_loop_iters - 1
-        embs = loop_embeddings(min(n_loops, last + 1), e.shape[-1], self.cfg.loop_embed_scale, e.device, e.dtype)
-        compiled = cache is None and self.compiled_step is not None
-        step, halt = (self.compiled_step, self.compiled_halt) if compiled else (self.step, self.halt)
+        if cache is not None:  # compiled variants are traced without a cache
+            iteration, halt, checkpoint_iterations = None, None, False
+        iteration, halt = iteration or self.iteration, halt or self.halt
         for t in range(n_loops):
-            emb, lora = embs[min(t, last)], self.lora.adapter(t) if self.lora is not None else None
+            emb, lora = self.loop_inputs(t, e)
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
-                if self.checkpoint_loops and cache is None and torch.is_grad_enabled():
-                    h = checkpoint(step, h, e, rope, emb, lora, use_reentrant=False,
+                if checkpoint_iterations and torch.is_grad_enabled():
+                    h = checkpoint(iteration, h, e, rope, emb, lora, use_reentrant=False,
                                    context_fn=self._recompute_context)
                 else:
-                    h = step(h, e, rope, emb, lora, cache, cache.loop_key(t) if cache is not None else None)
+                    h = iteration(h, e, rope, emb, lora, cache, cache.loop_key(t) if cache is not None else None)
             cum, depth, mixture = halt(h, cum, depth, mixture, is_last=t == n_loops - 1)
-        return self.out_norm(h if mixture is None else mixture.to(e.dtype)), depth
+        return self.readout(h if mixture is None else mixture.to(e.dtype)), depth

@@ -3,7 +3,7 @@
 ``MythosTokenizer``: gpt-oss-20b's ``o200k_harmony`` encoding (vocab 201,088), built offline with
 tiktoken. The o200k_base BPE ranks come from the ``bpe-openai`` package (``o200k_base.tiktoken.gz``),
 checked against the sha256 that tiktoken expects; pattern and harmony special tokens are tiktoken's
-own definitions. ``MythosTokenizer.from_hub()`` uses the Hugging Face tokenizer instead, on request.
+own definitions.
 
 ``ByteTokenizer``: UTF-8 bytes (256 ids) + ``<|endoftext|>``, for tiny models and tests.
 """
@@ -122,13 +122,6 @@ class MythosTokenizer:
     def chat_stop_token_ids(self) -> tuple[int, ...]:
         """Tokens that end an assistant turn."""
         return tuple(self.encoding.encode_single_token(t) for t in ("<|end|>", "<|return|>", ENDOFTEXT))
-
-    @staticmethod
-    def from_hub(name: str = "openai/gpt-oss-20b"):
-        """The Hugging Face tokenizer for ``name`` (needs ``transformers`` and network access)."""
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(name)
 
 
 class ByteTokenizer:

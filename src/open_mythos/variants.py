@@ -1,7 +1,18 @@
 """Pre-configured model scales (the OpenMythos table) and honest parameter counts.
 
-| variant | dim | experts | expert dim | loops | context | max output |
-Counts are computed on the meta device: no weight is allocated, so even ``mythos_1t`` is instant.
+    | variant     | dim   | experts | expert dim | loops | context | max output |
+    |-------------|-------|---------|------------|-------|---------|------------|
+    | mythos_1b   | 2048  | 64      | 2048       | 16    | 4096    | 4096       |
+    | mythos_3b   | 3072  | 64      | 4096       | 16    | 4096    | 4096       |
+    | mythos_10b  | 4096  | 128     | 5632       | 24    | 8192    | 4096       |
+    | mythos_50b  | 6144  | 256     | 9728       | 32    | 8192    | 4096       |
+    | mythos_100b | 8192  | 256     | 13568      | 32    | 1M      | 131072     |
+    | mythos_500b | 12288 | 512     | 23040      | 48    | 1M      | 131072     |
+    | mythos_1t   | 16384 | 512     | 34560      | 64    | 1M      | 131072     |
+
+(loops = max_loop_iters, context = max_seq_len, max output = max_output_tokens; every variant: MLA
+attention, o200k_harmony vocabulary.) Counts are computed on the meta device: no weight is allocated, so even
+``mythos_1t`` is instant.
 """
 
 from __future__ import annotations
@@ -64,15 +75,6 @@ VARIANTS: dict[str, Callable[[], MythosConfig]] = {
 
 
 def count_parameters(cfg: MythosConfig) -> dict[str, int]:
-    """Total and active (per token) parameter counts, without allocating weights.
-
-    active = total - routed expert weights not selected: a token uses n_experts_per_tok of the
-    n_experts routed experts. Embedding/head are counted once (tied) and included in both.
-    """
+    """``OpenMythos.parameter_counts`` of the model ``cfg`` describes, without allocating weights."""
     with torch.device("meta"):
-        model = OpenMythos(cfg)
-    total = sum(p.numel() for p in model.parameters())
-    routed = sum(m.w1.numel() + m.w2.numel() + m.w3.numel() for m in model.moe_layers())
-    inactive = routed * (cfg.n_experts - cfg.n_experts_per_tok) // cfg.n_experts
-    return {"total": total, "active": total - inactive, "routed_experts": routed,
-            "embedding": model.embed.weight.numel()}
+        return OpenMythos(cfg).parameter_counts()

@@ -27,11 +27,9 @@ from lm_eval.api.registry import register_model
 from ..inference import Engine, ExitRule, Request
 from ..inference.text import generate_text
 from ..model import OpenMythos
+from ..checks import parse_dtype
 from ..sampling import SamplingParams
 from ..tokenizer import tokenizer_for
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 @register_model("open_mythos")
 class OpenMythosLM(LM):
@@ -42,15 +40,13 @@ class OpenMythosLM(LM):
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         if str(device).startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device {device!r} asked for, but CUDA is not available: pass --device cpu")
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-        self.model = OpenMythos.from_pretrained(pretrained, device=device, dtype=DTYPES[dtype])
+        self.model = OpenMythos.from_pretrained(pretrained, device=device, dtype=parse_dtype(dtype))
         self.tokenizer = tokenizer_for(pretrained, self.model.cfg.vocab_size)
         self.n_loops = int(n_loops) if n_loops is not None else None
         self._device = torch.device(device)
         self.batch_size = int(batch_size) if str(batch_size) != "auto" else 8
         self.engine = Engine(self.model, max_batch=int(max_batch),
-                             max_loops=max(self.n_loops or 0, self.model.cfg.max_loop_iters))
+                             max_loop_budget=max(self.n_loops or 0, self.model.cfg.max_loop_iters))
         self.exit_rule = ExitRule(exit_rule, float(exit_threshold) if exit_threshold is not None else None)
         self.max_length = self.model.cfg.max_seq_len
 

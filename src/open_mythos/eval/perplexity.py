@@ -7,14 +7,10 @@ import math
 from typing import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
+
+from ..loss import lm_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy in fp32; label -100 is ignored (e.g. prompt tokens)."""
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
 
 
 @torch.no_grad()

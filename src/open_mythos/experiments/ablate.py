@@ -32,7 +32,7 @@ PRESETS = {
 Row = Callable[[TrainConfig], list[str]]
 ROWS: dict[str, Row] = {
     "baseline": lambda c: [],
-    "one_loop": lambda c: ["loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1"],
+    "one_loop": lambda c: ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1"],
     "loop_embed_0": lambda c: ["model.loop_embed_scale=0.0"],
     "loop_embed_0.02": lambda c: ["model.loop_embed_scale=0.02"],
     "residual": lambda c: ["model.injection='residual'"],

@@ -58,7 +58,8 @@ class KHopTask:
         if self.n_vars < self.statements:
             raise ValueError(f"n_vars ({self.n_vars}) must be >= statements ({self.statements}): one variable each")
         if not 1 <= self.queries <= self.statements:
-            raise ValueError(f"queries ({self.queries}) must be in [1, statements={self.statements}]: distinct variables")
+            raise ValueError(f"queries ({self.queries}) must be in [1, statements={self.statements}]: "
+                             "distinct variables")
         if self.depth_slack < 0:
             raise ValueError(f"depth_slack must be >= 0, got {self.depth_slack}")
         if not 1 <= self.train_max_hops <= self.max_hops:
@@ -163,8 +164,8 @@ def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, dev
         "data": {"source": "task", "task": "khop", "task_args": task, "seq_len": t.seq_len},
         "optim": {"muon_lr": 0.02, "adamw_lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
         "loops": loops, "steps": steps, "batch_size": batch_size, "device": device, "compile": compile_,
-        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_loops"]],
-        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1", "loops.max_loops=1",
+        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_sampled"]],
+        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
                      "loops.warmup_steps=0", "data.task_by_loops=false"],
         "eval": {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.train_max_hops, **eval_},
     }
@@ -176,12 +177,12 @@ PRESETS = {
     "cpu": _tree(dict(n_values=4, n_vars=10, max_hops=10, statements=10, queries=2, train_max_hops=2),
                  dict(dim=32, n_heads=2, n_kv_heads=2, n_experts=2, expert_dim=32, max_loop_iters=4),
                  steps=12, batch_size=16, device="cpu", compile_=False,
-                 loops={"schedule": "progressive", "mean": 2, "min_loops": 1, "max_loops": 4, "warmup_steps": 4},
+                 loops={"schedule": "progressive", "mean": 2, "min_sampled": 1, "max_sampled": 4, "warmup_steps": 4},
                  eval_={"loops": [1, 2, 40], "problems": 16, "batch_size": 16}),
     "gpu": _tree(dict(n_values=8, n_vars=24, max_hops=10, statements=12, queries=6, train_max_hops=5),
                  dict(dim=128, n_heads=4, n_kv_heads=4, n_experts=4, expert_dim=128, max_loop_iters=16),
                  steps=3500, batch_size=256, device="auto", compile_=True,
-                 loops={"schedule": "progressive", "mean": 4, "min_loops": 1, "max_loops": 8, "warmup_steps": 1500},
+                 loops={"schedule": "progressive", "mean": 4, "min_sampled": 1, "max_sampled": 8, "warmup_steps": 1500},
                  eval_={"loops": [1, 2, 4, 6, 8, 10, 12, 16, 24, 40], "problems": 512, "batch_size": 256}),
 }
 

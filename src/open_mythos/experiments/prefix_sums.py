@@ -78,8 +78,8 @@ def _tree(bits: int, model: dict, steps: int, batch_size: int, loops: dict, devi
         "data": {"source": "task", "task": "prefix_sums", "task_args": {"bits": bits}, "seq_len": bits},
         "optim": {"muon_lr": 0.02, "adamw_lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
         "loops": loops, "steps": steps, "batch_size": batch_size, "device": device, "compile": compile_,
-        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_loops"]],
-        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1", "loops.max_loops=1",
+        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_sampled"]],
+        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
                      "loops.warmup_steps=0", "data.task_by_loops=false"],
         "eval": {"train_max_size": bits, **eval_},
     }
@@ -88,11 +88,11 @@ def _tree(bits: int, model: dict, steps: int, batch_size: int, loops: dict, devi
 PRESETS = {
     "cpu": _tree(6, dict(dim=32, n_heads=2, n_kv_heads=2, n_experts=2, expert_dim=32, max_loop_iters=4),
                  steps=12, batch_size=16, device="cpu", compile_=False,
-                 loops={"schedule": "progressive", "mean": 4, "min_loops": 1, "max_loops": 8},
+                 loops={"schedule": "progressive", "mean": 4, "min_sampled": 1, "max_sampled": 8},
                  eval_={"sizes": [4, 6, 8, 12], "loops": [1, 4, 8, 16], "problems": 32, "batch_size": 32}),
     "gpu": _tree(32, dict(dim=128, n_heads=4, n_kv_heads=4, n_experts=4, expert_dim=128, max_loop_iters=16),
                  steps=1500, batch_size=256, device="auto", compile_=True,
-                 loops={"schedule": "progressive", "mean": 20, "min_loops": 1, "max_loops": 40},
+                 loops={"schedule": "progressive", "mean": 20, "min_sampled": 1, "max_sampled": 40},
                  eval_={"sizes": [8, 16, 32, 48, 64, 128, 256, 512], "loops": [8, 16, 32, 48, 64, 128, 256, 512, 1024],
                         "problems": 512, "batch_size": 256}),
 }

@@ -96,7 +96,7 @@ def dense_variants(cfg: TrainConfig) -> dict[str, list[str]]:
     a loop-index embedding."""
     n, m = cfg.loops.mean, cfg.model
     # no loop-index embedding: at one loop it would only add a constant to every token (a plain transformer has none)
-    one_loop = ["loops.schedule='fixed'", "loops.mean=1", "loops.min_loops=1", "loops.backprop=0", "sweep_loops=[1]",
+    one_loop = ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.backprop=0", "sweep_loops=[1]",
                 "model.loop_embed_scale=0.0"]
     extra_pre = (n - 1) // 2
     return {"param_matched": one_loop,

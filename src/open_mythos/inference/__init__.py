@@ -1,6 +1,7 @@
-"""Inference: the slot KV cache, exit rules, and the continuous depth-batching engine."""
+"""Inference: the slot KV cache, exit rules, decode stages, and the continuous depth-batching engine."""
 
-from .engine import Completion, Engine, Request, TokenEvent, TokenLogprobs
-from .exit import ExitRule
+from .engine import SCHEDULES, Engine
+from .exit import EXIT_KINDS, ExitRule
+from .requests import Completion, Request, TokenEvent, TokenLogprobs
 
-__all__ = ["Completion", "Engine", "ExitRule", "Request", "TokenEvent", "TokenLogprobs"]
+__all__ = ["Completion", "EXIT_KINDS", "Engine", "ExitRule", "Request", "SCHEDULES", "TokenEvent", "TokenLogprobs"]

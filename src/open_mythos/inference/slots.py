@@ -23,11 +23,11 @@ from ..cache import LOOP_POLICIES, buffer_bytes
 
 
 class SlotKVCache:
-    def __init__(self, n_slots: int, max_len: int, loop_policy: str, max_loops: int):
+    def __init__(self, n_slots: int, max_len: int, loop_policy: str, max_loop_budget: int):
         if loop_policy not in LOOP_POLICIES:
             raise ValueError(f"loop_policy must be one of {LOOP_POLICIES}, got {loop_policy!r}")
         self.n_slots, self.max_len, self.loop_policy = n_slots, max_len, loop_policy
-        self.loop_slots = max_loops if loop_policy == "per_loop" else 1
+        self.loop_slots = max_loop_budget if loop_policy == "per_loop" else 1
         self._buffers: dict[tuple, dict[str, torch.Tensor]] = {}
         self.pos = 0        # attention's `start`; unused when `mask` is set
         self.mask = None    # (B, 1, T, max_len) bool while a decode step is bound

@@ -42,16 +42,18 @@ class TextStream:
                 return k
         return 0
 
-    def on_event(self, token: int | None, finished: bool, eos_token_ids) -> tuple[str, bool]:
-        """(text released by one engine event, whether its token just hit a stop string): the token
-        unless it is an end-of-sequence id, then everything left if the request finished. The caller
-        cancels the request when a stop string is hit."""
+    def on_event(self, event, eos_token_ids, cancel) -> str:
+        """The text released by one engine ``event`` (a TokenEvent): its token unless it is an
+        end-of-sequence id, then everything left if the request finished. When the token hits a stop
+        string and the request is still running, ``cancel()`` is called (the caller's way to stop it)."""
         piece, was_stopped = "", self.stopped
-        if token is not None and token not in eos_token_ids:
-            piece = self.push(token)
-        if finished:
+        if event.token is not None and event.token not in eos_token_ids:
+            piece = self.push(event.token)
+        if event.finish_reason is not None:
             piece += self.flush()
-        return piece, self.stopped and not was_stopped
+        elif self.stopped and not was_stopped:
+            cancel()
+        return piece
 
     def flush(self) -> str:
         """Release everything left (at the end of generation)."""
@@ -77,9 +79,7 @@ def generate_text(engine, tokenizer, requests: list, stops: list[list[str]], on_
     while pending:
         for ev in engine.step():
             i = index[ev.request_id]
-            piece, hit_stop = streams[i].on_event(ev.token, ev.finish_reason is not None, requests[i].eos_token_ids)
-            if hit_stop:
-                engine.cancel(ev.request_id, "stop")
+            piece = streams[i].on_event(ev, requests[i].eos_token_ids, lambda: engine.cancel(ev.request_id, "stop"))
             if ev.finish_reason is not None:
                 pending.discard(ev.request_id)
             if piece and on_piece is not None:

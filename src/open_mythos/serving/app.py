@@ -198,9 +198,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
                     raise APIError(500, "the engine failed on this request; see the server log", kind="server_error")
                 if ev.token is not None and not stream.stopped:  # tokens after a stop string are not the answer's
                     tokens.append(ev)
-                piece, hit_stop = stream.on_event(ev.token, ev.finish_reason is not None, stop_ids)
-                if hit_stop and ev.finish_reason is None:
-                    worker.cancel(ticket, "stop")
+                piece = stream.on_event(ev, stop_ids, lambda: worker.cancel(ticket, "stop"))
                 if ev.finish_reason is not None:
                     finished = True
                     yield piece, "stop" if stream.stopped else ev.finish_reason
@@ -291,13 +289,16 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
                     if piece or reason is not None or (want_logprobs and len(tokens) > sent):
                         yield chunk(piece, reason)
                 if include_usage:  # OpenAI's usage chunk: no choices
-                    yield f"data: {json.dumps({'id': ident, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [], 'usage': usage()})}\n\n"
+                    chunk = {'id': ident, 'object': chunk_obj, 'created': created, 'model': model_name, 'choices': [],
+                             'usage': usage()}
+                    yield f"data: {json.dumps(chunk)}\n\n"
                 yield "data: [DONE]\n\n"
             except APIError as err:
                 yield f"data: {json.dumps(error_body(err.status, err.message, err.param, err.kind))}\n\n"
             except Exception as err:  # a bug, after the headers went out: the stream still ends in OpenAI's shape
                 logger.error("stream %s failed", ident, exc_info=err)
-                yield f"data: {json.dumps(error_body(500, 'internal error; see the server log', None, 'server_error'))}\n\n"
+                error = error_body(500, 'internal error; see the server log', None, 'server_error')
+                yield f"data: {json.dumps(error)}\n\n"
             finally:
                 await gen.aclose()  # a disconnect lands here: the request is cancelled
 
@@ -317,7 +318,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
     async def models():
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0,
                                             "owned_by": "open-mythos", "max_model_len": engine.max_len,
-                                            "max_loops": engine.max_loops}]}
+                                            "max_loops": engine.max_loop_budget}]}
 
     @app.get("/health")
     async def health():
@@ -331,9 +332,11 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
     async def metrics():
         m = worker.snapshot()
         lines = []
-        for name, help_ in (("requests_total", "requests accepted"), ("requests_rejected_total", "requests refused (429)"),
-                            ("tokens_total", "tokens generated"), ("queue_depth", "requests waiting for a slot"),
-                            ("running", "requests holding a slot (running or prefilled on standby)"), ("tokens_per_s", "tokens/s over the last 10 s"),
+        for name, help_ in (("requests_total", "requests accepted"),
+                            ("requests_rejected_total", "requests refused (429)"),
+                            ("tokens_total", "tokens generated"), ("queue_depth", "requests waiting for a row"),
+                            ("running", "requests holding a row (running or prefilled on standby)"),
+                            ("tokens_per_s", "tokens/s over the last 10 s"),
                             ("mean_exit_depth", "mean loops per generated token")):
             lines += [f"# HELP mythos_{name} {help_}", f"mythos_{name} {m[name]}"]
         lines.append("# HELP mythos_requests_finished_total requests ended, by finish reason (error: the engine "

@@ -16,7 +16,8 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
-from ..inference.engine import MAX_LOGPROBS, SEED_RANGE
+from ..inference.exit import EXIT_KINDS
+from ..inference.requests import MAX_LOGPROBS, SEED_RANGE
 
 MAX_STOP_STRINGS = 16     # stop strings per request (each is searched for at every token)
 MAX_STOP_CHARS = 1024     # characters per stop string
@@ -38,7 +39,7 @@ def _stop_list(stop: Union[str, list[str], None]) -> list[str]:
 class ExitRuleSpec(BaseModel):
     """The ``exit_rule`` extension (inference.ExitRule); min_loops <= max_loops is the engine's check."""
     model_config = ConfigDict(extra="forbid", strict=True)
-    kind: Literal["none", "act", "rel_change", "kl"] = "none"
+    kind: Literal[EXIT_KINDS] = "none"
     threshold: Optional[Annotated[Float, Field(gt=0)]] = None
     min_loops: Annotated[Int, Field(ge=1)] = 1
 
@@ -51,7 +52,8 @@ class StreamOptions(BaseModel):
 class _Common(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     # OpenAI fields not implemented here -> the values that mean "off" (accepted, as they are honoured)
-    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0)}
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = {"logit_bias": (None, {}), "presence_penalty": (None, 0),
+                                                 "frequency_penalty": (None, 0)}
 
     model: Optional[str] = None
     max_tokens: Optional[Annotated[Int, Field(ge=1)]] = None
@@ -83,7 +85,8 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = _Common.NOT_SUPPORTED | {"echo": (False,), "best_of": (None, 1), "suffix": (None, "")}
+    NOT_SUPPORTED: ClassVar[dict[str, tuple]] = _Common.NOT_SUPPORTED | {"echo": (False,), "best_of": (None, 1),
+                                                                         "suffix": (None, "")}
 
     prompt: Union[str, list[Int]]
     logprobs: Optional[Annotated[Int, Field(ge=0, le=MAX_LOGPROBS)]] = None  # alternatives per token
@@ -139,7 +142,8 @@ class ChatBody(_Common):
 
     def new_tokens(self) -> int | None:
         if self.max_tokens is not None and self.max_completion_tokens not in (None, self.max_tokens):
-            raise BadBody("give max_completion_tokens or max_tokens (its older name), not both", "max_completion_tokens")
+            raise BadBody("give max_completion_tokens or max_tokens (its older name), not both",
+                          "max_completion_tokens")
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def top_logprobs_count(self) -> int | None:

@@ -114,7 +114,7 @@ class EngineWorker:
             m = dict(self.metrics, finished=dict(self.finished))
             m["tokens_per_s"] = sum(n for _, n in self._recent) / 10.0
         m["queue_depth"] = len(self.engine.waiting)
-        m["running"] = len(self.engine.slots)
+        m["running"] = len(self.engine.active)
         m["mean_exit_depth"] = m.pop("depth_sum") / m["tokens_total"] if m["tokens_total"] else 0.0
         return m
 

@@ -39,7 +39,8 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_state_dict)
 
 from ..checks import read_json
-from ..hub import WEIGHTS_NAME, save_tensors, save_weights, verify_tensors, write_config
+from ..hub import WEIGHTS_NAME, save_tensors, verify_tensors, write_pretrained
+from ..variants import count_parameters
 from .distributed import DistInfo, barrier, unwrap
 
 TRAINER_STATE = "trainer_state.json"
@@ -61,7 +62,8 @@ class MetadataUnpickler(pickle.Unpickler):
         ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath"), ("collections", "OrderedDict")}
 
     def find_class(self, module: str, name: str):
-        if (module, name) in self.ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        is_dtype = module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        if (module, name) in self.ALLOWED or is_dtype:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not a checkpoint metadata class")
 
@@ -161,9 +163,7 @@ def export_weights(model: torch.nn.Module, directory: Path, info: DistInfo) -> N
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
         base = unwrap(model)
-        directory.mkdir(parents=True, exist_ok=True)
-        save_weights(full, directory / WEIGHTS_NAME, base.cfg)
-        write_config(directory, base.cfg)
+        write_pretrained(directory, base.cfg, full, count_parameters(base.cfg))
 
 
 def save_checkpoint(run_dir: Path, step: int, model: torch.nn.Module, optimizers: list, trainer_state: dict,

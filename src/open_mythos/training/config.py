@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -21,9 +22,9 @@ from typing import Any
 import torch
 
 from ..config import MythosConfig, check_field_types
-from ..model import CUDAGRAPH_COMPILE_MODES
 from .data import DataConfig
 from .optim import OptimConfig
+from .speed import CUDAGRAPH_COMPILE_MODES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -38,12 +39,12 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 class LoopConfig:
     """How many recurrent iterations each training step runs, and through how many the gradient flows.
 
-    fixed: always ``mean``. uniform: integer in [min_loops, max_loops].
+    fixed: always ``mean``. uniform: integer in [min_sampled, max_sampled].
     poisson_lognormal (Huginn): n ~ 1 + Poisson(lambda), log lambda ~ N(log(mean - 1) - sigma^2/2, sigma),
-    clamped to [min_loops, max_loops]. ``backprop``: gradient flows through the last k loops only (0 = all).
-    progressive (Bansal et al. 2022, "progressive loss"): a random start, n ~ U{0 .. m - min_loops}
-    loops without gradient, then k ~ U{max(1, min_loops - n) .. m - n} loops with gradient, m =
-    ``max_loops``; the step runs n + k loops and backpropagates through the last k. The block cannot
+    clamped to [min_sampled, max_sampled]. ``backprop``: gradient flows through the last k loops only (0 = all).
+    progressive (Bansal et al. 2022, "progressive loss"): a random start, n ~ U{0 .. m - min_sampled}
+    loops without gradient, then k ~ U{max(1, min_sampled - n) .. m - n} loops with gradient, m =
+    ``max_sampled``; the step runs n + k loops and backpropagates through the last k. The block cannot
     learn behaviour tied to a loop index: it learns to improve whatever state it is given.
     ``warmup_steps``: the first steps run one loop (an RDT learns content lookups at one loop and keeps
     them when looped, but does not learn them while looped: docs/experiments.md, k-hop).
@@ -53,8 +54,8 @@ class LoopConfig:
     schedule: str = "poisson_lognormal"
     mean: int = 4
     sigma: float = 0.5
-    min_loops: int = 1
-    max_loops: int = 16
+    min_sampled: int = 1          # the range of sampled loop counts (formerly min_loops / max_loops)
+    max_sampled: int = 16
     backprop: int = 0
     warmup_steps: int = 0
 
@@ -62,9 +63,9 @@ class LoopConfig:
         check_field_types(self, "loops.")
         if self.schedule not in LOOP_SCHEDULES:
             raise ValueError(f"loops.schedule must be one of {LOOP_SCHEDULES}, got {self.schedule!r}")
-        if not 1 <= self.min_loops <= self.mean <= self.max_loops:
-            raise ValueError(f"need 1 <= loops.min_loops <= loops.mean <= loops.max_loops, got "
-                             f"{self.min_loops}, {self.mean}, {self.max_loops}")
+        if not 1 <= self.min_sampled <= self.mean <= self.max_sampled:
+            raise ValueError(f"need 1 <= loops.min_sampled <= loops.mean <= loops.max_sampled, got "
+                             f"{self.min_sampled}, {self.mean}, {self.max_sampled}")
         if self.sigma < 0:
             raise ValueError(f"loops.sigma must be >= 0, got {self.sigma}")
         if self.backprop < 0:
@@ -87,15 +88,15 @@ class LoopConfig:
             return self.mean, backprop
         g = torch.Generator().manual_seed(seed * 1_000_033 + step)
         if self.schedule == "uniform":
-            return int(torch.randint(self.min_loops, self.max_loops + 1, (), generator=g)), backprop
+            return int(torch.randint(self.min_sampled, self.max_sampled + 1, (), generator=g)), backprop
         if self.schedule == "progressive":
-            start = int(torch.randint(0, self.max_loops - self.min_loops + 1, (), generator=g))
-            grad = int(torch.randint(max(1, self.min_loops - start), self.max_loops - start + 1, (), generator=g))
+            start = int(torch.randint(0, self.max_sampled - self.min_sampled + 1, (), generator=g))
+            grad = int(torch.randint(max(1, self.min_sampled - start), self.max_sampled - start + 1, (), generator=g))
             return start + grad, grad
         mu = math.log(max(self.mean - 1, 1e-3)) - self.sigma ** 2 / 2
         rate = math.exp(mu + self.sigma * float(torch.randn((), generator=g)))
         n = 1 + int(torch.poisson(torch.tensor(rate), generator=g))
-        return max(self.min_loops, min(self.max_loops, n)), backprop
+        return max(self.min_sampled, min(self.max_sampled, n)), backprop
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -165,6 +166,8 @@ class TrainConfig:
 
 
 SECTIONS = {"model": MythosConfig, "data": DataConfig, "optim": OptimConfig, "loops": LoopConfig}
+# old spellings of config keys, still read (with a DeprecationWarning): section -> {old: new}
+RENAMED_KEYS = {"loops": {"min_loops": "min_sampled", "max_loops": "max_sampled"}}
 
 
 def presets_dir() -> Path:
@@ -188,6 +191,7 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ValueError(f"override {item!r} must look like section.field=value")
         key, value = item.split("=", 1)
         *path, last = key.strip().split(".")
+        last = _new_key(".".join(path), last)
         node = tree
         for part in path:
             node = node.setdefault(part, {})
@@ -206,6 +210,7 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
             cls = SECTIONS[key]
             if not isinstance(value, dict):
                 raise ValueError(f"[{key}] must be a table")
+            value = {_new_key(key, k): v for k, v in value.items()}
             names = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(value) - names)
             if bad:
@@ -214,6 +219,15 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
         else:
             kwargs[key] = value
     return TrainConfig(**kwargs)
+
+
+def _new_key(section: str, key: str) -> str:
+    """A config key's current spelling (an old one is renamed, with a DeprecationWarning)."""
+    new = RENAMED_KEYS.get(section, {}).get(key)
+    if new is None:
+        return key
+    warnings.warn(f"{section}.{key} is now {section}.{new}", DeprecationWarning, stacklevel=3)
+    return new
 
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
@@ -234,7 +248,7 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
             raise ValueError(f"{path}: not valid TOML ({err})") from None
         for key, value in table.items():
             if isinstance(value, dict):
-                tree.setdefault(key, {}).update(value)
+                tree.setdefault(key, {}).update({_new_key(key, k): v for k, v in value.items()})
             else:
                 tree[key] = value
     return config_from_dict(apply_overrides(tree, overrides or []))

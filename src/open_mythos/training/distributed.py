@@ -54,7 +54,8 @@ def init_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device("cuda", local_rank)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo",
+                                device_id=dev if dev.type == "cuda" else None)
     return DistInfo(rank, world, local_rank, dev)
 
 
@@ -146,7 +147,6 @@ def wrap_model(model: nn.Module, info: DistInfo, parallel: str, step_graph: bool
     if parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        model.recurrent.cast_matrices_once = False  # its parameters are sharded outside its own forward
         for block in [*model.prelude, model.recurrent, *model.coda]:
             fully_shard(block)
         fully_shard(model)

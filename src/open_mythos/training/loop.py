@@ -29,9 +29,10 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..attention import attention_backends
-from ..eval.perplexity import format_sweep, lm_loss, loop_sweep
+from ..eval.perplexity import format_sweep, loop_sweep
 from ..flops import flops_per_token, peak_flops
-from ..model import CUDAGRAPH_COMPILE_MODES, OpenMythos
+from ..loss import lm_loss
+from ..model import OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
@@ -40,6 +41,7 @@ from .distributed import (GradientAllReduce, all_reduce_, barrier, init_distribu
                           wrap_model)
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
+from .speed import CUDAGRAPH_COMPILE_MODES, LoopRunner, compile_blocks
 from .tasks import TaskLoader, build_task
 
 
@@ -84,17 +86,19 @@ class Trainer:
         self._build_data()
 
         model = OpenMythos(cfg.model).to(self.device)
-        model.recurrent.checkpoint_loops = cfg.activation_checkpointing
         if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
             model.recurrent.act.requires_grad_(False)  # every trainable parameter to receive a gradient)
         self.loss_fn = lm_loss
+        self.loop_runner = LoopRunner(checkpoint_loops=cfg.activation_checkpointing)  # how forward runs the loop
         if cfg.compile:
-            model.compile_blocks(mode=cfg.compile_mode)
+            self.loop_runner = compile_blocks(model, cfg.activation_checkpointing, mode=cfg.compile_mode)
             self.loss_fn = torch.compile(lm_loss, mode=cfg.compile_mode)  # fp32 cast + CE fused, not materialised
         self.model = wrap_model(model, self.info, cfg.parallel, step_graph=self.step_graph)
         # the graphed step's data parallelism: bucketed gradient all-reduces, inside the forward graph
         self.grad_sync = (GradientAllReduce(model, cfg.grad_bucket_mb) if self.step_graph and self.info.enabled
                           else None)
+        if self.info.enabled and cfg.parallel == "fsdp":  # parameters are sharded outside the block's own forward
+            self.loop_runner.cast_matrices_once = False
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
                                            capturable=self.step_graph)
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
@@ -151,7 +155,8 @@ class Trainer:
                 raise ValueError(f"held-out split has fewer than seq_len+1={cfg.data.seq_len + 1} tokens: "
                                  "raise data.val_fraction or use more data")
             val = PackedLoader(val_tokens, cfg.data.seq_len, min(cfg.batch_size, n_val), shuffle=False)
-        n_eval = cfg.eval_batches if cfg.data.source == "hf" else min(cfg.eval_batches, val.n_windows // val.global_batch)
+        n_eval = (cfg.eval_batches if cfg.data.source == "hf"
+                  else min(cfg.eval_batches, val.n_windows // val.global_batch))
         self.val_batches = [val.next_batch() for _ in range(n_eval)]
 
     def _build_task_data(self, micro_batch: int) -> None:
@@ -211,7 +216,7 @@ class Trainer:
         graphed = self.graphs is not None and self.graphs.ready(n_loops)
         if graphed:
             loss_sum, depth, grad_norm = self.graphs.forward_backward(n_loops, batches)
-            self.graphs.update()  # launched before the host reads the loss: a non-finite step skips itself on the device
+            self.graphs.update()  # launched before the host reads the loss: a non-finite step skips itself on device
         else:
             with self._uncaptured(n_loops):
                 batches = [(x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True))
@@ -301,7 +306,8 @@ class Trainer:
             sync = model.no_sync() if hasattr(model, "no_sync") and not last else contextlib.nullcontext()
             with sync, attention_backends():
                 with record_function("forward"), self.autocast():
-                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True)
+                    logits, depth = model(x, n_loops, backprop_loops=backprop, return_act_depth=True,
+                                          loop_runner=self.loop_runner)
                 with record_function("loss"):
                     loss = self.loss_fn(logits, y) / len(batches)
                 with record_function("backward"):

@@ -1,0 +1,118 @@
+"""What goes into and comes out of the inference engine: requests, their validation, token events.
+
+``validate_request`` is the one definition of what a request may ask for (the server and the CLI reach it
+through ``Engine.submit`` / ``Engine.validate``); its length limits are ``limits.check_generation_length``,
+shared with ``OpenMythos.generate``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import MythosConfig
+from ..checks import check_generation_length, check_int
+from ..sampling import SamplingParams
+from .exit import ExitRule
+
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20                     # most alternatives a request may ask for per token (OpenAI's limit)
+
+
+@dataclass
+class Request:
+    prompt: list[int]
+    max_new_tokens: int = 64
+    n_loops: int | None = None                 # loop budget per token (default: config max_loop_iters)
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    exit_rule: ExitRule = field(default_factory=ExitRule)
+    eos_token_ids: tuple[int, ...] = ()
+    seed: int | None = None                    # per-request generator: reproducible whatever the batch
+    logprobs: int | None = None                # report each token's log-probability and this many alternatives
+
+    def loop_budget(self, cfg: MythosConfig) -> int:
+        """Loops per token: ``n_loops``, or the model's max_loop_iters."""
+        return self.n_loops or cfg.max_loop_iters
+
+    def reads_logits(self) -> bool:
+        """Whether the host reads this request's logits (sampling, log-probabilities)."""
+        return not self.sampling.greedy or self.logprobs is not None
+
+
+@dataclass
+class TokenLogprobs:
+    """log p(token) under the model's distribution (log_softmax of the logits: before temperature,
+    top-k and top-p) and the ``Request.logprobs`` most likely (token, log p) pairs, most likely first."""
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+@dataclass
+class TokenEvent:
+    request_id: int
+    token: int | None          # None only for a cancellation event
+    depth: int                 # loop iterations this token ran
+    finish_reason: str | None  # None while running; "stop" (eos / stop string), "length", "cancelled",
+                               # "error" (this request failed; the engine logged why and serves the rest)
+    logprobs: TokenLogprobs | None = None  # when the request asked for them
+
+
+@dataclass
+class Completion:
+    request_id: int
+    tokens: list[int]
+    depths: list[int]
+    finish_reason: str
+
+
+@dataclass
+class ActiveRequest:
+    """A request holding an engine row (running or on standby): what the host tracks of it."""
+    request_id: int
+    request: Request
+    generator: torch.Generator | None
+    tokens: list[int] = field(default_factory=list)
+    pending: bool = False       # its next token waits (in the stages' next_tok) for a start stage
+    loops: int = 0              # depth schedule: loop iterations launched for the current token so far
+
+
+def validate_request(r: Request, cfg: MythosConfig, context: int, max_loop_budget: int) -> None:
+    """Raise ValueError naming the problem if ``r`` cannot run on an engine with ``context`` tokens per row
+    and loop budgets up to ``max_loop_budget``."""
+    if not isinstance(r.prompt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
+                                                          for i in r.prompt):
+        raise ValueError("prompt must be a list of token ids (ints)")
+    if len(r.prompt) == 0:
+        raise ValueError("prompt is empty: need at least one token")
+    bad = [i for i in r.prompt if not 0 <= i < cfg.vocab_size]
+    if bad:
+        raise ValueError(f"token id {bad[0]} is out of range [0, vocab_size={cfg.vocab_size})")
+    if len(r.prompt) >= context:
+        raise ValueError(f"prompt of {len(r.prompt)} tokens is too long: the context holds {context}")
+    check_generation_length(len(r.prompt), r.max_new_tokens, cfg.max_output_tokens, context)
+    if r.n_loops is not None:
+        check_int("n_loops", r.n_loops, 1, max_loop_budget, note="the engine's max_loop_budget; a deeper budget "
+                  "needs Engine(max_loop_budget=...) or mythos serve --max-loop-budget")
+    if not isinstance(r.sampling, SamplingParams):
+        raise ValueError("sampling must be a SamplingParams")
+    if not isinstance(r.exit_rule, ExitRule):
+        raise ValueError("exit_rule must be an ExitRule")
+    if not r.exit_rule.min_loops <= max_loop_budget:
+        raise ValueError(f"exit_rule min_loops must be in [1, {max_loop_budget}] (the engine's max_loop_budget), "
+                         f"got {r.exit_rule.min_loops}")
+    if any(not isinstance(i, int) or not 0 <= i < cfg.vocab_size for i in r.eos_token_ids):
+        raise ValueError(f"eos_token_ids must be token ids in [0, {cfg.vocab_size})")
+    if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)
+                               or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
+        raise ValueError(f"seed must be an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {r.seed!r}")
+    if r.logprobs is not None:
+        check_int("logprobs", r.logprobs, 0, MAX_LOGPROBS, note="or None")
+
+
+def token_logprobs(logits: torch.Tensor, token: int, k: int) -> TokenLogprobs:
+    """``token``'s log-probability under log_softmax(logits (vocab,)) and the k most likely tokens."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, min(k, logp.numel())) if k else None
+    pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+    return TokenLogprobs(float(logp[token]), pairs)
