@@ -176,7 +176,8 @@ def summarize(paths: list[str], out: str) -> None:
             d, n = max_diff(same["loss"], resumed["loss"], start)
             curves[name] = {"from_step": start, "steps": n, "max_abs_loss_diff_vs_uninterrupted_source": d}
             if other:
-                curves[name]["max_abs_loss_diff_vs_uninterrupted_this_world_size"] = max_diff(other["loss"], resumed["loss"], start)[0]
+                key = "max_abs_loss_diff_vs_uninterrupted_this_world_size"
+                curves[name][key] = max_diff(other["loss"], resumed["loss"], start)[0]
     summary["loss_curves"] = curves
     Path(out).write_text(json.dumps(summary, indent=1))
     print(json.dumps({k: v for k, v in summary.items() if k != "mfu_per_gpu"}, indent=1))

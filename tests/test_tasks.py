@@ -21,7 +21,8 @@ def test_progressive_schedule_draws_bansals_random_start_and_gradient_loops():
     starts = [loops - grad for loops, grad in draws]
     assert all(abs(starts.count(n) / 3000 - 0.25) < 0.04 for n in range(4))  # n ~ U{0..m-1}
     floor = LoopConfig(schedule="progressive", mean=3, min_sampled=3, max_sampled=5)
-    assert {floor.draw(0, s) for s in range(2000)} == {(n + k, k) for n in range(3) for k in range(max(1, 3 - n), 6 - n)}
+    expected = {(n + k, k) for n in range(3) for k in range(max(1, 3 - n), 6 - n)}
+    assert {floor.draw(0, s) for s in range(2000)} == expected
     assert LoopConfig(schedule="uniform", mean=2, max_sampled=4, backprop=2).draw(0, 1)[1] == 2
     assert LoopConfig(schedule="uniform", mean=2, max_sampled=4).draw(0, 1)[1] is None
 

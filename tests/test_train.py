@@ -330,7 +330,8 @@ def _gradient_all_reduce_worker(rank: int, init_file: str, out: dict) -> None:
             out[(rank, bucket_mb)] = {
                 "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                 "launched": launched_in_backward,
-                "members": [[names[p] for p in sync.params if sync.bucket_of[p] == b] for b in range(len(sync.buckets))],
+                "members": [[names[p] for p in sync.params if sync.bucket_of[p] == b]
+                            for b in range(len(sync.buckets))],
                 "weights": {n: t.clone() for n, t in model.state_dict().items()}}
     finally:
         dist.destroy_process_group()
@@ -436,6 +437,7 @@ def test_activation_checkpointing_trains_identically(tmp_path):
     """The recomputation in backward re-runs the MoE; its expert load is counted once, so the router bias
     after 3 steps (and every weight) is the same with activation checkpointing on or off."""
     from conftest import tiny_config
+    from open_mythos.training.speed import LoopRunner
 
     model = OpenMythos(tiny_config(n_experts_per_tok=2)).train()
     model(torch.randint(0, 97, (1, 4)), 2, backprop_loops=1,

@@ -30,6 +30,7 @@ from .blocks import TransformerBlock
 from .cache import KVCache
 from .config import MythosConfig
 from .layers import Linear, RMSNorm, sinusoid
+from .moe import MoE
 
 
 class LTIInjection(nn.Module):
@@ -248,7 +249,8 @@ class RecurrentBlock(nn.Module):
     def _recompute_context(self):
         """Activation checkpointing's (forward, recomputation) contexts: the recomputation in backward
         re-runs the MoE, which must not count its expert load a second time."""
-        no_count = self.block.ffn.load_tracking(False) if isinstance(self.block.ffn, MoE) else contextlib.nullcontext()
+        ffn = self.block.ffn
+        no_count = ffn.load_tracking(False) if isinstance(ffn, MoE) else contextlib.nullcontext()
         return contextlib.nullcontext(), no_count
 
     def matrices_in(self, dtype: torch.dtype) -> dict[str, torch.Tensor]:

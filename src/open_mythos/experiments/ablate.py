@@ -77,7 +77,7 @@ def run_ablation(preset: str, out_dir: Path, overrides: list[str] = (), rows: li
         cfg = load_config(name, overrides=[*base, *changes, f"out_dir='{out_dir / row}'"])
         trainer = Trainer(cfg, progress=progress)
         summary = trainer.train()
-        last = [json.loads(l) for l in (out_dir / row / "metrics.jsonl").read_text().splitlines()]
+        last = [json.loads(line) for line in (out_dir / row / "metrics.jsonl").read_text().splitlines()]
         train_loss = next(r["loss"] for r in reversed(last) if "loss" in r)
         rec = {"row": row, "overrides": changes, "params": sum(p.numel() for p in trainer.model.parameters()),
                "train_loss": train_loss, "loss": {r["n_loops"]: r["loss"] for r in summary["sweep"]}}

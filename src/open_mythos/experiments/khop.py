@@ -88,7 +88,8 @@ class KHopTask:
         x, y, _ = self.sample_with_depths(hops, rng)
         return x, y
 
-    def sample_with_depths(self, hops: list[int], rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample_with_depths(self, hops: list[int], rng: random.Random
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``sample`` and the depth (hops from a value, >= 1) of every target, 0 where there is none."""
         rows, targets, depths = [], [], []
         for k in hops:

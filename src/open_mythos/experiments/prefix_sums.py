@@ -109,7 +109,8 @@ def run(preset: str, out_dir: Path, overrides: list[str] = (), progress: bool = 
     result["extrapolation_accuracy"] = result["rdt_best_accuracy"][-1]
     result["baseline_extrapolation_accuracy"] = result["baseline_accuracy"][-1]
     result["paper_accuracy"] = PAPER_ACCURACY
-    result["overthinking"] = {"bits": result["sizes"][-1], "loops": far, "accuracy": result["rdt_accuracy"][str(far)][-1],
+    result["overthinking"] = {"bits": result["sizes"][-1], "loops": far,
+                              "accuracy": result["rdt_accuracy"][str(far)][-1],
                               "best_accuracy": result["rdt_best_accuracy"][-1]}
     extrapolation.write(result, out_dir, "bits")
     return result

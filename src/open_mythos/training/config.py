@@ -116,7 +116,7 @@ class TrainConfig:
     compile: bool = False           # torch.compile the blocks (the loop iteration once, reused per loop) and the loss
     compile_mode: str = "default"   # torch.compile mode; "reduce-overhead" adds CUDA graphs
     activation_checkpointing: bool = False
-    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): bf16 on a GPU, 1 process or DDP
+    step_graph: bool = False        # the whole step as CUDA graphs (training/graphs.py): bf16 on a GPU, one process/DDP
     parallel: str = "ddp"           # ddp | fsdp (used under torchrun with >1 process)
     grad_bucket_mb: float = 25.0    # step_graph + ddp: gradient all-reduce buckets, launched during the backward
                                     # (0: one all-reduce after it); distributed.GradientAllReduce
@@ -150,7 +150,8 @@ class TrainConfig:
             raise ValueError("step_graph=true needs optim.muon_impl='batched' (torch.optim.Muon bakes the "
                              "learning rate into a captured graph as a constant)")
         if not self.grad_bucket_mb >= 0:
-            raise ValueError(f"grad_bucket_mb must be >= 0 (0 = one all-reduce after the backward), got {self.grad_bucket_mb}")
+            raise ValueError("grad_bucket_mb must be >= 0 (0 = one all-reduce after the backward), "
+                             f"got {self.grad_bucket_mb}")
         if self.step_graph and self.loops.schedule == "progressive":
             raise ValueError("step_graph=true captures one graph per loop count; loops.schedule='progressive' "
                              "also varies the loops with gradient per step: use another schedule")

@@ -82,7 +82,8 @@ class GradientAllReduce:
         self.params = [p for p in model.parameters() if p.requires_grad][::-1]
         dtypes = {(p.dtype, p.device) for p in self.params}
         if len(dtypes) != 1:
-            raise ValueError(f"GradientAllReduce needs every trainable parameter on one device in one dtype, got {dtypes}")
+            raise ValueError("GradientAllReduce needs every trainable parameter on one device in one dtype, "
+                             f"got {dtypes}")
         self.world = dist.get_world_size()
         with torch.no_grad():
             for t in [*model.parameters(), *model.buffers()]:
