@@ -70,7 +70,8 @@ def alone(model, tokenizer, chat: bool, body: dict) -> tuple[str, str]:
     out = Engine(model, max_batch=1).run([request])[0]
     stream, text = TextStream(tokenizer, body.get("stop", [])), ""
     for token in out.tokens:
-        text += stream.on_event(token, False, eos)[0]
+        if token not in eos:
+            text += stream.push(token)
         if stream.stopped:
             return text, "stop"
     return text + stream.flush(), out.finish_reason

@@ -370,7 +370,7 @@ def test_seeded_sampling_is_reproducible_and_eos_stops():
 
 def test_streaming_events_and_cancellation_free_the_slot():
     model = _model()
-    engine = Engine(model, max_batch=1)
+    engine = Engine(model, max_batch=1, schedule="depth")  # one event per step: the first token's
     long_id = engine.submit(Request([1, 2], 30, 2, GREEDY))
     waiting_id = engine.submit(Request([3, 4], 4, 2, GREEDY))
     first = engine.step()
