@@ -233,7 +233,8 @@ def _new_key(section: str, key: str) -> str:
 
 def load_config(preset: str | None = None, path: str | Path | None = None,
                 overrides: list[str] | None = None) -> TrainConfig:
-    """Preset (by name) and/or TOML file (file values win), then ``overrides``."""
+    """Preset (by name) and/or TOML file (file values win), then ``overrides``. An override of
+    ``data.source`` without one of ``data.path`` drops the inherited ``data.path`` (it belonged to the old source)."""
     tree: dict[str, Any] = {}
     if preset is not None:
         file = presets_dir() / f"{preset}.toml"
@@ -252,4 +253,8 @@ def load_config(preset: str | None = None, path: str | Path | None = None,
                 tree.setdefault(key, {}).update({_new_key(key, k): v for k, v in value.items()})
             else:
                 tree[key] = value
-    return config_from_dict(apply_overrides(tree, overrides or []))
+    overrides = overrides or []
+    keys = {o.split("=", 1)[0].strip() for o in overrides}
+    if "data.source" in keys and "data.path" not in keys:  # the inherited path belongs to the inherited source
+        tree.get("data", {}).pop("path", None)
+    return config_from_dict(apply_overrides(tree, overrides))
