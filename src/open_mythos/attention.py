@@ -34,17 +34,29 @@ def attention_backends():
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
-           scale: float | None = None, dropout_p: float = 0.0, mask: torch.Tensor | None = None) -> torch.Tensor:
+           scale: float | None = None, dropout_p: float = 0.0, mask: torch.Tensor | None = None,
+           window: int | None = None) -> torch.Tensor:
     """softmax(q k^T * scale + causal mask) v, for queries at positions start..start+T-1.
 
     q: (B, T, H, d), k: (B, S, Hk, d), v: (B, S, Hk, dv) with S = start + T and H % Hk == 0.
     ``mask`` (B, 1, T, S) bool, True = may attend, replaces the causal rule: the inference
-    engine's rows sit at different positions of a static cache. Returns (B, T, H, dv).
+    engine's rows sit at different positions of a static cache; a query's position is then the
+    last key it may see. ``window`` (``cfg.attn_window``): a query at position i sees only keys
+    i - window < j <= i (sliding-window attention: a fixed receptive field per layer, like a
+    causal convolution's kernel). Returns (B, T, H, dv).
     """
     T, S = q.shape[1], k.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     causal = False
-    if mask is None and start == 0:
+    if window is not None:
+        keys = torch.arange(S, device=q.device)
+        if mask is None:  # queries at start .. start + T - 1
+            query_pos = torch.arange(start, start + T, device=q.device)[:, None]
+            mask = (keys <= query_pos) & (keys > query_pos - window)
+        else:             # each query's position: the last key the given mask lets it see
+            query_pos = torch.where(mask, keys, -1).amax(-1, keepdim=True)
+            mask = mask & (keys > query_pos - window)
+    elif mask is None and start == 0:
         causal = T > 1
     elif mask is None and T > 1:  # a chunk after cached tokens: query i sees keys j <= start + i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=start)
@@ -59,7 +71,7 @@ class GQAttention(nn.Module):
     def __init__(self, cfg: MythosConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.dropout = cfg.dropout
+        self.dropout, self.window = cfg.dropout, cfg.attn_window
         self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -76,7 +88,8 @@ class GQAttention(nn.Module):
             start, mask = cache.pos, cache.mask
             kv = cache.update(cache_key, k=k, v=v)
             k, v = kv["k"], kv["v"]
-        out = attend(q, k, v, start, dropout_p=self.dropout if self.training else 0.0, mask=mask)
+        out = attend(q, k, v, start, dropout_p=self.dropout if self.training else 0.0, mask=mask,
+                     window=self.window)
         return self.wo(out.reshape(B, T, -1))
 
 
@@ -99,7 +112,7 @@ class MLAttention(nn.Module):
         self.n_heads = cfg.n_heads
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_rank = cfg.kv_lora_rank
-        self.dropout = cfg.dropout
+        self.dropout, self.window = cfg.dropout, cfg.attn_window
         self.scale = 1.0 / math.sqrt(cfg.qk_head_dim)
         q_out = cfg.n_heads * cfg.qk_head_dim
         if cfg.q_lora_rank > 0:
@@ -141,7 +154,7 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_pe.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_pe), dim=-1)
         out = attend(q, k, v, start, scale=self.scale, dropout_p=self.dropout if self.training else 0.0,
-                     mask=mask)
+                     mask=mask, window=self.window)
         return self.wo(out.reshape(B, T, -1))
 
     def _absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor,
@@ -153,7 +166,8 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_uk)
         q = torch.cat((q_lat, q_pe), dim=-1)                       # (B, T, H, r + rope)
         k = torch.cat((c_kv, k_pe), dim=-1).unsqueeze(2)           # (B, S, 1, r + rope)
-        o_lat = attend(q, k, c_kv.unsqueeze(2), start, scale=self.scale, mask=mask)  # (B, T, H, r)
+        o_lat = attend(q, k, c_kv.unsqueeze(2), start, scale=self.scale, mask=mask,
+                       window=self.window)  # (B, T, H, r)
         out = torch.einsum("bthr,hvr->bthv", o_lat, w_uv)
         return self.wo(out.reshape(B, T, -1))
 

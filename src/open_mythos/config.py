@@ -111,6 +111,10 @@ class MythosConfig:
     # open-mythos: loop count in the effective depth prelude + loops + coda that scales the init of
     # projections writing into the residual stream (init_std / sqrt(2 depth)); None: max_loop_iters.
     init_loops: int | None = None
+    # open-mythos: sliding-window attention in every layer: a position sees itself and the window - 1 before it
+    # (None: the whole prefix). A fixed receptive field per layer, like the conv nets of the easy-to-hard
+    # results (Bansal et al. 2022): information then travels at most window - 1 positions per loop.
+    attn_window: int | None = None
     tie_word_embeddings: bool = True
     dense_ffn_dim: int | None = field(default=None)  # None: SwiGLU width 8/3*dim rounded to 64
 
@@ -163,6 +167,8 @@ class MythosConfig:
             raise ValueError(f"init_std must be > 0, got {self.init_std}")
         if self.dense_ffn_dim is not None:
             _positive(self, "dense_ffn_dim")
+        if self.attn_window is not None:
+            _positive(self, "attn_window")
 
     # derived sizes -------------------------------------------------------------------------
     @property
