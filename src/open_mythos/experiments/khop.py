@@ -172,8 +172,8 @@ def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, dev
     }
 
 
-# the progressive loss (Bansal et al. 2022) over up to 8 loops, after a warm-up at one loop long enough
-# for the lookup to appear: the same model at one loop found it at step ~1,000-1,200 (H200 run K1)
+# the progressive loss (Bansal et al. 2022) over up to 16 loops after 500 steps at one loop, with the residual
+# state (a resolved value persists across loops instead of decaying by A): H200 runs 8-9, docs/experiments.md
 PRESETS = {
     "cpu": _tree(dict(n_values=4, n_vars=10, max_hops=10, statements=10, queries=2, train_max_hops=2),
                  dict(dim=32, n_heads=2, n_kv_heads=2, n_experts=2, expert_dim=32, max_loop_iters=4),
@@ -181,9 +181,10 @@ PRESETS = {
                  loops={"schedule": "progressive", "mean": 2, "min_sampled": 1, "max_sampled": 4, "warmup_steps": 4},
                  eval_={"loops": [1, 2, 40], "problems": 16, "batch_size": 16}),
     "gpu": _tree(dict(n_values=8, n_vars=24, max_hops=10, statements=12, queries=6, train_max_hops=5),
-                 dict(dim=128, n_heads=4, n_kv_heads=4, n_experts=4, expert_dim=128, max_loop_iters=16),
+                 dict(dim=128, n_heads=4, n_kv_heads=4, n_experts=4, expert_dim=128, max_loop_iters=16,
+                      injection="residual"),
                  steps=3500, batch_size=256, device="auto", compile_=True,
-                 loops={"schedule": "progressive", "mean": 4, "min_sampled": 1, "max_sampled": 8, "warmup_steps": 1500},
+                 loops={"schedule": "progressive", "mean": 4, "min_sampled": 1, "max_sampled": 16, "warmup_steps": 500},
                  eval_={"loops": [1, 2, 4, 6, 8, 10, 12, 16, 24, 40], "problems": 512, "batch_size": 256}),
 }
 

@@ -29,13 +29,16 @@ from ..training.loop import Trainer
 PRESETS = {"cpu": ("shakespeare-tiny", ["steps=150", "eval_every=0"]),
            "gpu": ("shakespeare-100m", ["steps=1000", "eval_every=0"])}
 # dense-vs-looped trains 3 models; the GPU preset fits one 10-minute H200 call and reads the Python standard
-# library's source (12 MB for CPython 3.11: 600 steps x 32 x 512 bytes = 9.8M tokens, no window seen twice)
+# library's source (12 MB for CPython 3.11: 600 steps x 32 x 512 bytes = 9.8M tokens, no window seen twice).
+# One Prelude and one Coda layer around the loop, loops sampled up to 16: with 2 + 2 the loop buys 0.0-1.6%
+# over the same model run once, with 1 + 1 it buys 1.6-3.8% (benchmarks/results/h200/dense-vs-looped-recipe)
 DENSE_PRESETS = {
     "cpu": ("shakespeare-tiny", ["steps=150", "eval_every=0", "sample_tokens=0"]),
     "gpu": ("shakespeare-100m", ["steps=600", "eval_every=0", "sample_tokens=0", "data.source='stdlib'",
                                  "data.seq_len=512", "batch_size=32", "compile=false", "step_graph=false",
                                  "model.dim=512", "model.n_heads=8", "model.n_kv_heads=4", "model.n_experts=16",
-                                 "model.expert_dim=512", "model.lora_rank=8"]),
+                                 "model.expert_dim=512", "model.lora_rank=8", "model.prelude_layers=1",
+                                 "model.coda_layers=1", "loops.max_sampled=16"]),
 }
 
 
