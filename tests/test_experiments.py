@@ -2,19 +2,25 @@
 the fit recovers known curves; each experiment's CPU preset runs end to end through the CLI (pipeline
 check, not the result)."""
 
+import contextlib
 import json
 import math
 import random
+from types import SimpleNamespace
 
 import pytest
 import torch
 
+from open_mythos import OpenMythos
 from open_mythos.cli import main
 from open_mythos.config import MythosConfig
 from open_mythos.experiments.baselines import DenseTransformer, matched_dense_layers
+from open_mythos.experiments.extrapolation import converged_accuracy
 from open_mythos.experiments.khop import IGNORE, N_SPECIAL, QUERY, SEMI, KHopTask
 from open_mythos.experiments.prefix_sums import PrefixSumTask
 from open_mythos.experiments.scaling import fit_saturating_exponential
+
+from conftest import tiny_config
 
 
 def solve(task: KHopTask, row: list[int]) -> tuple[dict[int, int], list[tuple[int, int, int]], dict[int, int]]:
@@ -237,3 +243,33 @@ def test_experiment_settings_are_validated_before_training(tmp_path):
                        ("data.task='nope'", "data.task")]:
         assert main(["experiment", "khop", "--out", str(tmp_path), "--set", bad]) == 2
     assert not (tmp_path / "rdt").exists()
+
+
+@pytest.mark.parametrize("patience", [1, 2, 50])
+def test_converged_stop_equals_a_loop_by_loop_reference(patience):
+    """Each problem stops at the first loop whose prediction at every answer position has not changed for
+    `patience` loops (or at the last loop); the answer is the prediction there: rerun the full forward at
+    every loop count and compare."""
+    task = PrefixSumTask(bits=6)
+    model = OpenMythos(tiny_config(vocab_size=2, max_seq_len=8, lora_rank=0)).eval()
+    trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    max_loops, problems = 6, 40
+    acc, mean_loops = converged_accuracy(model, trainer, task, 6, max_loops, patience, problems, batch_size=16)
+    rng = random.Random(10_000 + 6)
+    correct, loops = 0, 0
+    for start in range(0, problems, 16):
+        x, y = task.eval_batch(6, min(16, problems - start), rng)
+        with torch.no_grad():
+            preds = [model(x, n).argmax(-1) for n in range(1, max_loops + 1)]
+        for i in range(x.shape[0]):
+            stop, run = max_loops, 0
+            for t in range(1, max_loops):
+                run = run + 1 if torch.equal(preds[t][i], preds[t - 1][i]) else 0
+                if run >= patience:
+                    stop = t + 1
+                    break
+            correct += int(torch.equal(preds[stop - 1][i], y[i]))
+            loops += stop
+    assert acc == correct / problems and mean_loops == pytest.approx(loops / problems)
+    if patience == 50:
+        assert mean_loops == max_loops

@@ -25,12 +25,13 @@ from pathlib import Path
 
 import torch
 
+from ..loss import IGNORE
 from ..training.config import apply_overrides, config_from_dict
 from ..training.distributed import unwrap
 from ..training.loop import Trainer
 from ..training.tasks import build_task
 
-EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size"}
+EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop_patience"}
 
 
 def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict]:
@@ -71,6 +72,47 @@ def accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int, n_loops:
     return correct / problems
 
 
+@torch.no_grad()
+def converged_accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int, max_loops: int, patience: int,
+                       problems: int, batch_size: int, seed: int = 10_000) -> tuple[float, float]:
+    """Exact match when every problem stops looping by itself: at the first loop t whose prediction (the argmax
+    at every supervised position) has been the same for ``patience`` loops in a row, or at ``max_loops``. The
+    rule reads no answer — only which positions are answers — so no loop count is picked in hindsight (the
+    fixed point of the iteration is its own stopping signal). The problems are :func:`accuracy`'s.
+
+    Returns (exact match, mean loops run per problem)."""
+    model.eval()
+    rng = random.Random(seed + size)
+    correct, loops_run = 0, 0.0
+    for start in range(0, problems, batch_size):
+        x, y = task.eval_batch(size, min(batch_size, problems - start), rng)
+        x, y = x.to(trainer.device), y.to(trainer.device)
+        answers = y != IGNORE
+        with trainer.autocast():
+            rope = model.rope(torch.arange(x.shape[1], device=x.device))
+            e = model.embed_prelude(x, rope)
+            h = model.initial_state(e)
+            stable = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            stop = torch.full_like(stable, max_loops)
+            final = prev = None
+            for t in range(max_loops):
+                h = model.iterate(h, e, t, rope)
+                pred = model.coda_logits(model.readout(h), rope).argmax(-1)
+                if prev is None:
+                    final = pred.clone()
+                else:
+                    same = ((pred == prev) | ~answers).all(1)
+                    stable = torch.where(same, stable + 1, torch.zeros_like(stable))
+                running = stop == max_loops
+                final[running] = pred[running]
+                stop[running & (stable >= patience)] = t + 1
+                prev = pred
+        correct += int(task.correct(final, y).sum())
+        loops_run += float(stop.sum())
+    model.train()
+    return correct / problems, loops_run / problems
+
+
 def guess_accuracy(task, size: int, problems: int, seed: int = 10_000) -> float:
     x, y = task.eval_batch(size, problems, random.Random(seed + size))
     return float(task.guess(x, y).mean())
@@ -94,6 +136,10 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
     for n in loops:
         grid[str(n)] = [accuracy(rdt, rdt_trainer, task, s, n, *args) for s in sizes]
         log(f"  RDT {n:4d} loops: " + " ".join(f"{a:.3f}" for a in grid[str(n)]))
+    patience, far = ev.get("stop_patience", 2), max(loops)
+    converged = [converged_accuracy(rdt, rdt_trainer, task, s, far, patience, *args) for s in sizes]
+    log("  RDT converged : " + " ".join(f"{a:.3f}" for a, _ in converged)
+        + f"   (stop after {patience} unchanged loops; mean loops " + " ".join(f"{n:.1f}" for _, n in converged) + ")")
     dense_acc = [accuracy(dense, dense_trainer, task, s, 1, *args) for s in sizes]
     guess = [guess_accuracy(task, s, ev["problems"]) for s in sizes]
     log("  baseline      : " + " ".join(f"{a:.3f}" for a in dense_acc))
@@ -105,6 +151,8 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
         "sizes": sizes, "loops": loops, "rdt_accuracy": grid, "baseline_accuracy": dense_acc,
         "guess_accuracy": guess, "rdt_best_accuracy": [best[s] for s in sizes],
         "rdt_best_loops": [max(loops, key=lambda n: grid[str(n)][i]) for i, s in enumerate(sizes)],
+        "rdt_converged_accuracy": [a for a, _ in converged], "rdt_converged_loops": [n for _, n in converged],
+        "stop_patience": patience,
         "train_seconds": {"rdt": t_rdt, "baseline": t_dense}, "seconds": time.perf_counter() - t0,
         "device": str(rdt_trainer.device),
     }
@@ -127,6 +175,9 @@ def plot(result: dict, path: Path, size_label: str) -> Path:
     for i, n in enumerate(loops):
         ax.plot(sizes, result["rdt_accuracy"][str(n)], "o-", ms=3, color=cmap(i / max(1, len(loops) - 1)),
                 label=f"RDT, {n} loops")
+    if "rdt_converged_accuracy" in result:
+        ax.plot(sizes, result["rdt_converged_accuracy"], "s-", color="black", lw=2,
+                label=f"RDT, stops when converged ({result['stop_patience']} unchanged loops)")
     ax.plot(sizes, result["baseline_accuracy"], "^--", color="tab:red", label="fixed depth, same parameters")
     ax.plot(sizes, result["guess_accuracy"], "k:", label="guessing")
     ax.axvline(result["eval"]["train_max_size"], color="grey", ls="--", lw=1)

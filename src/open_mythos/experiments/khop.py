@@ -33,11 +33,11 @@ from pathlib import Path
 import torch
 
 from ..config import check_field_types
+from ..loss import IGNORE
 from . import extrapolation
 
 SEMI, QUERY = 0, 1
 N_SPECIAL = 2  # values are ids N_SPECIAL.., variables follow them
-IGNORE = -100  # cross-entropy's ignore_index: positions without a target
 
 
 @dataclass

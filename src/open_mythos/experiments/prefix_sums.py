@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..loss import IGNORE
 from . import extrapolation
 
-IGNORE = -100
 
 
 @dataclass
