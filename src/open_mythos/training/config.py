@@ -1,7 +1,7 @@
 """`TrainConfig`: one dataclass tree for a training run, loaded from TOML with CLI overrides.
 
     [model]  MythosConfig fields        [data]  DataConfig        [optim]  OptimConfig
-    [loops]  LoopConfig (depth curriculum)                          top level: the run itself
+    [loops]  LoopConfig (depth curriculum)   [exit]  ExitConfig (halting unit)   top level: the run itself
 
 Presets live in ``training/presets/*.toml``. Overrides are ``section.field=value`` with TOML values
 (``steps=200``, ``optim.muon_lr=0.01``, ``model.attn_type="gqa"``; bare words are strings).
@@ -23,6 +23,7 @@ import torch
 
 from ..config import MythosConfig, check_field_types
 from .data import DataConfig
+from .exit import ExitConfig
 from .optim import OptimConfig
 from .speed import CUDAGRAPH_COMPILE_MODES
 
@@ -108,6 +109,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loops: LoopConfig = field(default_factory=LoopConfig)
+    exit: ExitConfig = field(default_factory=ExitConfig)
     steps: int = 1000
     batch_size: int = 16            # global batch, in sequences, per optimizer step
     grad_accum: int = 1             # micro-batches per step (batch_size / grad_accum each)
@@ -159,14 +161,23 @@ class TrainConfig:
             raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ValueError(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        if self.exit.steps and self.model.loop_output != "final":
+            raise ValueError("exit.steps trains the halting unit of loop_output='final' models; with "
+                             "model.loop_output='act' the LM loss already trains it (set exit.steps=0)")
         if any(n < 1 for n in self.sweep_loops):
             raise ValueError(f"sweep_loops must be loop counts >= 1, got {self.sweep_loops}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def exit_loops(self) -> int:
+        """The depth the exit labels look at: ``exit.loops``, or ``loops.max_sampled`` when 0."""
+        return self.exit.loops or self.loops.max_sampled
 
-SECTIONS = {"model": MythosConfig, "data": DataConfig, "optim": OptimConfig, "loops": LoopConfig}
+
+SECTIONS = {"model": MythosConfig, "data": DataConfig, "optim": OptimConfig, "loops": LoopConfig,
+            "exit": ExitConfig}
 # old spellings of config keys, still read (with a DeprecationWarning): section -> {old: new}
 RENAMED_KEYS = {"loops": {"min_loops": "min_sampled", "max_loops": "max_sampled"}}
 

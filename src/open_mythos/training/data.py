@@ -190,6 +190,13 @@ def pack_documents(docs: Iterable[str], tokenizer, val_fraction: float,
             torch.tensor([t for ids in val for t in (*ids, eos)], dtype=torch.long))
 
 
+def split_tokens(cfg: DataConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(train, held-out) token streams of a local source (not ``hf`` or ``task``): ``pack_documents`` of
+    ``SOURCES[cfg.source]``, with ``cfg.val_path``'s documents held out when given."""
+    val_docs = read_documents(cfg.val_path, cfg.text_field) if cfg.val_path else None
+    return pack_documents(SOURCES[cfg.source](cfg), tokenizer, cfg.val_fraction, val_docs)
+
+
 class PackedLoader:
     """Deterministic, resumable batches of packed windows from a 1-D token stream.
 

@@ -18,6 +18,7 @@ forward graph (distributed.GradientAllReduce); with FSDP2 the step is the eager 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -36,9 +37,10 @@ from ..model import OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
-from .data import SOURCES, PackedLoader, StreamingLoader, pack_documents, read_documents
+from .data import PackedLoader, StreamingLoader, split_tokens
 from .distributed import (GradientAllReduce, all_reduce_, barrier, init_distributed, mean_across_ranks, unwrap,
                           wrap_model)
+from .exit import exit_report, train_exit
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
 from .speed import CUDAGRAPH_COMPILE_MODES, LoopRunner, compile_blocks
@@ -72,6 +74,9 @@ class Trainer:
             raise ValueError("step_graph=true runs in bf16 on a GPU (the fp32 expert path reads its capacity on the "
                              f"host; fp16's GradScaler syncs); got precision {self.precision}")
         self.step_graph = cfg.step_graph
+        if cfg.exit.steps and self.info.enabled and cfg.parallel == "fsdp":
+            raise ValueError("exit.steps (the halting-unit phase) runs on one process or under parallel='ddp'; "
+                             "FSDP2 shards the unit's parameters")
         if cfg.step_graph and self.info.enabled and cfg.parallel == "fsdp":
             self.step_graph = False  # FSDP2 gathers and reduce-scatters from hooks that run on the host
             self._log("step_graph=true is not available with parallel='fsdp' (FSDP2's hooks run on the host): "
@@ -145,9 +150,7 @@ class Trainer:
                                                 info.rank, info.world_size + 1)
             val = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size, info.world_size, info.world_size + 1)
         else:
-            val_docs = read_documents(cfg.data.val_path, cfg.data.text_field) if cfg.data.val_path else None
-            train_tokens, val_tokens = pack_documents(SOURCES[cfg.data.source](cfg.data), self.tokenizer,
-                                                      cfg.data.val_fraction, val_docs)
+            train_tokens, val_tokens = split_tokens(cfg.data, self.tokenizer)
             self.train_loader = PackedLoader(train_tokens, cfg.data.seq_len, micro_batch, cfg.seed,
                                              info.rank, info.world_size)
             n_val = (val_tokens.numel() - 1) // cfg.data.seq_len
@@ -397,15 +400,46 @@ class Trainer:
         return save_checkpoint(self.run_dir, self.step, self.model, self.optimizers, state, self.info,
                                self.cfg.keep_last)
 
+    def train_exit(self) -> dict:
+        """The halting-unit phase (``[exit]``, training/exit.py): ``exit.steps`` steps on the frozen model with
+        training batches, labels from ``exit_loops`` loops; returns the held-out exit report after it and the
+        objective before/after (also written to metrics.jsonl)."""
+        cfg, model = self.cfg, unwrap(self.model)
+
+        def batches():
+            while True:
+                for x, y in self._next_batches():
+                    yield x.to(self.device), y.to(self.device)
+
+        def reduce_grads(grads: list[torch.Tensor]) -> None:
+            for g in grads:
+                all_reduce_(g)
+                g /= self.info.world_size
+
+        report = functools.partial(exit_report, model, self.val_batches, cfg.exit_loops, cfg.exit.margin,
+                                   model.act_threshold, autocast=self.autocast)
+        before = report()
+        history = train_exit(model, batches(), cfg.exit, cfg.exit_loops, self.autocast,
+                             reduce_grads if self.info.enabled else None)
+        summary = {"exit_steps": cfg.exit.steps, "exit_train_objective": history[-1]} | {
+            f"exit_{k}": v for k, v in report().items()} | {"exit_objective_before": before["objective"],
+                                                            "exit_act_depth_before": before["act_depth"]}
+        self._write_metrics({"step": self.step} | summary)
+        self._log(f"exit trained ({cfg.exit.steps} steps): held-out act rule {summary['exit_act_depth']:.2f} loops, "
+                  f"loss {summary['exit_act_loss']:.4f} (full depth {summary['exit_loops']}: "
+                  f"{summary['exit_full_loss']:.4f}; oracle {summary['exit_oracle_depth']:.2f} loops)")
+        return summary
+
     def finish(self) -> dict:
         cfg = self.cfg
+        exit_summary = self.train_exit() if cfg.exit.steps else {}
         export_weights(self.model, self.run_dir / "model", self.info)
         if self.info.is_main:
             save_tokenizer_name(self.run_dir / "model", cfg.data.tokenizer)
         loops = sorted(set(cfg.sweep_loops or [1, 2, 2 * cfg.loops.mean, 4 * cfg.loops.mean]) | {cfg.loops.mean})
         sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,
-                   "sweep": sweep}
+                   "sweep": sweep} | exit_summary
         if self.info.is_main:
             self._write_metrics({"step": self.step, "val_loss": next(r["loss"] for r in sweep
                                                                      if r["n_loops"] == cfg.loops.mean)})
