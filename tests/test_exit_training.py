@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_config
+from conftest import import_benchmark, tiny_config
 from open_mythos import OpenMythos
 from open_mythos.eval.early_exit import exit_loss
 from open_mythos.inference import ExitRule
@@ -111,6 +111,31 @@ def test_trainer_exit_phase(tmp_path):
                        ("exit.loops=true", "exit.loops")):
         with pytest.raises(ValueError, match=field):
             load_config("shakespeare-tiny", overrides=[bad])
+
+
+def test_trained_exit_benchmark_end_to_end(tmp_path, monkeypatch):
+    """benchmarks/trained_exit.py on a tiny run: trains the exit, measures every rule and both schedules,
+    writes the JSON and the histogram plot; the full-depth row is the baseline of every other."""
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=2"))
+    Trainer(cfg, progress=False).train()
+    bench = import_benchmark("trained_exit", monkeypatch)
+    out = tmp_path / "bench"
+    monkeypatch.setattr("sys.argv", ["trained_exit.py", "--run", str(tmp_path / "run"), "--train-exit-steps", "2",
+                                     "--budget", "3", "--eval-rows", "2", "--eval-len", "8", "--prompt-len", "3",
+                                     "--requests", "3", "--max-batch", "2", "--prompt-tokens", "4",
+                                     "--new-tokens", "3", "--out", str(out)])
+    bench.main()
+    report = json.loads((out / "trained_exit.json").read_text())
+    assert (out / "exit_depths.png").is_file()
+    held = report["held_out"]
+    assert held["none"]["mean_loops"] == 3 and held["none"]["loss_vs_full_depth"] == 0
+    assert {"act_0.5", "act_0.9", "act_0.99", "kl_0.0005", "none_2_loops"} <= set(held)
+    assert "act_0.99" in report["held_out_unit_as_loaded"]
+    assert report["exit_training"]["steps"] == 2
+    for runs in report["throughput"].values():
+        assert set(runs) == {"static", "depth_sync_every_1_prefill_batch_1"}
+        assert runs["static"]["tokens"] == 9 and runs["static"]["speedup_vs_static"] == 1
+    assert set(report["depth_batching_speedup_trained"]) == set(report["throughput"])
 
 
 @pytest.mark.parametrize("policy", ["per_loop", "shared"])
