@@ -127,6 +127,7 @@ def main() -> None:
     p.add_argument("--train-exit-steps", type=int, default=0, help="train the halting unit first (0: as loaded)")
     p.add_argument("--exit-margin", type=float, default=ExitConfig.margin)
     p.add_argument("--exit-lr", type=float, default=ExitConfig.lr)
+    p.add_argument("--exit-batch-size", type=int, default=0, help="sequences per exit step (0: the run's micro-batch)")
     p.add_argument("--budget", type=int, default=16, help="loop budget per token (and the exit labels' depth)")
     p.add_argument("--act-thresholds", type=float, nargs="+", default=[0.5, 0.9, 0.99])
     p.add_argument("--kl", type=float, default=5e-4, help="the kl rule's threshold (nats)")
@@ -166,12 +167,14 @@ def main() -> None:
                                                           act_rules, cfg.loops.mean)
         model = OpenMythos.from_pretrained(run / "model", device=args.device)  # fp32 master weights to train
         exit_cfg = ExitConfig(steps=args.train_exit_steps, margin=args.exit_margin, lr=args.exit_lr)
-        loader = PackedLoader(train_tokens, cfg.data.seq_len, cfg.batch_size // cfg.grad_accum, cfg.seed + 1)
+        loader = PackedLoader(train_tokens, cfg.data.seq_len, args.exit_batch_size or cfg.batch_size // cfg.grad_accum,
+                              cfg.seed + 1)
         batches = ((x.to(args.device), y.to(args.device)) for x, y in iter(loader.next_batch, None))
         t0 = time.perf_counter()
         history = train_exit(model, batches, exit_cfg, args.budget, autocast)
         val = windows(val_tokens, 8, cfg.data.seq_len + 1)
         report["exit_training"] = {"steps": exit_cfg.steps, "margin": exit_cfg.margin, "lr": exit_cfg.lr,
+                                   "batch": loader.global_batch, "seq_len": cfg.data.seq_len,
                                    "seconds": time.perf_counter() - t0, "objective_first": history[0],
                                    "objective_last": history[-1],
                                    "held_out_parallel": exit_report(model, [(val[:, :-1], val[:, 1:])], args.budget,
