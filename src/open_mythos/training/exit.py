@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_field_types
+from ..loss import IGNORE
 from ..model import OpenMythos
 
 Batch = tuple[torch.Tensor, torch.Tensor]
@@ -74,7 +75,7 @@ class ExitConfig:
 def loop_losses(model: OpenMythos, x: torch.Tensor, y: torch.Tensor, n_loops: int
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-loop token losses L (D, B, T) fp32, states h_1..h_D (D, B, T, dim)) for ids ``x`` (B, T) and
-    next-token labels ``y`` (B, T) (-100: no label, loss 0). L[d-1] equals the loss of ``model(x, d)``."""
+    next-token labels ``y`` (B, T) (IGNORE: no label, loss 0). L[d-1] equals the loss of ``model(x, d)``."""
     rope = model.rope(torch.arange(x.shape[1], device=x.device))
     e = model.embed_prelude(x, rope)
     h = model.initial_state(e)
@@ -82,7 +83,7 @@ def loop_losses(model: OpenMythos, x: torch.Tensor, y: torch.Tensor, n_loops: in
     for t in range(n_loops):
         h = model.iterate(h, e, t, rope)
         logits = model.coda_logits(model.readout(h), rope)
-        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-100,
+        losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                       reduction="none").view(y.shape))
         states.append(h)
     return torch.stack(losses), torch.stack(states)
@@ -159,7 +160,7 @@ def train_exit(model: OpenMythos, batches: Iterator[Batch], cfg: ExitConfig, n_l
             x, y = next(batches)
             with autocast():
                 losses, states = loop_losses(model, x, y, n_loops)
-            loss = exit_objective(model, states, exit_labels(losses, cfg.margin), (y != -100).float(), autocast)
+            loss = exit_objective(model, states, exit_labels(losses, cfg.margin), (y != IGNORE).float(), autocast)
             loss.backward()
             if reduce_grads is not None:
                 reduce_grads([p.grad for p in unit])
@@ -185,7 +186,7 @@ def exit_report(model: OpenMythos, batches: list[Batch], n_loops: int, margin: f
         x, y = x.to(device), y.to(device)
         with autocast():
             losses, states = loop_losses(model, x, y, n_loops)
-        mask = (y != -100).float()
+        mask = (y != IGNORE).float()
         labels = exit_labels(losses, margin)
         oracle = oracle_depth(labels)
         with autocast():
