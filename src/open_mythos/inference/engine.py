@@ -37,13 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import SEED_RANGE, check_int
 from ..model import OpenMythos
 from ..sampling import SamplingParams, sample_next
 from .exit import ExitRule
 from .buckets import RowIndex, batch_buckets, bucket_len
 from .graphs import StageGraphs, scoped_compile
-from .requests import (MAX_LOGPROBS, SEED_RANGE, ActiveRequest, Completion, Request, TokenEvent, TokenLogprobs,
+from .requests import (MAX_LOGPROBS, ActiveRequest, Completion, Request, TokenEvent, TokenLogprobs,
                        token_logprobs, validate_request)
 from .stages import DecodeStages
 
