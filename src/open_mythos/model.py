@@ -157,7 +157,7 @@ class OpenMythos(nn.Module):
         if cache is not None and not all(hasattr(cache, a) for a in ("pos", "update", "loop_key", "advance")):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
         start = cache.pos if cache is not None else 0
-        if isinstance(cache, KVCache):  # (the engine's slot cache binds its own rows and positions)
+        if isinstance(cache, KVCache):  # (the engine's row cache binds its own rows and positions)
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch_size={cache.batch_size} rows, input_ids has {B}")
             if start + T > cache.max_len:
