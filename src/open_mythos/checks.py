@@ -106,8 +106,11 @@ def check_token_ids(name: str, ids: Any, vocab_size: int, device: torch.device |
 def check_token_list(name: str, ids: Any, vocab_size: int) -> None:
     """``ids``: a non-empty list (or tuple) of int token ids in [0, vocab_size): a request's prompt, the list
     form of :func:`check_token_ids` (same messages for the same problem)."""
-    if not isinstance(ids, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+    if not isinstance(ids, (list, tuple)):
         raise ValueError(f"{name} must be a list of token ids (ints), got {type(ids).__name__}")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"{name} must be a list of token ids (ints), got an element {i!r}")
     if len(ids) == 0:
         raise ValueError(f"{name} is empty: need at least one token")
     _check_bounds(name, min(ids), max(ids), vocab_size, "token id")
