@@ -19,12 +19,12 @@ import torch
 
 from common import GRAPH_REPEATS, env_info, graph_time, write_report
 
-from open_mythos.inference.slots import SlotKVCache
+from open_mythos.inference.rows import RowKVCache
 
 
-def flat_index_copy(cache: SlotKVCache, eager: bool):
+def flat_index_copy(cache: RowKVCache, eager: bool):
     """The engine's earlier write: index_copy_ into a flattened view of the buffer (same result as
-    SlotKVCache.update). Compiled, inductor copied the whole buffer; ``eager`` keeps it out of the
+    RowKVCache.update). Compiled, inductor copied the whole buffer; ``eager`` keeps it out of the
     compiled graph (a plain scatter kernel)."""
     def scatter(flat, index, src):
         flat.index_copy_(0, index, src)
@@ -39,7 +39,7 @@ def flat_index_copy(cache: SlotKVCache, eager: bool):
             loop_slots = torch.arange(depth, device=rows.device)
             fill = (loop_slots >= ls[:, None]) & cache._write[:, None]
             index = torch.where(fill, (rows[:, None] * depth + loop_slots) * cache.max_len + pos[:, None],
-                                (cache.n_slots - 1) * depth * cache.max_len)
+                                (cache.n_rows - 1) * depth * cache.max_len)
             scatter(buf.view(-1, *buf.shape[3:]), index.flatten(),
                     value.expand(-1, depth, *value.shape[2:]).flatten(0, 1).to(buf.dtype))
             out[name] = buf[rows, ls]
@@ -55,7 +55,7 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     dev, B = "cuda", args.slots
-    cache = SlotKVCache(B + 1, args.max_len, "per_loop", args.loops)
+    cache = RowKVCache(B + 1, args.max_len, "per_loop", args.loops)
     g = torch.Generator(device=dev).manual_seed(0)
     rows = torch.randperm(B, device=dev, generator=g)
     pos = torch.randint(0, args.max_len, (B,), device=dev, generator=g)

@@ -70,7 +70,7 @@ def run_measured(engine: Engine, requests: list[Request]) -> tuple[dict, list[tu
         torch.cuda.synchronize()
     begin, tokens, sustained = time.perf_counter(), 0, None
     while engine.has_work():
-        for ev in engine.step():
+        for ev in engine.tick():
             outputs[ev.request_id][0].append(ev.token)
             outputs[ev.request_id][1].append(ev.depth)
             tokens += 1

@@ -4,7 +4,7 @@
 
 SPEC config, bf16, compiled stages and CUDA graphs, the ACT-exit workload of depth_batching.py.
 After warm-up, requests fill every slot; then it reports (milliseconds):
-  tick_wall         one Engine.step() (graph replay + host sync + scheduling in Python)
+  tick_wall         one Engine.tick() (graph replay + host sync + scheduling in Python)
   <stage>_gpu       a stage's CUDA graph replayed back to back, per replay: depth_tick (start + loop +
                     finish), start, loop, loop_x4 (four loop iterations), finish
   <stage>_launch_host  host time of one replay's launch on an idle GPU
@@ -116,7 +116,7 @@ def main() -> None:
     for pr in prompts:
         engine.submit(Request(pr, 128, args.loops, SamplingParams(temperature=0), ExitRule("act")))
     for _ in range(20):  # admission of the first max_batch requests, then steady ticks
-        engine.step()
+        engine.tick()
     assert len(engine.active) == args.max_batch
     report = {"max_batch": args.max_batch, "loop_budget": args.loops, "sync_every": args.sync_every}
     torch.cuda.synchronize()
@@ -124,7 +124,7 @@ def main() -> None:
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     with torch.profiler.profile(activities=acts) as prof:
         for _ in range(10):
-            engine.step()
+            engine.tick()
         torch.cuda.synchronize()
     tables = [prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
               for key in ("cpu_time_total", "cuda_time_total")]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_config
 from open_mythos import OpenMythos
 from open_mythos.inference import Engine, ExitRule, Request
-from open_mythos.inference.slots import SlotKVCache
+from open_mythos.inference.rows import RowKVCache
 from open_mythos.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
@@ -84,10 +84,10 @@ def test_padded_batched_prefill_gives_each_prompts_own_logits_and_cache():
     ids = torch.zeros(3, 16, dtype=torch.long)
     for i, p in enumerate(PROMPTS):
         ids[i, : len(p)] = torch.tensor(p)
-    batched = SlotKVCache(4, 32, "per_loop", n_loops)
+    batched = RowKVCache(4, 32, "per_loop", n_loops)
     logits = model(ids, n_loops, batched.bind_prefill(rows), logits_at=torch.tensor([len(p) - 1 for p in PROMPTS]))
     for i, p in enumerate(PROMPTS):
-        alone = SlotKVCache(1, 32, "per_loop", n_loops)
+        alone = RowKVCache(1, 32, "per_loop", n_loops)
         ref = model(torch.tensor([p]), n_loops, alone.bind_prefill(torch.tensor([0])))[0, -1]
         torch.testing.assert_close(logits[i], ref, rtol=1e-5, atol=1e-5)
         for key, bufs in alone._buffers.items():
@@ -100,7 +100,7 @@ def test_slot_cache_decode_write_fills_forward_and_skips_masked_rows(compiled):
     """One decode write: each writing row's value lands at (row, loop slots ls.., position) and nowhere
     else in the real slots; a row with write=False changes nothing; the read returns each row's keys
     at its loop slot. Compiled as the engine's stages are, too."""
-    cache = SlotKVCache(5, 8, "per_loop", 4)
+    cache = RowKVCache(5, 8, "per_loop", 4)
     rows, pos, ls = torch.tensor([2, 0, 3, 4]), torch.tensor([5, 1, 7, 0]), torch.tensor([1, 0, 3, 2])
     write = torch.tensor([True, True, False, False])  # row 3 frozen; row 4 is the scratch (padding)
     value = torch.randn(4, 1, 2, 3)
@@ -175,13 +175,13 @@ def test_request_arriving_mid_token_changes_nothing(sync_every):
     alone = [Engine(model, max_batch=1, max_loop_budget=6).run([r])[0] for r in [*early, late]]
     engine = Engine(model, max_batch=8, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     ids = [engine.submit(r) for r in early]
-    events = engine.step()  # admission + prefill, then the second tokens' first loops
+    events = engine.tick()  # admission + prefill, then the second tokens' first loops
     assert 0 < int(engine.stages.t[0]) < 6  # the fixed-depth tokens are mid-loop
     ids.append(engine.submit(late))
     for _ in range(200):
         if not engine.has_work():
             break
-        events += engine.step()
+        events += engine.tick()
     for rid, ref in zip(ids, alone):
         mine = [e for e in events if e.request_id == rid]
         assert [e.token for e in mine] == ref.tokens and [e.depth for e in mine] == ref.depths
@@ -209,10 +209,10 @@ def test_depth_ticks_are_pipelined_for_greedy_requests(sync_every):
     reqs = [dataclasses.replace(r, sampling=GREEDY, max_new_tokens=r.max_new_tokens + 1) for r in _mixed_requests()]
     engine = Engine(model, max_batch=3, max_loop_budget=6, sync_every=sync_every, schedule="depth")
     ids = [engine.submit(r) for r in reqs]
-    events = engine.step()
+    events = engine.tick()
     assert len(engine.unread) == 1  # the first tick is launched, not read
     while engine.has_work():
-        events += engine.step()
+        events += engine.tick()
     assert engine.stats["lag_rows"] == len(reqs) * sync_every
     for rid, r in zip(ids, reqs):  # and the tokens are those of running each request alone
         ref = Engine(model, max_batch=1, max_loop_budget=6, sync_every=sync_every).run([r])[0]
@@ -253,7 +253,7 @@ def test_prefill_batch_prefills_ahead_onto_standby_rows():
                                                       len(engine.active))) or tick(events)
     while engine.has_work():
         before = set(engine.active)
-        engine.step()
+        engine.tick()
         for slot in set(engine.active) - before:
             admitted_at.setdefault(engine.active[slot].request_id, engine.stats["ticks"])
     assert all(running == 3 for running, loaded, _ in ticks if loaded)  # under load no running slot is empty
@@ -263,9 +263,9 @@ def test_prefill_batch_prefills_ahead_onto_standby_rows():
     assert admitted_at[ids[3]] == admitted_at[ids[4]] == 2 + 1 + 1
     late = Engine(model, max_batch=3, prefill_batch=2, schedule="depth")
     late.submit(Request([1, 2], 9, 2, GREEDY))
-    late.step()
+    late.tick()
     late.submit(Request([3, 4], 2, 2, GREEDY))  # only one waits: it does not wait for a second row
-    late.step()
+    late.tick()
     assert len(late.running()) == 2 and not late.standby
 
 
@@ -373,12 +373,12 @@ def test_streaming_events_and_cancellation_free_the_slot():
     engine = Engine(model, max_batch=1, schedule="depth")  # one event per step: the first token's
     long_id = engine.submit(Request([1, 2], 30, 2, GREEDY))
     waiting_id = engine.submit(Request([3, 4], 4, 2, GREEDY))
-    first = engine.step()
+    first = engine.tick()
     assert [e.request_id for e in first] == [long_id] and first[0].finish_reason is None
     engine.cancel(long_id)
     events = []
     while engine.has_work():
-        events += engine.step()
+        events += engine.tick()
     assert events[0].request_id == long_id and events[0].finish_reason == "cancelled"
     rest = [e for e in events if e.request_id == waiting_id]
     alone = Engine(model, max_batch=1).run([Request([3, 4], 4, 2, GREEDY)])[0]

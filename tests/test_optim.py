@@ -3,7 +3,7 @@ import torch
 
 from open_mythos import OpenMythos
 from open_mythos.training.optim import (BatchedMuon, OptimConfig, build_optimizers, lr_factor, newton_schulz,
-                                        param_groups)
+                                        newton_schulz_dtype, param_groups)
 
 from conftest import tiny_config
 
@@ -35,9 +35,11 @@ def test_newton_schulz_orthogonalises():
     assert s.min() > 0.5 and s.max() < 1.5  # the quintic iteration's known band around 1
 
 
+@pytest.mark.parametrize("dtype,atol", [(None, 1e-5), (torch.bfloat16, 0.05)])  # CPU's fp32; GPU's bf16
 @pytest.mark.parametrize("shape", [(2, 3, 16, 48), (40, 24)])  # a stack of expert stacks; a tall matrix
-def test_newton_schulz_matches_the_textbook_iteration(shape):
-    """The fused iteration is X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation."""
+def test_newton_schulz_matches_the_textbook_iteration(shape, dtype, atol):
+    """The fused iteration is X <- a X + (b A + c A^2) X, A = X X^T, on the wide orientation (float64
+    reference); on CPU it runs in fp32 unless asked for bf16 (entries ~0.1-0.3: bf16 is good to ~0.05)."""
     torch.manual_seed(0)
     g = torch.randn(shape)
     a, b, c = 3.4445, -4.775, 2.0315
@@ -47,19 +49,36 @@ def test_newton_schulz_matches_the_textbook_iteration(shape):
         A = x @ x.mT
         x = a * x + (b * A + c * A @ A) @ x
     ref = x.mT if shape[-2] > shape[-1] else x
-    out = newton_schulz(g)
-    assert out.shape == g.shape and out.dtype == torch.bfloat16
-    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.05)  # bf16 iterations of entries ~0.1-0.3
+    out = newton_schulz(g, dtype=dtype)
+    assert out.shape == g.shape and out.dtype == (dtype or torch.float32)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=atol)
+
+
+def test_newton_schulz_dtype_is_bf16_off_the_cpu():
+    assert newton_schulz_dtype(torch.device("cpu")) == torch.float32
+    assert newton_schulz_dtype(torch.device("cuda", 0)) == torch.bfloat16
+    assert newton_schulz_dtype(torch.device("meta")) == torch.bfloat16
+
+
+def test_torch_muon_impl_on_cpu_runs_batched_muon_in_fp32():
+    """torch.optim.Muon iterates in bf16 whatever the device: on CPU the 2-D matrices go to BatchedMuon."""
+    model = OpenMythos(tiny_config())
+    opts = build_optimizers(model, OptimConfig(muon_impl="torch"))
+    assert [type(o).__name__ for o in opts] == ["BatchedMuon", "AdamW"]
+    muon = {id(p) for p in opts[0].param_groups[0]["params"]}
+    groups = param_groups(model)
+    assert muon == {id(p) for _, p in groups["muon"] + groups["muon_experts"]}
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon not in this torch")
-@pytest.mark.parametrize("compiled", [False, True])
-def test_batched_muon_equals_torch_muon_per_slice(compiled):
+@pytest.mark.parametrize("compiled,adjust_lr_fn", [(False, None), (True, None), (False, "match_rms_adamw")])
+def test_batched_muon_equals_torch_muon_per_slice(compiled, adjust_lr_fn):
     torch.manual_seed(0)
     stacked = torch.nn.Parameter(torch.randn(4, 24, 16))
     slices = [torch.nn.Parameter(stacked.detach()[i].clone()) for i in range(4)]
-    ours = BatchedMuon([stacked], lr=0.05, weight_decay=0.1, momentum=0.9, compile=compiled)
-    ref = torch.optim.Muon(slices, lr=0.05, weight_decay=0.1, momentum=0.9)
+    ours = BatchedMuon([stacked], lr=0.05, weight_decay=0.1, momentum=0.9, compile=compiled,
+                       adjust_lr_fn=adjust_lr_fn)
+    ref = torch.optim.Muon(slices, lr=0.05, weight_decay=0.1, momentum=0.9, adjust_lr_fn=adjust_lr_fn)
     for _ in range(3):
         grad = torch.randn(4, 24, 16)
         stacked.grad = grad.clone()
@@ -68,8 +87,38 @@ def test_batched_muon_equals_torch_muon_per_slice(compiled):
         ours.step()
         ref.step()
     for i, p in enumerate(slices):
-        # bf16 iteration; one step moves ~0.05
+        # torch's bf16 iteration against our fp32 one (CPU); one step moves ~0.05
         torch.testing.assert_close(stacked.detach()[i], p.detach(), rtol=0, atol=5e-3)
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon not in this torch")
+@pytest.mark.parametrize("direction", ["batched_to_torch", "torch_to_batched"])
+def test_muon_state_moves_between_batched_and_torch_muon(direction):
+    """A run checkpointed on CPU (BatchedMuon for 2-D matrices) resumes on GPU (torch.optim.Muon) and back:
+    the checkpoint's state dict (torch.distributed.checkpoint's, by parameter name) loads into the other class,
+    whose next step equals that class's step from the same weights and momentum set by hand."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    make = {"batched": lambda ps: BatchedMuon(ps, lr=0.05, momentum=0.9),
+            "torch": lambda ps: torch.optim.Muon(ps, lr=0.05, momentum=0.9)}
+    src, dst = direction.split("_to_")
+    torch.manual_seed(0)
+    first, loaded, by_hand = (torch.nn.Linear(16, 24, bias=False) for _ in range(3))
+    opt = make[src]([first.weight])
+    first.weight.grad = torch.randn(24, 16)
+    opt.step()
+    model_sd, optim_sd = get_state_dict(first, opt)
+    loaded_opt, by_hand_opt = make[dst]([loaded.weight]), make[dst]([by_hand.weight])
+    set_state_dict(loaded, loaded_opt, model_state_dict=model_sd, optim_state_dict=optim_sd)
+    by_hand.load_state_dict(first.state_dict())
+    by_hand_opt.state[by_hand.weight]["momentum_buffer"] = opt.state[first.weight]["momentum_buffer"].clone()
+    grad = torch.randn(24, 16)
+    for model, o in ((loaded, loaded_opt), (by_hand, by_hand_opt)):
+        model.weight.grad = grad.clone()
+        o.step()
+    assert not torch.equal(loaded.weight, first.weight)
+    assert torch.equal(loaded.weight, by_hand.weight)
+    assert torch.equal(loaded_opt.state[loaded.weight]["momentum_buffer"],
+                       by_hand_opt.state[by_hand.weight]["momentum_buffer"])
 
 
 def test_build_optimizers_and_schedule():

@@ -36,3 +36,29 @@ def test_cli_accepts_the_old_flag_spellings(monkeypatch):
     monkeypatch.setattr(cli, "cmd_serve", lambda args: seen.update(vars(args)) or 0)
     assert cli.main(["serve", "--demo", "--max-loops", "6", "--schedule", "token"]) in (0, None)
     assert seen["max_loop_budget"] == 6 and seen["schedule"] == "token"
+
+
+def test_engine_step_is_now_tick():
+    """``Engine.step`` ran one engine tick, not a training step: the old name still ticks."""
+    model = OpenMythos(tiny_config()).eval()
+    engines = [Engine(model, max_batch=2) for _ in range(2)]
+    for engine in engines:
+        engine.submit(Request([1, 2, 3], 3, 2, SamplingParams(temperature=0)))
+    new_events, old_events = [], []
+    while engines[0].has_work():
+        new_events += engines[0].tick()
+    while engines[1].has_work():
+        with pytest.warns(DeprecationWarning, match=r"Engine.step\(\) is now Engine.tick\(\)"):
+            old_events += engines[1].step()
+    assert [(e.token, e.depth, e.finish_reason) for e in old_events] == \
+        [(e.token, e.depth, e.finish_reason) for e in new_events]
+
+
+def test_slot_kv_cache_is_now_the_row_kv_cache():
+    from open_mythos.inference import slots
+    from open_mythos.inference.rows import RowKVCache
+
+    with pytest.warns(DeprecationWarning, match="RowKVCache"):
+        assert slots.SlotKVCache is RowKVCache
+    with pytest.raises(AttributeError):
+        slots.NotAName  # noqa: B018

@@ -171,9 +171,9 @@ def test_bad_requests_get_clear_4xx_and_the_server_keeps_serving(server, body, s
 class SlowEngine(Engine):
     """20 ms per tick, so that requests are reliably still in flight while the test acts."""
 
-    def step(self):
+    def tick(self):
         time.sleep(0.02)
-        return super().step()
+        return super().tick()
 
 
 def test_full_queue_answers_429_and_shutdown_finishes_in_flight_work(model):

@@ -148,11 +148,11 @@ def test_a_failing_request_gets_500_and_the_others_are_served(server, model, mon
 class FlakyEngine(Engine):
     """Its third tick raises (a whole-tick fault: nothing ties it to one request)."""
 
-    def step(self):
+    def tick(self):
         self.ticks = getattr(self, "ticks", 0) + 1
         if self.ticks == 3:
             raise RuntimeError("injected tick fault")
-        return super().step()
+        return super().tick()
 
 
 def test_a_failed_tick_fails_its_requests_and_the_engine_keeps_serving(model, caplog):
@@ -172,7 +172,7 @@ def test_a_failed_tick_fails_its_requests_and_the_engine_keeps_serving(model, ca
 class BrokenEngine(Engine):
     """Every tick raises: the engine cannot recover."""
 
-    def step(self):
+    def tick(self):
         raise RuntimeError("injected permanent fault")
 
 
@@ -397,9 +397,9 @@ def test_released_text_is_always_a_prefix_of_the_answer(text, stops):
 class SlowerEngine(Engine):
     """100 ms per tick: a 30-token request at 3 loops runs for >= 9 s (depth schedule: a loop per tick)."""
 
-    def step(self):
+    def tick(self):
         time.sleep(0.1)
-        return super().step()
+        return super().tick()
 
 
 def test_non_streaming_disconnect_frees_the_slot(model):

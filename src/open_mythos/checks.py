@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 TOKEN_ID_DTYPES = (torch.int64, torch.int32)  # what nn.Embedding and indexing accept
+SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)          # what torch.Generator.manual_seed takes
 
 
 def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = None, hi_name: str = "",
@@ -28,17 +29,37 @@ def check_int(name: str, value: Any, lo: int | None = None, hi: int | None = Non
     return int(value)
 
 
+def check_prompt_length(prompt_len: int, context: int, context_name: str = "") -> None:
+    """A prompt leaves room in ``context`` tokens for at least one new token (``context_name`` says where that
+    limit comes from)."""
+    if prompt_len >= context:
+        raise ValueError(f"prompt of {prompt_len} tokens is too long: the context holds {context}"
+                         f"{f' ({context_name})' if context_name else ''}")
+
+
 def check_generation_length(prompt_len: int, max_new_tokens: Any, max_output_tokens: int, context: int,
                             context_name: str = "") -> None:
     """A generation request's length limits (``OpenMythos.generate``, the inference engine, the server):
-    max_new_tokens an int in [1, max_output_tokens], and prompt + max_new_tokens within ``context`` tokens
-    (``context_name`` says where that limit comes from)."""
+    the prompt shorter than ``context`` (:func:`check_prompt_length`), max_new_tokens an int in
+    [1, max_output_tokens], and prompt + max_new_tokens within ``context`` tokens (``context_name`` says
+    where that limit comes from)."""
+    check_prompt_length(prompt_len, context, context_name)
     check_int("max_new_tokens", max_new_tokens, 1)
     if max_new_tokens > max_output_tokens:
         raise ValueError(f"max_new_tokens={max_new_tokens} exceeds max_output_tokens={max_output_tokens}")
     if prompt_len + max_new_tokens > context:
         raise ValueError(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the context "
                          f"of {context} tokens{f' ({context_name})' if context_name else ''}")
+
+
+def check_token_id(name: str, value: Any, vocab_size: int) -> int:
+    """One token id (an end-of-sequence id): an int in [0, vocab_size)."""
+    return check_int(name, value, 0, vocab_size - 1, hi_name="vocab_size-1")
+
+
+def check_seed(value: Any) -> int:
+    """A sampling seed: an int in ``SEED_RANGE``."""
+    return check_int("seed", value, *SEED_RANGE, note="torch.Generator.manual_seed's range")
 
 
 # dtype names users type (CLI --dtype, lm-eval's dtype=...): the short and the torch spellings
@@ -57,9 +78,13 @@ def check_finite(name: str, value: Any) -> float:
     """``value`` as a finite float (an int is accepted)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond the float range
+        value = math.inf
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
-    return float(value)
+    return value
 
 
 def check_token_ids(name: str, ids: Any, vocab_size: int, device: torch.device | None = None) -> None:
@@ -78,12 +103,29 @@ def check_token_ids(name: str, ids: Any, vocab_size: int, device: torch.device |
     check_index_range(name, ids, vocab_size, "token id")
 
 
+def check_token_list(name: str, ids: Any, vocab_size: int) -> None:
+    """``ids``: a non-empty list (or tuple) of int token ids in [0, vocab_size): a request's prompt, the list
+    form of :func:`check_token_ids` (same messages for the same problem)."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"{name} must be a list of token ids (ints), got {type(ids).__name__}")
+    for i in ids:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise ValueError(f"{name} must be a list of token ids (ints), got an element {i!r}")
+    if len(ids) == 0:
+        raise ValueError(f"{name} is empty: need at least one token")
+    _check_bounds(name, min(ids), max(ids), vocab_size, "token id")
+
+
 def check_index_range(name: str, index: torch.Tensor, bound: int, what: str = "value") -> None:
     """Every entry of the integer tensor ``index`` in [0, bound); skipped while compiling or capturing.
     ``what`` names one entry in the message ("token id", "position")."""
     if torch.compiler.is_compiling() or (index.is_cuda and torch.cuda.is_current_stream_capturing()):
         return
-    lo, hi = int(index.min()), int(index.max())
+    _check_bounds(name, int(index.min()), int(index.max()), bound, what)
+
+
+def _check_bounds(name: str, lo: int, hi: int, bound: int, what: str) -> None:
+    """Values from ``lo`` to ``hi`` within [0, bound); else ValueError naming the first one outside."""
     if lo < 0 or hi >= bound:
         raise ValueError(f"{name}: {what} {lo if lo < 0 else hi} is out of range [0, {bound})")
 

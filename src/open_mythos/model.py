@@ -18,7 +18,8 @@ from torch import nn
 
 from .blocks import TransformerBlock
 from .cache import KVCache
-from .checks import TOKEN_ID_DTYPES, check_generation_length, check_index_range, check_int, check_token_ids
+from .checks import (TOKEN_ID_DTYPES, check_generation_length, check_index_range, check_int, check_seed,
+                     check_token_id, check_token_ids)
 from .config import MythosConfig
 from .hub import CONFIG_NAME, WEIGHTS_NAME, read_config, verify_tensors, write_pretrained
 from .layers import Linear, RMSNorm, rope_angles, scaled_init_std
@@ -156,7 +157,7 @@ class OpenMythos(nn.Module):
         if cache is not None and not all(hasattr(cache, a) for a in ("pos", "update", "loop_key", "advance")):
             raise ValueError(f"cache must be a KVCache, got {type(cache).__name__}")
         start = cache.pos if cache is not None else 0
-        if isinstance(cache, KVCache):  # (the engine's slot cache binds its own rows and positions)
+        if isinstance(cache, KVCache):  # (the engine's row cache binds its own rows and positions)
             if cache.batch_size != B:
                 raise ValueError(f"cache holds batch_size={cache.batch_size} rows, input_ids has {B}")
             if start + T > cache.max_len:
@@ -208,7 +209,8 @@ class OpenMythos(nn.Module):
 
         temperature=0 is greedy; top_k=0 and top_p=1 disable those filters. Rows that emit
         ``eos_token_id`` are padded with it; generation stops when every row has. ``seed`` (or an
-        explicit ``generator``) makes sampling reproducible.
+        explicit ``generator``) makes sampling reproducible. Arguments are checked as the inference engine
+        checks a ``Request`` (``checks.py``, ``SamplingParams``): the same bad value, the same ValueError.
         """
         params = SamplingParams(temperature, top_k, top_p)
         check_token_ids("input_ids", input_ids, self.cfg.vocab_size)
@@ -216,9 +218,9 @@ class OpenMythos(nn.Module):
                                 "max_seq_len")
         self._check_n_loops(n_loops)
         if eos_token_id is not None:
-            check_int("eos_token_id", eos_token_id, 0, self.cfg.vocab_size - 1)
+            check_token_id("eos_token_id", eos_token_id, self.cfg.vocab_size)
         if seed is not None:
-            check_int("seed", seed, 0, 2 ** 64 - 1)  # torch.Generator.manual_seed's range
+            check_seed(seed)
         if generator is not None and (not isinstance(generator, torch.Generator)
                                       or generator.device.type != input_ids.device.type):
             raise ValueError(f"generator must be a torch.Generator on {input_ids.device.type}, got {generator!r}")

@@ -6,10 +6,11 @@ the argmax anyway."""
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 
 import torch
+
+from .checks import check_finite, check_int
 
 GREEDY_BELOW = torch.finfo(torch.float32).tiny
 
@@ -21,11 +22,10 @@ class SamplingParams:
     top_p: float = 1.0        # 1 = off
 
     def __post_init__(self) -> None:
-        if not 0 <= self.temperature <= sys.float_info.max:
+        if not 0 <= check_finite("temperature", self.temperature):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not 0.0 < self.top_p <= 1.0:
+        check_int("top_k", self.top_k, 0, note="0 = off")
+        if not 0.0 < check_finite("top_p", self.top_p) <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
 
     @property

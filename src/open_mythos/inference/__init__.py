@@ -1,4 +1,4 @@
-"""Inference: the slot KV cache, exit rules, decode stages, and the continuous depth-batching engine."""
+"""Inference: the row KV cache, exit rules, decode stages, and the continuous depth-batching engine."""
 
 from .engine import SCHEDULES, Engine
 from .exit import EXIT_KINDS, ExitRule

@@ -1,6 +1,6 @@
 """Inference engine: per-request loop budgets, per-token early exit, and continuous depth-wise batching.
 
-Every running request owns a *row*: a row of the :class:`SlotKVCache` and of the decode state (stages.py:
+Every running request owns a *row*: a row of the :class:`RowKVCache` and of the decode state (stages.py:
 recurrent state h, Prelude output e, loop index t, ACT sums), on which the start / loop / finish stages run.
 This module schedules them (which rows run which stage in each engine tick), pipelines the depth ticks,
 and replays each stage shape from a CUDA graph (graphs.py).
@@ -37,13 +37,13 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_int
+from ..checks import SEED_RANGE, check_int
 from ..model import OpenMythos
 from ..sampling import SamplingParams, sample_next
 from .exit import ExitRule
 from .buckets import RowIndex, batch_buckets, bucket_len
 from .graphs import StageGraphs, scoped_compile
-from .requests import (MAX_LOGPROBS, SEED_RANGE, ActiveRequest, Completion, Request, TokenEvent, TokenLogprobs,
+from .requests import (MAX_LOGPROBS, ActiveRequest, Completion, Request, TokenEvent, TokenLogprobs,
                        token_logprobs, validate_request)
 from .stages import DecodeStages
 
@@ -163,14 +163,13 @@ class Engine:
         self._cancel[request_id] = reason
 
     def has_work(self) -> bool:
-        """Whether `step` has anything to do (waiting or running requests, pending cancellations,
-        a tick whose tokens are not read yet)."""
+        """Whether `tick` has anything to do (requests waiting or running, cancellations, an unread tick)."""
         return bool(self.waiting or self.active or self._cancel or self.unread)
 
     # ------------------------------------------------------------------------------ scheduling
     @torch.inference_mode()
-    def step(self) -> list[TokenEvent]:
-        """One engine tick; returns the tokens produced (and cancellations), in row order."""
+    def tick(self) -> list[TokenEvent]:
+        """One engine tick (a stage over the running rows); returns its tokens (and cancellations), in row order."""
         self.stats["ticks"] += 1
         events = self._apply_cancellations()
         if self.schedule != "static" or not self.active:
@@ -181,17 +180,21 @@ class Engine:
             self._read(self.unread.popleft(), events)
         return events
 
+    def step(self) -> list[TokenEvent]:  # deprecated name of tick ("step" is a training step elsewhere)
+        warnings.warn("Engine.step() is now Engine.tick()", DeprecationWarning, stacklevel=2)
+        return self.tick()
+
     def running(self) -> list[int]:
         """The rows that the next tick runs (every occupied row that is not on standby), sorted."""
         return sorted(s for s in self.active if s not in self.standby)
 
     def run(self, requests: list[Request]) -> list[Completion]:
-        """Submit ``requests`` and step until all are done; completions in submission order."""
+        """Submit ``requests`` and tick until all are done; completions in submission order."""
         ids = [self.submit(r) for r in requests]
         done: dict[int, Completion] = {}
         partial: dict[int, tuple[list[int], list[int]]] = {i: ([], []) for i in ids}
         while len(done) < len(ids):
-            for ev in self.step():
+            for ev in self.tick():
                 toks, depths = partial[ev.request_id]
                 if ev.token is not None:
                     toks.append(ev.token)

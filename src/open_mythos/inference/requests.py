@@ -1,8 +1,9 @@
 """What goes into and comes out of the inference engine: requests, their validation, token events.
 
 ``validate_request`` is the one definition of what a request may ask for (the server and the CLI reach it
-through ``Engine.submit`` / ``Engine.validate``); its length limits are ``limits.check_generation_length``,
-shared with ``OpenMythos.generate``.
+through ``Engine.submit`` / ``Engine.validate``); the checks it shares with ``OpenMythos.generate`` (token
+ids, lengths, end-of-sequence ids, seed, sampling) are ``checks.py``'s and ``SamplingParams``', so the same bad
+value gets the same message from both.
 """
 
 from __future__ import annotations
@@ -12,11 +13,10 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import MythosConfig
-from ..checks import check_generation_length, check_int
+from ..checks import check_generation_length, check_int, check_seed, check_token_id, check_token_list
 from ..sampling import SamplingParams
 from .exit import ExitRule
 
-SEED_RANGE = (-2 ** 63, 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20                     # most alternatives a request may ask for per token (OpenAI's limit)
 
 
@@ -80,17 +80,9 @@ class ActiveRequest:
 def validate_request(r: Request, cfg: MythosConfig, context: int, max_loop_budget: int) -> None:
     """Raise ValueError naming the problem if ``r`` cannot run on an engine with ``context`` tokens per row
     and loop budgets up to ``max_loop_budget``."""
-    if not isinstance(r.prompt, (list, tuple)) or not all(isinstance(i, int) and not isinstance(i, bool)
-                                                          for i in r.prompt):
-        raise ValueError("prompt must be a list of token ids (ints)")
-    if len(r.prompt) == 0:
-        raise ValueError("prompt is empty: need at least one token")
-    bad = [i for i in r.prompt if not 0 <= i < cfg.vocab_size]
-    if bad:
-        raise ValueError(f"token id {bad[0]} is out of range [0, vocab_size={cfg.vocab_size})")
-    if len(r.prompt) >= context:
-        raise ValueError(f"prompt of {len(r.prompt)} tokens is too long: the context holds {context}")
-    check_generation_length(len(r.prompt), r.max_new_tokens, cfg.max_output_tokens, context)
+    check_token_list("prompt", r.prompt, cfg.vocab_size)
+    check_generation_length(len(r.prompt), r.max_new_tokens, cfg.max_output_tokens, context,
+                            "max_seq_len" if context == cfg.max_seq_len else "the engine's max_len")
     if r.n_loops is not None:
         check_int("n_loops", r.n_loops, 1, max_loop_budget, note="the engine's max_loop_budget; a deeper budget "
                   "needs Engine(max_loop_budget=...) or mythos serve --max-loop-budget")
@@ -101,11 +93,12 @@ def validate_request(r: Request, cfg: MythosConfig, context: int, max_loop_budge
     if not r.exit_rule.min_loops <= max_loop_budget:
         raise ValueError(f"exit_rule min_loops must be in [1, {max_loop_budget}] (the engine's max_loop_budget), "
                          f"got {r.exit_rule.min_loops}")
-    if any(not isinstance(i, int) or not 0 <= i < cfg.vocab_size for i in r.eos_token_ids):
-        raise ValueError(f"eos_token_ids must be token ids in [0, {cfg.vocab_size})")
-    if r.seed is not None and (isinstance(r.seed, bool) or not isinstance(r.seed, int)
-                               or not SEED_RANGE[0] <= r.seed <= SEED_RANGE[1]):
-        raise ValueError(f"seed must be an int in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], got {r.seed!r}")
+    if not isinstance(r.eos_token_ids, (list, tuple)):
+        raise ValueError(f"eos_token_ids must be a tuple of token ids, got {r.eos_token_ids!r}")
+    for k, i in enumerate(r.eos_token_ids):
+        check_token_id(f"eos_token_ids[{k}]", i, cfg.vocab_size)
+    if r.seed is not None:
+        check_seed(r.seed)
     if r.logprobs is not None:
         check_int("logprobs", r.logprobs, 0, MAX_LOGPROBS, note="or None")
 

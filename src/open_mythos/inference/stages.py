@@ -1,6 +1,6 @@
 """The engine's decode state and the stages that run on it, batched over row indices.
 
-Every cache row (one per running request, see slots.py) owns a row of the state tensors below: the
+Every cache row (one per running request, see rows.py) owns a row of the state tensors below: the
 recurrent state h, the Prelude output e, the loop index t of its current token, its ACT sums. A decoded
 token goes through three stages, each a call of the model's stage API (``OpenMythos.embed_prelude``,
 ``iterate``, ``halting_prob`` / ``act_weight``, ``readout`` + ``coda_logits``):
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..model import OpenMythos
 from .exit import ExitRule
-from .slots import SlotKVCache
+from .rows import RowKVCache
 
 
 class DecodeStages:
@@ -30,7 +30,7 @@ class DecodeStages:
         self.model, self.cfg, self.max_len = model, model.cfg, max_len
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.cache = SlotKVCache(n_rows, max_len, loop_policy, max_loop_budget)
+        self.cache = RowKVCache(n_rows, max_len, loop_policy, max_loop_budget)
         dev, D, V, n = self.device, self.cfg.dim, self.cfg.vocab_size, n_rows
         f32 = dict(device=dev, dtype=torch.float32)
         self.h = torch.zeros(n, D, device=dev, dtype=self.dtype)    # recurrent state h_t

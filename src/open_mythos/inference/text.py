@@ -77,7 +77,7 @@ def generate_text(engine, tokenizer, requests: list, stops: list[list[str]], on_
     streams = [TextStream(tokenizer, s) for s in stops]
     pending = set(ids)
     while pending:
-        for ev in engine.step():
+        for ev in engine.tick():
             i = index[ev.request_id]
             piece = streams[i].on_event(ev, requests[i].eos_token_ids, lambda: engine.cancel(ev.request_id, "stop"))
             if ev.finish_reason is not None:

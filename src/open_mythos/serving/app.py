@@ -129,10 +129,7 @@ def build_app(engine: Engine, tokenizer, model_name: str = "open-mythos", max_pe
         if isinstance(body.prompt, str):
             check_length(len(body.prompt))
             return body, tokenizer.encode(body.prompt)
-        if len(body.prompt) >= engine.max_len:
-            raise APIError(400, f"prompt of {len(body.prompt)} tokens is too long: the context holds "
-                                f"{engine.max_len}", "prompt")
-        return body, body.prompt
+        return body, body.prompt  # its length and ids: the engine's checks (Engine.validate, on submit)
 
     def parse_chat(raw: bytes) -> tuple[ChatBody, list[int]]:
         body = parse_body(raw, ChatBody)
@@ -369,7 +366,7 @@ async def _unless_disconnected(http: HTTPRequest, work) -> None:
 
 def _param_of(message: str) -> str | None:
     """The request field an engine validation message names (it starts with it)."""
-    head = message.split(" ", 1)[0].split("=", 1)[0]
+    head = message.split(" ", 1)[0].split("=", 1)[0].rstrip(":")
     return {"max_new_tokens": "max_tokens", "exit_rule": "exit_rule", "prompt": "prompt", "token": "prompt",
             "n_loops": "n_loops", "seed": "seed", "logprobs": "logprobs"}.get(head)
 

@@ -16,8 +16,9 @@ from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from ..checks import SEED_RANGE
 from ..inference.exit import EXIT_KINDS
-from ..inference.requests import MAX_LOGPROBS, SEED_RANGE
+from ..inference.requests import MAX_LOGPROBS
 
 MAX_STOP_STRINGS = 16     # stop strings per request (each is searched for at every token)
 MAX_STOP_CHARS = 1024     # characters per stop string

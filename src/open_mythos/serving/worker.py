@@ -3,7 +3,7 @@ it through a lock-free inbox and receive their tokens on an asyncio queue.
 
     handler: validate, then inbox.put(submit)     engine thread, forever:
     handler <-- asyncio queue ------------------      drain the inbox (submit / cancel)
-             loop.call_soon_threadsafe                 events = engine.step()
+             loop.call_soon_threadsafe                 events = engine.tick()
                                                        route each event to its request's queue
 
 The event loop never waits for a tick: handlers only validate (pure) and enqueue. Admission
@@ -149,7 +149,7 @@ class EngineWorker:
                     self._wake.clear()
                 continue
             try:
-                events = self.engine.step()
+                events = self.engine.tick()
             except Exception as err:  # a bug or an OOM in a whole tick: fail its requests, keep serving
                 events = self._recover(err)
             self._route(events)
@@ -164,7 +164,7 @@ class EngineWorker:
         for rid in self._routes:
             self.engine.cancel(rid, "error")
         try:
-            self.engine.step()  # applies the cancellations; its events are the ones returned below
+            self.engine.tick()  # applies the cancellations; its events are the ones returned below
             if self.engine.has_work():
                 raise RuntimeError("the engine still has work after cancelling every request")
         except Exception as again:

@@ -3,7 +3,7 @@
 Parameter groups (``param_groups``), explicit and tested:
 
 * ``muon``        2-D weight matrices inside blocks (attention, dense FFN, shared experts) -> torch.optim.Muon
-                  (or BatchedMuon with ``optim.muon_impl = "batched"``)
+                  (or BatchedMuon with ``optim.muon_impl = "batched"``, and on CPU: fp32 Newton-Schulz)
 * ``muon_experts`` stacked routed-expert weights (E, out, in) -> :class:`BatchedMuon` (one Newton-Schulz
   orthogonalisation per expert, batched)
 * ``adamw``       depth-wise LoRA (3-D stacks) and an untied LM head, with weight decay
@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from ..config import check_field_types
 
 NO_DECAY_MARKERS = ("embed", "norm", "bias", "router", "injection", "act.proj")
+NS_COEFFICIENTS = (3.4445, -4.775, 2.0315)  # Newton-Schulz's quintic (a, b, c), Keller Jordan's / torch's
 
 
 def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -42,21 +43,29 @@ def param_groups(model: nn.Module) -> dict[str, list[tuple[str, nn.Parameter]]]:
     return groups
 
 
+def newton_schulz_dtype(device: torch.device) -> torch.dtype:
+    """The dtype Newton-Schulz iterates in: bf16 on accelerators (Keller Jordan's Muon, torch.optim.Muon), fp32
+    on CPU, where bf16 matmul is emulated unless the CPU has native bf16 (AVX512-BF16/AMX): a 512x512 bf16 matmul
+    took ~50x as long as fp32 on an AVX2 EPYC."""
+    return torch.float32 if device.type == "cpu" else torch.bfloat16
+
+
 def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
-                  coefficients: tuple[float, float, float] = (3.4445, -4.775, 2.0315)) -> torch.Tensor:
+                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
     """Approximate orthogonalisation U V^T of each matrix in g (..., m, n) by a quintic iteration
-    X <- a X + (b A + c A^2) X, A = X X^T, in bf16 (Keller Jordan's Muon; same as torch.optim.Muon).
-    Returns bf16.
+    X <- a X + (b A + c A^2) X, A = X X^T (Keller Jordan's Muon; same as torch.optim.Muon), in ``dtype``
+    (default :func:`newton_schulz_dtype` of g's device: bf16 on GPU, fp32 on CPU). Returns ``dtype``.
 
     Each iteration is three matmuls: A = X X^T; M = a I + b A + c A^2, its sum a ``baddbmm`` epilogue
     on the small Gram matrix (beta * input + alpha * product inside the matmul); X <- M X, a plain
     matmul, so no pass over X besides the matmuls (an epilogue ``a X + B X`` copies X first). M is
-    rounded to bf16, as the textbook bf16 iteration rounds b A + c A^2."""
+    rounded to ``dtype``, as the textbook bf16 iteration rounds b A + c A^2."""
     if isinstance(g, DTensor):  # FSDP shards the rows: orthogonalise whole matrices, keep this rank's shard
-        full = newton_schulz(g.full_tensor(), steps, eps, coefficients)
+        full = newton_schulz(g.full_tensor(), steps, eps, coefficients, dtype)
         return distribute_tensor(full, g.device_mesh, g.placements, src_data_rank=None)
     a, b, c = coefficients
-    x = g.bfloat16()
+    x = g.to(dtype or newton_schulz_dtype(g.device))
     transposed = g.shape[-2] > g.shape[-1]
     if transposed:
         x = x.mT
@@ -73,14 +82,16 @@ def newton_schulz(g: torch.Tensor, steps: int = 5, eps: float = 1e-7,
 
 
 def muon_direction(grads: list[torch.Tensor], bufs: list[torch.Tensor], momentum: float, nesterov: bool,
-                   ns_steps: int, eps: float, found_inf: torch.Tensor | None = None) -> torch.Tensor:
+                   ns_steps: int, eps: float, found_inf: torch.Tensor | None = None,
+                   ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS) -> torch.Tensor:
     """For same-shape matrices: m <- mu m + (1 - mu) g in place, then NS(g + mu (m - g)) (Nesterov) or NS(m),
-    stacked (n, ..., out, in) in bf16. ``found_inf`` > 0 (a device scalar): the momentum is left as it is."""
+    stacked (n, ..., out, in) in :func:`newton_schulz_dtype`. ``found_inf`` > 0 (a device scalar): the momentum
+    is left as it is."""
     for m, g in zip(bufs, grads):
         new = m.lerp(g, 1 - momentum)
         m.copy_(new if found_inf is None else torch.where(found_inf > 0, m, new))
     return newton_schulz(torch.stack([g.lerp(m, momentum) if nesterov else m for g, m in zip(grads, bufs)]),
-                         ns_steps, eps)
+                         ns_steps, eps, ns_coefficients)
 
 
 def muon_apply(params: list[torch.Tensor], directions: torch.Tensor, lr: torch.Tensor, weight_decay: float,
@@ -92,21 +103,34 @@ def muon_apply(params: list[torch.Tensor], directions: torch.Tensor, lr: torch.T
         p.copy_(new if found_inf is None else torch.where(found_inf > 0, p, new))
 
 
+def muon_lr_scale(shape: torch.Size, adjust_lr_fn: str | None) -> float:
+    """torch.optim.Muon's learning-rate factor for (..., out, in) matrices: sqrt(max(1, out/in)) (None,
+    "original"), 0.2 sqrt(max(out, in)) ("match_rms_adamw": the update's RMS matches AdamW's)."""
+    out, inp = shape[-2], shape[-1]
+    return 0.2 * math.sqrt(max(out, inp)) if adjust_lr_fn == "match_rms_adamw" else math.sqrt(max(1.0, out / inp))
+
+
 class BatchedMuon(torch.optim.Optimizer):
     """Muon for parameters of any rank >= 2, leading dims batched (e.g. stacked experts).
 
     Same update as torch.optim.Muon applied to every trailing (out, in) matrix:
-    m <- mu m + (1-mu) g;  u = NS(g + mu (m - g)) (Nesterov);  p <- p (1 - lr wd) - lr sqrt(max(1, out/in)) u
-    Same-shape parameters share one batched Newton-Schulz.
+    m <- mu m + (1-mu) g;  u = NS(g + mu (m - g)) (Nesterov);  p <- p (1 - lr wd) - lr s u, with
+    s = sqrt(max(1, out/in)) (``adjust_lr_fn`` None or "original") or 0.2 sqrt(max(out, in)) ("match_rms_adamw").
+    Same-shape parameters share one batched Newton-Schulz. The hyper-parameters are torch.optim.Muon's, so
+    optimizer state moves between the two (a run checkpointed on CPU, which uses this class, resumes on GPU).
 
     Like torch's fused Adam/AdamW, a ``found_inf`` attribute (a device scalar, set by the caller) makes
     the step skip itself on the device when it is > 0: no host sync is needed to skip a non-finite step.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
-                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, compile: bool = False):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      nesterov=nesterov, ns_steps=ns_steps, eps=eps))
+                 nesterov: bool = True, ns_steps: int = 5, eps: float = 1e-7, compile: bool = False,
+                 ns_coefficients: tuple[float, float, float] = NS_COEFFICIENTS, adjust_lr_fn: str | None = None):
+        if adjust_lr_fn not in (None, "original", "match_rms_adamw"):
+            raise ValueError(f"adjust_lr_fn must be None, 'original' or 'match_rms_adamw', got {adjust_lr_fn!r}")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_steps=ns_steps, eps=eps, ns_coefficients=tuple(ns_coefficients),
+                                      adjust_lr_fn=adjust_lr_fn))
         # compiled: the momentum update, the stacking and the 5 iterations become a few fused kernels, and the
         # parameter update one kernel per matrix (the learning rate is a tensor input: no recompiles)
         self._direction = torch.compile(muon_direction, dynamic=False) if compile else muon_direction
@@ -129,9 +153,10 @@ class BatchedMuon(torch.optim.Optimizer):
             for shape, same in by_shape.items():
                 bufs = [self.state[p].setdefault("momentum_buffer", torch.zeros_like(p)) for p in same]
                 directions = self._direction([p.grad for p in same], bufs, group["momentum"], group["nesterov"],
-                                             group["ns_steps"], group["eps"], found_inf)
-                self._apply(same, directions, lr, group["weight_decay"], math.sqrt(max(1.0, shape[-2] / shape[-1])),
-                            found_inf)
+                                             group["ns_steps"], group["eps"], found_inf,
+                                             tuple(group.get("ns_coefficients", NS_COEFFICIENTS)))
+                self._apply(same, directions, lr, group["weight_decay"],
+                            muon_lr_scale(shape, group.get("adjust_lr_fn")), found_inf)
         return loss
 
 
@@ -145,7 +170,7 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
-    # "torch": torch.optim.Muon for 2-D matrices (one Newton-Schulz per tensor) where torch has it;
+    # "torch": torch.optim.Muon for 2-D matrices (one Newton-Schulz per tensor) where torch has it, on GPU;
     # "batched": BatchedMuon for all of them (same-shape matrices orthogonalised in one batched call)
     muon_impl: str = "torch"
 
@@ -173,7 +198,9 @@ class OptimConfig:
 
 def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
                      capturable: bool = False) -> list[torch.optim.Optimizer]:
-    """[Muon (2-D), BatchedMuon (expert stacks), AdamW] — empty groups are left out. ``compile``:
+    """[Muon (2-D), BatchedMuon (expert stacks), AdamW] — empty groups are left out; torch.optim.Muon
+    (``optim.muon_impl = "torch"``) only where it has our Newton-Schulz dtype (bf16, not on CPU: it has no
+    dtype option), BatchedMuon takes the 2-D matrices elsewhere. ``compile``:
     BatchedMuon's direction (momentum + Newton-Schulz) and update run through torch.compile.
     ``capturable``: AdamW keeps its step count on the device, so its step can be captured in a CUDA graph.
     AdamW is fused (one kernel for all tensors, on GPU and CPU; its ``found_inf`` skip, which step_graph
@@ -183,7 +210,7 @@ def build_optimizers(model: nn.Module, cfg: OptimConfig, compile: bool = False,
     opts: list[torch.optim.Optimizer] = []
     hyper = dict(lr=cfg.muon_lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum)
     torch_muon = getattr(torch.optim, "Muon", None) if cfg.muon_impl == "torch" else None
-    if torch_muon is not None and params["muon"]:
+    if torch_muon is not None and params["muon"] and newton_schulz_dtype(params["muon"][0].device) == torch.bfloat16:
         opts.append(torch_muon(params["muon"], **hyper))
         batched = params["muon_experts"]
     else:
