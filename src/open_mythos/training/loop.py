@@ -100,7 +100,8 @@ class Trainer:
         if self.info.enabled and cfg.parallel == "fsdp":  # parameters are sharded outside the block's own forward
             self.loop_runner.cast_matrices_once = False
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
-                                           capturable=self.step_graph)
+                                           capturable=self.step_graph,
+                                           shard=cfg.optim.shard_muon and self.info.enabled and cfg.parallel == "ddp")
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
