@@ -142,11 +142,11 @@ class BatchedMuon(torch.optim.Optimizer):
     (:func:`muon_shares`: balanced by FLOPs) and the bf16 directions are all-gathered, one asynchronous collective
     per stack launched as soon as its Newton-Schulz is done and waited on one stack later, so it overlaps the next
     stack's orthogonalisation; every rank then applies every update, so the weights stay identical. The momentum
-    stays whole on every rank (its update is elementwise, ~2% of the step's optimizer FLOPs): the state, and so a
-    checkpoint, is the same as unsharded, at any world size. Per rank, Newton-Schulz FLOPs drop from
-    sum_matrices 5 (4 m^2 k + 2 m^3) to about 1/W of it (shakespeare-100m: 1.57 TFLOP per step -> 0.79 at W = 2);
-    the all-gather moves 2 bytes per Muon parameter (W - 1)/W in and out of each rank (105M parameters at W = 2:
-    105 MB each way), the gradient all-reduce before it 2 x 4 bytes x (W - 1)/W.
+    stays whole on every rank (its update is elementwise: memory traffic, not FLOPs): the state, and so a
+    checkpoint, is the same as unsharded at any world size. Per rank, Newton-Schulz FLOPs drop from
+    sum over matrices of 5 (4 m^2 k + 2 m^3) to about 1/W of it (shakespeare-100m: 1.57 TFLOP per step -> 0.79 and
+    0.78 at W = 2); the all-gather moves 2 bytes per Muon parameter x (W - 1)/W in and out of each rank (105M
+    parameters at W = 2: 105 MB each way), beside the gradient all-reduce's 2 x 4 bytes x (W - 1)/W.
     """
 
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
