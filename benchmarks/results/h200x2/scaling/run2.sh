@@ -55,7 +55,7 @@ run_phase() {  # run_phase N SECONDS: skip it when the budget has no room left f
  ) > "$RES/env.txt" 2>&1
 
 # 0: one GPU each -------------------------------------------------------------------------------------------
-if t=$(run_phase 0 140); then
+if t=$(run_phase 0 150); then
   one 0 "$t" p0_gpu0 shk_b32@shk@batch_size=32@steps=60 spec_b8@spec@batch_size=8@steps=30 &
   one 1 "$t" p0_b64 shk_b64@shk@batch_size=64@steps=100@ckpt_every=50 &
   one 1 "$t" p0_b64_repeat shk_b64_repeat@shk@batch_size=64@steps=100 &
@@ -76,7 +76,7 @@ if t=$(run_phase 2 110); then
   pack 2
 fi
 # 3: two GPUs: the SPEC config weak, the 1-GPU checkpoint resumed on 2, the SPEC config strong ---------------------
-if t=$(run_phase 3 135); then
+if t=$(run_phase 3 125); then
   two "$t" p3 29513 spec_ddp_b16@spec@batch_size=16@steps=30 \
     shk_resume_1to2@shk@batch_size=64@steps=100@resume_from=$R/shk_b64:$RSTEP \
     spec_ddp_b8@spec@batch_size=8@steps=30
