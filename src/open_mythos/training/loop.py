@@ -18,6 +18,7 @@ forward graph (distributed.GradientAllReduce); with FSDP2 the step is the eager 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import shutil
@@ -404,7 +405,10 @@ class Trainer:
         if self.info.is_main:
             save_tokenizer_name(self.run_dir / "model", cfg.data.tokenizer)
         loops = sorted(set(cfg.sweep_loops or [1, 2, 2 * cfg.loops.mean, 4 * cfg.loops.mean]) | {cfg.loops.mean})
-        with self._one_off():
+        # one-off passes reuse compiled graphs (a periodic eval's) but compile none: the training graphs do not serve
+        # them (no-grad; a new shape per decoded token), and ~20 new graphs took minutes on a GPU
+        one_off = functools.partial(torch.compiler.set_stance, "eager_on_recompile")
+        with one_off():
             sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,
                    "sweep": sweep}
@@ -421,17 +425,10 @@ class Trainer:
             except ImportError:
                 pass
         if cfg.sample_tokens > 0 and cfg.sample_prompt:  # every rank: FSDP2 gathers each block's shards on all of them
-            with self._one_off():
+            with one_off():
                 summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
             self._log(f"sample ({cfg.loops.mean} loops): {cfg.sample_prompt}{summary['sample']}")
         return summary
-
-    @staticmethod
-    def _one_off():
-        """Context for the end-of-run sweep and sample: graphs compiled already (a periodic eval's) are reused, and
-        what would need a new graph runs eager. With ``compile`` the training graphs do not serve them (no-grad, and
-        a new shape at every decoded token): compiling ~20 graphs for one pass took minutes on a GPU."""
-        return torch.compiler.set_stance("eager_on_recompile")
 
     def sample(self, prompt: str, n_tokens: int) -> str:
         model = unwrap(self.model)
