@@ -1,9 +1,12 @@
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from open_mythos import OpenMythos
-from open_mythos.training.optim import (BatchedMuon, OptimConfig, build_optimizers, lr_factor, newton_schulz,
-                                        newton_schulz_dtype, param_groups)
+from open_mythos.training.optim import (BatchedMuon, OptimConfig, build_optimizers, lr_factor, muon_direction,
+                                        muon_shares, newton_schulz, newton_schulz_dtype, newton_schulz_flops,
+                                        param_groups)
 
 from conftest import tiny_config
 
@@ -179,3 +182,120 @@ def test_batched_muon_found_inf_skips_on_the_device(compiled):
     opts[0].step()
     opts[1].step()
     torch.testing.assert_close(params[0].detach(), params[1].detach(), rtol=0, atol=1e-6)
+
+
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(1, 10**6)), max_size=8), st.integers(1, 8))
+@settings(max_examples=200, deadline=None)
+def test_muon_shares_cover_every_matrix_balanced_by_flops(groups, world):
+    """Every matrix is orthogonalised by exactly one rank, each rank takes floor or ceil of n / W of every group,
+    and the ranks' FLOPs differ by at most the costliest matrix (LPT's bound); the plan is deterministic."""
+    shares = muon_shares(groups, world)
+    assert shares == muon_shares(groups, world)
+    for (n, _), share in zip(groups, shares):
+        assert len(share) == world and sum(share) == n and max(share) - min(share) <= 1
+    load = [sum(share[r] * f for share, (_, f) in zip(shares, groups)) for r in range(world)]
+    assert max(load) - min(load) <= max((f for _, f in groups), default=0)
+
+
+def test_newton_schulz_flops_counts_the_three_matmuls():
+    assert newton_schulz_flops((64, 512, 768), steps=5) == 5 * (2 * 512 * 512 * 768 * 2 + 2 * 512 ** 3)
+    assert newton_schulz_flops((768, 512)) == newton_schulz_flops((512, 768))
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_muon_direction_rows_are_a_slice_of_the_whole_stack(compiled):
+    """A rank's share (rows=(i, j)) is rows i..j-1 of the whole stack's directions, an empty share included, and
+    the momentum of every matrix is updated either way."""
+    direction = torch.compile(muon_direction, dynamic=False) if compiled else muon_direction
+    grads = [torch.randn(3, 8, 16) for _ in range(2)]
+    momentum = [torch.randn(3, 8, 16) for _ in range(2)]
+    whole_bufs = [m.clone() for m in momentum]
+    whole = direction(grads, whole_bufs, 0.9, True, 5, 1e-7)
+    for rows in ((1, 4), (6, 6)):
+        bufs = [m.clone() for m in momentum]
+        part = direction(grads, bufs, 0.9, True, 5, 1e-7, None, rows=rows)
+        assert part.shape == (rows[1] - rows[0], 8, 16)
+        torch.testing.assert_close(part, whole.flatten(0, 1)[rows[0]:rows[1]], rtol=0, atol=0)
+        for b, w in zip(bufs, whole_bufs):
+            assert torch.equal(b, w)
+
+
+SHARD_STEPS = 4
+
+
+def _sharded_muon_worker(rank: int, init_file: str, out: dict) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same model on both ranks (DDP's broadcast, here by seed)
+        model = OpenMythos(tiny_config())
+        groups = param_groups(model)
+        params = [p for _, p in groups["muon"] + groups["muon_experts"]]
+        opt = BatchedMuon(params, lr=0.05, momentum=0.9, shard=True)
+        orthogonalised = []  # matrices this rank orthogonalised, per step
+        direction = opt._direction
+
+        def counted(*args):
+            out = direction(*args)
+            orthogonalised.append(out.shape[0])
+            return out
+
+        opt._direction = counted
+        for step in range(SHARD_STEPS):
+            gen = torch.Generator().manual_seed(step)  # the same (all-reduced) gradient on both ranks
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        out[rank] = {"weights": [p.detach().clone() for p in params], "orthogonalised": orthogonalised,
+                     "momentum": [opt.state[p]["momentum_buffer"].clone() for p in params]}
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_muon_equals_unsharded_on_two_ranks(tmp_path):
+    """BatchedMuon(shard=True) on 2 gloo processes: each rank orthogonalises only its share of the matrices (the
+    shares add up to all of them), and after several steps both ranks hold identical weights and momentum, equal to
+    one unsharded BatchedMuon's."""
+    import torch.multiprocessing as mp
+
+    out = mp.Manager().dict()
+    mp.spawn(_sharded_muon_worker, args=(str(tmp_path / "init"), out), nprocs=2)
+    torch.manual_seed(0)
+    model = OpenMythos(tiny_config())
+    groups = param_groups(model)
+    params = [p for _, p in groups["muon"] + groups["muon_experts"]]
+    opt = BatchedMuon(params, lr=0.05, momentum=0.9)
+    for step in range(SHARD_STEPS):
+        gen = torch.Generator().manual_seed(step)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    r0, r1 = out[0], out[1]
+    matrices = sum(p[..., 0, 0].numel() for p in params)
+    per_step = len(r0["orthogonalised"]) // SHARD_STEPS
+    for step in range(SHARD_STEPS):
+        mine = [sum(r["orthogonalised"][step * per_step:(step + 1) * per_step]) for r in (r0, r1)]
+        assert sum(mine) == matrices and 0 < min(mine), mine
+    for a, b, ref in zip(r0["weights"], r1["weights"], params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, ref.detach(), rtol=0, atol=1e-6)  # bitwise equal today (CPU)
+    for a, b, p in zip(r0["momentum"], r1["momentum"], params):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, opt.state[p]["momentum_buffer"], rtol=0, atol=1e-6)
+
+
+def test_sharded_muon_refuses_dtensor_parameters(tmp_path):
+    """FSDP's parameters are DTensors, sharded by rows: BatchedMuon(shard=True) refuses them with a clear error."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(4, 4), mesh))
+        with pytest.raises(ValueError, match="shard=True"):
+            BatchedMuon([p], shard=True)
+    finally:
+        dist.destroy_process_group()

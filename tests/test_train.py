@@ -259,6 +259,36 @@ def test_two_process_gloo_matches_single_process(tmp_path, parallel, step_graph)
     assert [y["grad_norm"] for y in b] == pytest.approx([x["grad_norm"] for x in a], rel=3e-3)
 
 
+def test_sharded_muon_checkpoints_resume_across_world_sizes(tmp_path):
+    """The graphed DDP step with sharded Muon (the default under torchrun): a 1-process checkpoint resumed on 2
+    processes, and that run's checkpoint resumed on 1 again, continue the uninterrupted 1-process loss curve (the
+    momentum stays whole on every rank, so every checkpoint holds all of it)."""
+    import shutil
+
+    common = [*TINY, "steps=6", "ckpt_every=2", "keep_last=5", "optim.muon_impl='batched'", "step_graph=true",
+              "grad_bucket_mb=0.01", "loops.schedule='fixed'"]
+
+    def resume_from(src, step, dst):
+        name = f"step_{step:08d}"
+        shutil.copytree(src / "checkpoints" / name, dst / "checkpoints" / name)
+
+    one, two, back = tmp_path / "one", tmp_path / "two", tmp_path / "back"
+    subprocess.run(_train_cmd(*common, f"out_dir='{one}'"), check=True, env=ENV, capture_output=True)
+    resume_from(one, 2, two)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+           "-m", "open_mythos.cli", "train", "--preset", "shakespeare-tiny", "--no-progress", "--resume",
+           *[a for o in (*common, f"out_dir='{two}'") for a in ("--set", o)]]
+    res = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    resume_from(two, 4, back)
+    subprocess.run(_train_cmd(*common, f"out_dir='{back}'") + ["--resume"], check=True, env=ENV, capture_output=True)
+    losses = lambda d: {r["step"]: r["loss"] for r in read_metrics(d) if "loss" in r}  # noqa: E731
+    ref, resumed_on_two, resumed_on_one = losses(one), losses(two), losses(back)
+    assert sorted(resumed_on_two) == [2, 3, 4, 5] and sorted(resumed_on_one) == [4, 5]
+    for step, loss in [*resumed_on_two.items(), *resumed_on_one.items()]:
+        assert abs(loss - ref[step]) < 1e-4 * max(1.0, abs(ref[step])), (step, loss, ref[step])
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     results = []
     for accum in (1, 2):

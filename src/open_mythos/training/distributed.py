@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -138,6 +139,28 @@ class GradientAllReduce:
             self.works[b].wait()
         self.pending, self.works = None, {}
         self.flat.mul_(1.0 / self.world)
+
+
+def all_gather_rows(local: torch.Tensor, counts: list[int]) -> Callable[[], torch.Tensor]:
+    """Launch an all-gather in which rank r contributes ``counts[r]`` rows (``local``: this rank's, shape
+    (counts[rank], ...), the same trailing shape and dtype on every rank); returns a function that waits for it
+    and returns all ranks' rows in rank order, (sum(counts), ...). Rows are padded to max(counts) for the
+    collective (all_gather_into_tensor needs equal sizes) and the padding dropped after it. No host sync, so it
+    can be captured in a CUDA graph (as GradientAllReduce's all-reduces are)."""
+    world, width = len(counts), max(counts)
+    send = local if local.shape[0] == width else torch.cat([local, local.new_zeros(width - local.shape[0],
+                                                                                   *local.shape[1:])])
+    out = local.new_empty(world * width, *local.shape[1:])
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # the torch >= 2.13 name
+    work = gather(out, send, async_op=True)
+
+    def rows() -> torch.Tensor:
+        work.wait()
+        if all(c == width for c in counts):
+            return out
+        return torch.cat([out[r * width:r * width + c] for r, c in enumerate(counts)])
+
+    return rows
 
 
 def wrap_model(model: nn.Module, info: DistInfo, parallel: str, step_graph: bool = False) -> nn.Module:

@@ -105,7 +105,8 @@ class Trainer:
         if self.info.enabled and cfg.parallel == "fsdp":  # parameters are sharded outside the block's own forward
             self.loop_runner.cast_matrices_once = False
         self.optimizers = build_optimizers(unwrap(self.model), cfg.optim, compile=cfg.compile,
-                                           capturable=self.step_graph)
+                                           capturable=self.step_graph,
+                                           shard=cfg.optim.shard_muon and self.info.enabled and cfg.parallel == "ddp")
         self.schedulers = build_schedulers(self.optimizers, cfg.optim, cfg.steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16")
         self.step = 0
@@ -437,7 +438,11 @@ class Trainer:
         if self.info.is_main:
             save_tokenizer_name(self.run_dir / "model", cfg.data.tokenizer)
         loops = sorted(set(cfg.sweep_loops or [1, 2, 2 * cfg.loops.mean, 4 * cfg.loops.mean]) | {cfg.loops.mean})
-        sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
+        # one-off passes reuse compiled graphs (a periodic eval's) but compile none: the training graphs do not serve
+        # them (no-grad; a new shape per decoded token), and ~20 new graphs took minutes on a GPU
+        one_off = functools.partial(torch.compiler.set_stance, "eager_on_recompile")
+        with one_off():
+            sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,
                    "sweep": sweep} | exit_summary
         if self.info.is_main:
@@ -453,7 +458,8 @@ class Trainer:
             except ImportError:
                 pass
         if cfg.sample_tokens > 0 and cfg.sample_prompt:  # every rank: FSDP2 gathers each block's shards on all of them
-            summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
+            with one_off():
+                summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
             self._log(f"sample ({cfg.loops.mean} loops): {cfg.sample_prompt}{summary['sample']}")
         return summary
 
