@@ -499,3 +499,12 @@ def test_a_bad_config_file_is_named(tmp_path):
         load_config(path=bad)
     with pytest.raises(ValueError, match=r"missing\.toml: config file not found"):
         load_config(path=tmp_path / "missing.toml")
+
+
+def test_end_of_run_sample_is_skipped_when_the_tokenizer_cannot_decode_every_id(tmp_path, capsys):
+    """A model wider than its tokenizer (the SPEC config on bytes) would sample undecodable ids: the run must
+    still finish, with the sample skipped and said so."""
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=2", "model.vocab_size=300",
+                                                                   "sample_tokens=8", "sweep_loops=[1]"))
+    summary = Trainer(cfg, progress=False).train()
+    assert "sample" not in summary and "sample skipped: ids 257..299" in capsys.readouterr().out

@@ -35,7 +35,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..config import check_field_types
-from .tasks import TASKS
+from .tasks import TASKS, TaskLoader, build_task
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -297,3 +297,37 @@ class StreamingLoader:
         self.dataset.load_state_dict(state["dataset"])
         self.buffer = list(state["buffer"])
         self._iter = None
+
+
+def build_loaders(cfg, tokenizer, rank: int = 0, world_size: int = 1) -> tuple[object, list]:
+    """(training loader of this rank, held-out batches) for a run of TrainConfig ``cfg``: packed files / stdlib /
+    the shipped corpus, a streamed HF dataset (split world_size + 1 ways: the last shard is held out), or a
+    synthetic task.
+    Each training micro-batch holds batch_size / grad_accum sequences over all ranks together."""
+    micro_batch = cfg.batch_size // cfg.grad_accum
+    if cfg.data.source == "task":
+        task = build_task(cfg.data.task, cfg.data.task_args)
+        if task.seq_len != cfg.data.seq_len or task.vocab_size > cfg.model.vocab_size:
+            raise ValueError(f"task {cfg.data.task!r} has seq_len {task.seq_len} and vocab_size {task.vocab_size}: "
+                             f"set data.seq_len to it (got {cfg.data.seq_len}) and model.vocab_size >= it "
+                             f"(got {cfg.model.vocab_size})")
+        by_loops = cfg.data.task_by_loops
+        train = TaskLoader(task, micro_batch, cfg.seed,
+                           lambda step: cfg.loops.sample(cfg.seed, step) if by_loops else None,
+                           cfg.grad_accum, rank, world_size)
+        val = TaskLoader(task, cfg.batch_size, cfg.seed + 1, lambda step: cfg.loops.mean if by_loops else None)
+        return train, [val.next_batch() for _ in range(cfg.eval_batches)]
+    if cfg.data.source == "hf":
+        train = StreamingLoader(cfg.data, tokenizer, micro_batch // world_size, rank, world_size + 1)
+        val = StreamingLoader(cfg.data, tokenizer, cfg.batch_size, world_size, world_size + 1)
+        n_eval = cfg.eval_batches
+    else:
+        train_tokens, val_tokens = split_tokens(cfg.data, tokenizer)
+        train = PackedLoader(train_tokens, cfg.data.seq_len, micro_batch, cfg.seed, rank, world_size)
+        n_val = (val_tokens.numel() - 1) // cfg.data.seq_len
+        if n_val < 1:
+            raise ValueError(f"held-out split has fewer than seq_len+1={cfg.data.seq_len + 1} tokens: "
+                             "raise data.val_fraction or use more data")
+        val = PackedLoader(val_tokens, cfg.data.seq_len, min(cfg.batch_size, n_val), shuffle=False)
+        n_eval = min(cfg.eval_batches, val.n_windows // val.global_batch)
+    return train, [val.next_batch() for _ in range(n_eval)]

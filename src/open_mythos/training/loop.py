@@ -37,14 +37,13 @@ from ..model import OpenMythos
 from .checkpoint import export_weights, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from ..tokenizer import load_tokenizer, save_tokenizer_name
-from .data import PackedLoader, StreamingLoader, split_tokens
+from .data import build_loaders
 from .distributed import (GradientAllReduce, all_reduce_, barrier, init_distributed, mean_across_ranks, unwrap,
                           wrap_model)
 from .exit import exit_report, train_exit
 from .graphs import StepGraphs
 from .optim import build_optimizers, build_schedulers
 from .speed import CUDAGRAPH_COMPILE_MODES, LoopRunner, compile_blocks
-from .tasks import TaskLoader, build_task
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -88,7 +87,7 @@ class Trainer:
         if cfg.data.source != "task" and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise ValueError(f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the "
                              f"{cfg.data.tokenizer} tokenizer's vocabulary ({self.tokenizer.vocab_size})")
-        self._build_data()
+        self.train_loader, self.val_batches = build_loaders(cfg, self.tokenizer, self.info.rank, self.info.world_size)
 
         model = OpenMythos(cfg.model).to(self.device)
         if cfg.model.loop_output == "final":  # the halting unit is not in the loss: freeze it (DDP needs
@@ -139,43 +138,6 @@ class Trainer:
                 else:
                     path.unlink(missing_ok=True)
         barrier()
-
-    def _build_data(self) -> None:
-        cfg, info = self.cfg, self.info
-        micro_batch = cfg.batch_size // cfg.grad_accum  # sequences per micro-step, all ranks together
-        if cfg.data.source == "task":
-            self._build_task_data(micro_batch)
-            return
-        if cfg.data.source == "hf":  # the stream is split world+1 ways: the last shard is held out
-            self.train_loader = StreamingLoader(cfg.data, self.tokenizer, micro_batch // info.world_size,
-                                                info.rank, info.world_size + 1)
-            val = StreamingLoader(cfg.data, self.tokenizer, cfg.batch_size, info.world_size, info.world_size + 1)
-        else:
-            train_tokens, val_tokens = split_tokens(cfg.data, self.tokenizer)
-            self.train_loader = PackedLoader(train_tokens, cfg.data.seq_len, micro_batch, cfg.seed,
-                                             info.rank, info.world_size)
-            n_val = (val_tokens.numel() - 1) // cfg.data.seq_len
-            if n_val < 1:
-                raise ValueError(f"held-out split has fewer than seq_len+1={cfg.data.seq_len + 1} tokens: "
-                                 "raise data.val_fraction or use more data")
-            val = PackedLoader(val_tokens, cfg.data.seq_len, min(cfg.batch_size, n_val), shuffle=False)
-        n_eval = (cfg.eval_batches if cfg.data.source == "hf"
-                  else min(cfg.eval_batches, val.n_windows // val.global_batch))
-        self.val_batches = [val.next_batch() for _ in range(n_eval)]
-
-    def _build_task_data(self, micro_batch: int) -> None:
-        cfg, info = self.cfg, self.info
-        task = build_task(cfg.data.task, cfg.data.task_args)
-        if task.seq_len != cfg.data.seq_len or task.vocab_size > cfg.model.vocab_size:
-            raise ValueError(f"task {cfg.data.task!r} has seq_len {task.seq_len} and vocab_size {task.vocab_size}: "
-                             f"set data.seq_len to it (got {cfg.data.seq_len}) and model.vocab_size >= it "
-                             f"(got {cfg.model.vocab_size})")
-        by_loops = cfg.data.task_by_loops
-        self.train_loader = TaskLoader(task, micro_batch, cfg.seed,
-                                       lambda step: cfg.loops.sample(cfg.seed, step) if by_loops else None,
-                                       cfg.grad_accum, info.rank, info.world_size)
-        val = TaskLoader(task, cfg.batch_size, cfg.seed + 1, lambda step: cfg.loops.mean if by_loops else None)
-        self.val_batches = [val.next_batch() for _ in range(cfg.eval_batches)]
 
     def autocast(self):
         if self.precision == "fp32":
@@ -457,7 +419,10 @@ class Trainer:
                 plot_run(self.run_dir)
             except ImportError:
                 pass
-        if cfg.sample_tokens > 0 and cfg.sample_prompt:  # every rank: FSDP2 gathers each block's shards on all of them
+        if cfg.sample_tokens > 0 and cfg.sample_prompt and cfg.model.vocab_size > self.tokenizer.vocab_size:
+            self._log(f"sample skipped: ids {self.tokenizer.vocab_size}..{cfg.model.vocab_size - 1} of the model could "
+                      f"be sampled but not decoded by the {cfg.data.tokenizer} tokenizer")
+        elif cfg.sample_tokens > 0 and cfg.sample_prompt:  # every rank: FSDP2 gathers each block's shards on all
             with one_off():
                 summary["sample"] = self.sample(cfg.sample_prompt, cfg.sample_tokens)
             self._log(f"sample ({cfg.loops.mean} loops): {cfg.sample_prompt}{summary['sample']}")
