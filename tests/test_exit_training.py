@@ -167,3 +167,16 @@ def test_exit_loss_act_depth_of_the_first_token_is_the_models_act_depth():
         _, depth = model(ids[:, :7], 5, return_act_depth=True)
     expected = torch.bincount(depth[:, 6].long(), minlength=6)
     assert out["histogram"] == {d: int(c) for d, c in enumerate(expected.tolist()) if c}
+
+
+def test_exit_objective_keeps_a_gradient_when_the_unit_saturates():
+    """A confident wrong halting unit (logit 20, label 0) must still be pushed back: BCE from the logit gives
+    loss ~20 and gradient ~1, where BCE on the rounded probability (p = 1.0 in fp32) gives 100 and 0."""
+    model = OpenMythos(tiny_config())
+    torch.nn.init.constant_(model.recurrent.act.proj.bias, 20.0)
+    states = torch.randn(2, 1, 5, model.cfg.dim)
+    labels, mask = torch.zeros(2, 1, 5), torch.ones(1, 5)
+    loss = exit_objective(model, states, labels, mask)
+    loss.backward()
+    assert loss.item() == pytest.approx(20.0, abs=1e-3)
+    assert model.recurrent.act.proj.bias.grad.item() == pytest.approx(1.0, abs=1e-3)

@@ -3,6 +3,7 @@ the fit recovers known curves; each experiment's CPU preset runs end to end thro
 check, not the result)."""
 
 import contextlib
+import importlib
 import json
 import math
 import random
@@ -15,6 +16,7 @@ from open_mythos import OpenMythos
 from open_mythos.cli import main
 from open_mythos.config import MythosConfig
 from open_mythos.experiments.baselines import DenseTransformer, matched_dense_layers
+from open_mythos.experiments import extrapolation
 from open_mythos.experiments.extrapolation import converged_accuracy
 from open_mythos.experiments.khop import IGNORE, N_SPECIAL, QUERY, SEMI, KHopTask
 from open_mythos.experiments.prefix_sums import PrefixSumTask
@@ -240,8 +242,14 @@ def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys):
 
 def test_experiment_settings_are_validated_before_training(tmp_path):
     for bad, match in [("eval.bogus=1", "eval.bogus"), ("bogus=1", "bogus"), ("loops.schedule='nope'", "schedule"),
-                       ("data.task='nope'", "data.task")]:
+                       ("data.task='nope'", "data.task"), ("eval.stop_patience=0", "eval.stop_patience"),
+                       ("eval.loops=[]", "eval.loops"), ("eval.problems=0", "eval.problems"),
+                       ("model.loop_output='act'", "loop_output")]:
         assert main(["experiment", "khop", "--out", str(tmp_path), "--set", bad]) == 2
+        for name in ("khop", "prefix_sums"):
+            module = importlib.import_module(f"open_mythos.experiments.{name}")
+            with pytest.raises(ValueError, match=match):
+                extrapolation.split_settings(module.PRESETS["cpu"], [bad])
     assert not (tmp_path / "rdt").exists()
 
 

@@ -86,6 +86,10 @@ class OpenMythos(nn.Module):
         loop embedding), the LoRA adapter and the loop embedding (recurrence.py has the update rule)."""
         return self.recurrent.iterate(h, e, t, rope, cache, cache_key)
 
+    def halting_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """The ACT halting probability's logit w . h_t + b per position, fp32 (h.shape[:-1])."""
+        return self.recurrent.act.halting_logit(h)
+
     def halting_prob(self, h: torch.Tensor) -> torch.Tensor:
         """ACT halting probability p_t = sigmoid(w . h_t + b) per position, fp32 (h.shape[:-1])."""
         return self.recurrent.act.halting_prob(h)

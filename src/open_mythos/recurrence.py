@@ -89,8 +89,12 @@ class ACTHalting(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.constant_(self.proj.bias, -1.0)  # p ≈ 0.27 at init: a few loops before halting
 
+    def halting_logit(self, h: torch.Tensor) -> torch.Tensor:
+        """w . h_t + b per position, fp32 (h.shape[:-1]): p_t's logit (for losses that need it unsaturated)."""
+        return self.proj(h).squeeze(-1).float()
+
     def halting_prob(self, h: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.proj(h).squeeze(-1).float())
+        return torch.sigmoid(self.halting_logit(h))
 
     def weight(self, p: torch.Tensor | None, cum: torch.Tensor, last: bool | torch.Tensor) -> torch.Tensor:
         """ACT weight w_t of this loop's state for every position (the one copy of the rule).

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from ..checks import check_int
 from ..loss import IGNORE
 from ..training.config import apply_overrides, config_from_dict
 from ..training.distributed import unwrap
@@ -43,6 +44,17 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
         raise ValueError(f"unknown eval setting(s): {', '.join('eval.' + k for k in unknown)}")
     if not isinstance(baseline, list):
         raise ValueError("baseline must be a list of key=value overrides")
+    for key in ("sizes", "loops"):
+        if not isinstance(evaluation.get(key), list) or not evaluation[key]:
+            raise ValueError(f"eval.{key} must be a non-empty list of ints >= 1, got {evaluation.get(key)!r}")
+        for v in evaluation[key]:
+            check_int(f"eval.{key} entry", v, 1)
+    for key in ("problems", "batch_size", "stop_patience", "train_max_size"):
+        if key in evaluation:
+            check_int(f"eval.{key}", evaluation[key], 1)
+    if tree.get("model", {}).get("loop_output", "final") != "final":
+        raise ValueError("model.loop_output must be 'final' here: the stopping rule and the loop-count grid read "
+                         "the last loop's state")
     config_from_dict(copy.deepcopy(tree))  # validate now, before any training
     return tree, baseline, evaluation
 

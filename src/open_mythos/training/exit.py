@@ -120,10 +120,12 @@ def exit_objective(model: OpenMythos, states: torch.Tensor, labels: torch.Tensor
                    ) -> torch.Tensor:
     """Mean BCE(p_d, y_d) over depths and the tokens in ``mask`` (B, T), p_d = halting_prob(h_d) for states
     (D, B, T, dim) and labels (D, B, T). The states are detached: the gradient reaches the halting unit only.
-    (p under ``autocast``, the BCE in fp32 outside it: autocast refuses binary_cross_entropy.)"""
+    Computed from the logit (``binary_cross_entropy_with_logits``): on probabilities, a logit past ~17 rounds p to
+    exactly 1 in fp32, and a wrong label then costs the clamped 100 nats with zero gradient (the unit cannot
+    recover)."""
     with autocast():
-        probs = model.halting_prob(states.detach())
-    bce = F.binary_cross_entropy(probs.float(), labels, reduction="none")
+        logits = model.halting_logit(states.detach())
+    bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
     return (bce * mask).sum() / (mask.sum() * labels.shape[0]).clamp_min(1)
 
 
