@@ -48,6 +48,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int,
     T, S = q.shape[1], k.shape[1]
     q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     causal = False
+    if window is not None and window >= start + T and mask is None:
+        window = None  # the window covers every key: the plain causal rule (and SDPA's fused causal kernels)
     if window is not None:
         keys = torch.arange(S, device=q.device)
         if mask is None:  # queries at start .. start + T - 1
