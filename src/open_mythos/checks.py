@@ -109,7 +109,7 @@ def check_token_list(name: str, ids: Any, vocab_size: int) -> None:
     if not isinstance(ids, (list, tuple)):
         raise ValueError(f"{name} must be a list of token ids (ints), got {type(ids).__name__}")
     for i in ids:
-        if isinstance(i, bool) or not isinstance(i, int):
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral):
             raise ValueError(f"{name} must be a list of token ids (ints), got an element {i!r}")
     if len(ids) == 0:
         raise ValueError(f"{name} is empty: need at least one token")

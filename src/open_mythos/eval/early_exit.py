@@ -5,7 +5,7 @@ teacher forcing: the first ``prompt_len`` tokens are prefilled at the full loop 
 (j = prompt_len .. T-2) is started, looped until the exit rule fires or the budget is reached (rows that
 exit early are frozen, as in a static batch), and finished; its logits score token j+1. Every token
 therefore sees earlier tokens' keys from *their own* exit depths (the engine's cache semantics: an
-exited token serves its deepest keys to deeper loops, ``inference/slots.py``), which a single full
+exited token serves its deepest keys to deeper loops, ``inference/rows.py``), which a single full
 forward with per-position depths cannot reproduce.
 
     loss      = mean_{rows, j} CE(logits_j, token_{j+1})         (nats / token)
@@ -27,12 +27,23 @@ from ..inference.stages import DecodeStages
 from ..model import OpenMythos
 
 
-@torch.inference_mode()
 def exit_loss(model: OpenMythos, ids: torch.Tensor, prompt_len: int, budget: int, rule: ExitRule,
               loop_policy: str = "per_loop") -> dict:
     """{"loss", "mean_loops", "histogram" {depth: tokens}, "tokens"} of the windows ``ids`` (B, T) on the
     model's device, decoded with per-token exit ``rule`` and loop ``budget`` after a ``prompt_len``-token
-    prefill (1 <= prompt_len <= T - 2; scored: tokens prompt_len+1 .. T-1)."""
+    prefill (1 <= prompt_len <= T - 2; scored: tokens prompt_len+1 .. T-1). Runs in eval mode (no dropout, no
+    MoE load counting); the model's mode is restored."""
+    was_training = model.training
+    model.eval()
+    try:
+        return _exit_loss(model, ids, prompt_len, budget, rule, loop_policy)
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def _exit_loss(model: OpenMythos, ids: torch.Tensor, prompt_len: int, budget: int, rule: ExitRule,
+               loop_policy: str) -> dict:
     B, T = ids.shape
     if not 1 <= prompt_len <= T - 2:
         raise ValueError(f"prompt_len must be in [1, T - 2] = [1, {T - 2}] for windows of T={T} tokens, "

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import MythosConfig
+from ..checks import SEED_RANGE  # noqa: F401 (its home before checks.py: `from .requests import SEED_RANGE` works)
 from ..checks import check_generation_length, check_int, check_seed, check_token_id, check_token_list
 from ..sampling import SamplingParams
 from .exit import ExitRule

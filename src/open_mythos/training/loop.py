@@ -395,14 +395,15 @@ class Trainer:
 
     def finish(self) -> dict:
         cfg = self.cfg
-        exit_summary = self.train_exit() if cfg.exit.steps else {}
+        # one-off passes reuse compiled graphs (a periodic eval's) but compile none: the training graphs do not serve
+        # them (no-grad; a new shape per decoded token), and ~20 new graphs took minutes on a GPU
+        one_off = functools.partial(torch.compiler.set_stance, "eager_on_recompile")
+        with one_off():
+            exit_summary = self.train_exit() if cfg.exit.steps else {}
         export_weights(self.model, self.run_dir / "model", self.info)
         if self.info.is_main:
             save_tokenizer_name(self.run_dir / "model", cfg.data.tokenizer)
         loops = sorted(set(cfg.sweep_loops or [1, 2, 2 * cfg.loops.mean, 4 * cfg.loops.mean]) | {cfg.loops.mean})
-        # one-off passes reuse compiled graphs (a periodic eval's) but compile none: the training graphs do not serve
-        # them (no-grad; a new shape per decoded token), and ~20 new graphs took minutes on a GPU
-        one_off = functools.partial(torch.compiler.set_stance, "eager_on_recompile")
         with one_off():
             sweep = loop_sweep(unwrap(self.model), self.val_batches, loops, self.device, self.autocast)
         summary = {"steps": self.step, "skipped_steps": self.skipped_steps, "train_mean_loops": cfg.loops.mean,
