@@ -4,13 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ..loss import lm_loss
+from ..loss import IGNORE, lm_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+def logits_by_loop(model: torch.nn.Module, ids: torch.Tensor,
+                   n_loops: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(h_t, logits_t) for t = 1..n_loops from one pass through the loop, the Coda read after every iteration:
+    states (B, T, dim), logits (B, T, vocab); logits_t equals ``model(ids, t)`` (``loop_output="final"``)."""
+    rope = model.rope(torch.arange(ids.shape[1], device=ids.device))
+    e = model.embed_prelude(ids, rope)
+    h = model.initial_state(e)
+    for t in range(n_loops):
+        h = model.iterate(h, e, t, rope)
+        yield h, model.coda_logits(model.readout(h), rope)
 
 
 @torch.no_grad()
@@ -24,7 +36,7 @@ def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch], n_loops: int
         x, y = x.to(device), y.to(device)
         with autocast():
             logits = model(x, n_loops)
-        n = int((y != -100).sum())
+        n = int((y != IGNORE).sum())
         total += lm_loss(logits, y).item() * n
         count += n
     model.train(was_training)

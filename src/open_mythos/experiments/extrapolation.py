@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from ..checks import check_int
+from ..eval.perplexity import logits_by_loop
 from ..loss import IGNORE
 from ..training.config import apply_overrides, config_from_dict
 from ..training.distributed import unwrap
@@ -101,15 +102,11 @@ def converged_accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int
         x, y = x.to(trainer.device), y.to(trainer.device)
         answers = y != IGNORE
         with trainer.autocast():
-            rope = model.rope(torch.arange(x.shape[1], device=x.device))
-            e = model.embed_prelude(x, rope)
-            h = model.initial_state(e)
             stable = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             stop = torch.full_like(stable, max_loops)
             final = prev = None
-            for t in range(max_loops):
-                h = model.iterate(h, e, t, rope)
-                pred = model.coda_logits(model.readout(h), rope).argmax(-1)
+            for t, (_, logits) in enumerate(logits_by_loop(model, x, max_loops)):
+                pred = logits.argmax(-1)
                 if prev is None:
                     final = pred.clone()
                 else:

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_field_types
+from ..eval.perplexity import logits_by_loop
 from ..loss import IGNORE
 from ..model import OpenMythos
 
@@ -76,13 +77,8 @@ def loop_losses(model: OpenMythos, x: torch.Tensor, y: torch.Tensor, n_loops: in
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(per-loop token losses L (D, B, T) fp32, states h_1..h_D (D, B, T, dim)) for ids ``x`` (B, T) and
     next-token labels ``y`` (B, T) (IGNORE: no label, loss 0). L[d-1] equals the loss of ``model(x, d)``."""
-    rope = model.rope(torch.arange(x.shape[1], device=x.device))
-    e = model.embed_prelude(x, rope)
-    h = model.initial_state(e)
     losses, states = [], []
-    for t in range(n_loops):
-        h = model.iterate(h, e, t, rope)
-        logits = model.coda_logits(model.readout(h), rope)
+    for h, logits in logits_by_loop(model, x, n_loops):
         losses.append(F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=IGNORE,
                                       reduction="none").view(y.shape))
         states.append(h)
