@@ -253,6 +253,19 @@ def test_experiment_settings_are_validated_before_training(tmp_path):
     assert not (tmp_path / "rdt").exists()
 
 
+def test_task_arguments_set_the_sequence_length_and_vocabulary():
+    """A larger k-hop problem (20 statements, 32 variables) needs no other override: the tree that training gets
+    has the task's seq_len and a vocabulary that holds its ids; the preset's own shape is left as it was."""
+    from open_mythos.experiments.khop import PRESETS
+    tree, _, _ = extrapolation.split_settings(PRESETS["gpu"], ["data.task_args.statements=20",
+                                                               "data.task_args.n_vars=32"])
+    task = KHopTask(**tree["data"]["task_args"])
+    assert (task.seq_len, task.vocab_size) == (3 * 20 + 2 * 6, 2 + 8 + 32)
+    assert tree["data"]["seq_len"] == tree["model"]["max_seq_len"] == task.seq_len
+    assert tree["model"]["vocab_size"] == task.vocab_size
+    assert PRESETS["gpu"]["data"]["seq_len"] == KHopTask(**PRESETS["gpu"]["data"]["task_args"]).seq_len == 48
+
+
 @pytest.mark.parametrize("patience", [1, 2, 50])
 def test_converged_stop_equals_a_loop_by_loop_reference(patience):
     """Each problem stops at the first loop whose prediction at every answer position has not changed for

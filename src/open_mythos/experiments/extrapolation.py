@@ -37,8 +37,17 @@ EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop
 
 
 def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict]:
-    """(RDT TrainConfig tree, baseline overrides, eval settings) of an experiment after ``overrides``."""
+    """(RDT TrainConfig tree, baseline overrides, eval settings) of an experiment after ``overrides``.
+
+    The sequence length and vocabulary follow the task's arguments (``data.seq_len``, ``model.max_seq_len`` and
+    ``model.vocab_size`` are set from the task), so ``--set data.task_args.statements=20`` needs nothing else."""
     tree = apply_overrides(copy.deepcopy(tree), list(overrides))
+    data, model = tree.get("data", {}), tree.setdefault("model", {})
+    if data.get("source") == "task":
+        task = build_task(data["task"], data.get("task_args", {}))
+        data["seq_len"] = task.seq_len
+        model["max_seq_len"] = max(model.get("max_seq_len", 0), task.seq_len)
+        model["vocab_size"] = max(model.get("vocab_size", 0), task.vocab_size)
     evaluation, baseline = tree.pop("eval"), tree.pop("baseline")
     unknown = sorted(set(evaluation) - EVAL_KEYS)
     if unknown:

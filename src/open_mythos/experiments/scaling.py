@@ -31,7 +31,8 @@ PRESETS = {"cpu": ("shakespeare-tiny", ["steps=150", "eval_every=0"]),
 # dense-vs-looped trains 3 models; the GPU preset fits one 10-minute H200 call and reads the Python standard
 # library's source (12 MB for CPython 3.11: 600 steps x 32 x 512 bytes = 9.8M tokens, no window seen twice).
 # One Prelude and one Coda layer around the loop, loops sampled up to 16: with 2 + 2 the loop buys 0.0-1.6%
-# over the same model run once, with 1 + 1 it buys 1.6-3.8% (benchmarks/results/h200/dense-vs-looped-recipe)
+# over the same model run once, with 1 + 1 it buys 3.3% (mean of three seeds, 1.7-5.0%;
+# benchmarks/results/h200/dense-vs-looped-recipe)
 DENSE_PRESETS = {
     "cpu": ("shakespeare-tiny", ["steps=150", "eval_every=0", "sample_tokens=0"]),
     "gpu": ("shakespeare-100m", ["steps=600", "eval_every=0", "sample_tokens=0", "data.source='stdlib'",

@@ -46,3 +46,23 @@ axes[0].set_ylim(0.86, 0.96)  # fixed-4 at 1 loop (0.95-1.29) is cut off
 fig.tight_layout()
 fig.savefig(HERE / "recipe.png", dpi=120)
 print(HERE / "recipe.png")
+
+# the experiment's GPU preset (P = C = 1, loops at most 16) over three seeds: one colour per seed, its two
+# fixed-depth baselines as dashed (parameter-matched) and dotted (FLOP-matched) lines of that colour
+fig, ax = plt.subplots(figsize=(6.5, 4.5))
+for seed, color in zip(range(3), ("tab:blue", "tab:orange", "tab:purple")):
+    run = f"preset_s{seed}"
+    s = sweep(run)
+    param, flop = baselines(run)
+    ax.plot(list(s), list(s.values()), "o-", color=color, label=f"looped, seed {seed}")
+    ax.axhline(param, color=color, ls="--", lw=1, label=f"parameter-matched, seed {seed}")
+    ax.axhline(flop, color=color, ls=":", lw=1, label=f"FLOP-matched, seed {seed}")
+ax.set_xscale("log", base=2)
+ax.set_xlabel("inference loops (trained: Poisson-log-normal, mean 4, at most 16)")
+ax.set_ylabel("held-out loss (nats/byte), stdlib source")
+ax.set_ylim(0.86, 0.96)
+ax.set_title("dense-vs-looped --preset gpu, three seeds (H200)", fontsize=10)
+ax.legend(fontsize=7, ncol=2)
+fig.tight_layout()
+fig.savefig(HERE / "preset_seeds.png", dpi=120)
+print(HERE / "preset_seeds.png")
