@@ -106,9 +106,10 @@ def plot(report: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4))
     width = 0.8 / max(len(rules), 1)
     for i, (name, r) in enumerate(rules.items()):
-        total = sum(r["histogram"].values())
-        ds = sorted(r["histogram"])
-        ax.bar([d + (i - len(rules) / 2 + 0.5) * width for d in ds], [r["histogram"][d] / total for d in ds],
+        hist = {int(d): n for d, n in r["histogram"].items()}  # (a report read back from JSON has str keys)
+        total = sum(hist.values())
+        ds = sorted(hist)
+        ax.bar([d + (i - len(rules) / 2 + 0.5) * width for d in ds], [hist[d] / total for d in ds],
                width, label=f"{name} (mean {r['mean_loops']:.2f}, loss {r['loss']:.4f})")
     ax.set_xlabel("exit depth (loops run)")
     ax.set_ylabel("fraction of held-out tokens")
