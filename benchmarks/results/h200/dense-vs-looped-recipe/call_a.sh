@@ -3,7 +3,7 @@
 #   issue 27 item 3: `mythos experiment dense-vs-looped --preset gpu`, seeds 0, 1, 2
 #   issue 28 (b):    `mythos experiment khop --preset gpu`, seeds 0-3 (with the converged-loops stopping rule), and
 #                    seed 0 of a 20-statement variant (lower guessing baseline at 10 hops)
-# Run from the repository root:  OUT=<dir> bash benchmarks/results/h200/seeds-2026-12-01/call.sh
+# Run from the repository root:  OUT=<dir> bash benchmarks/results/h200/dense-vs-looped-recipe/call_a.sh
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 W=/tmp/w; mkdir -p $W
 nvidia-smi --query-gpu=name,driver_version --format=csv > $W/env.txt; python -c "import torch,sys;print(torch.__version__, sys.version)" >> $W/env.txt
