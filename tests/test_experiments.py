@@ -238,6 +238,7 @@ def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys):
     assert r["rdt_best_accuracy"] == [max(col) for col in zip(*grid)]
     assert r["overthinking"]["accuracy"] == grid[-1][-1] and (tmp_path / f"{stem}.png").stat().st_size > 0
     assert r["settings"]["steps"] == 4 and r["settings"]["data"]["source"] == "task"
+    assert len(r["rdt_state_rms_by_loop"]) == max(r["loops"]) and all(v > 0 for v in r["rdt_state_rms_by_loop"])
 
 
 def test_experiment_settings_are_validated_before_training(tmp_path):
@@ -251,6 +252,26 @@ def test_experiment_settings_are_validated_before_training(tmp_path):
             with pytest.raises(ValueError, match=match):
                 extrapolation.split_settings(module.PRESETS["cpu"], [bad])
     assert not (tmp_path / "rdt").exists()
+
+
+def test_eval_sizes_the_task_cannot_make_fail_before_training(tmp_path):
+    """k-hop with max_hops=6 cannot make the preset's 7..10-hop test problems: the task's own message, named by
+    the eval entry, before the two models train (it used to come after both)."""
+    bad = "data.task_args.max_hops=6"
+    assert main(["experiment", "khop", "--out", str(tmp_path), "--set", bad]) == 2
+    assert not (tmp_path / "rdt").exists()
+    from open_mythos.experiments.khop import PRESETS
+    with pytest.raises(ValueError, match=r"eval.sizes entry 7: hops must be in \[1, 6\]"):
+        extrapolation.split_settings(PRESETS["cpu"], [bad])
+    tree, _, ev = extrapolation.split_settings(PRESETS["cpu"], [bad, "eval.sizes=[1, 6]"])
+    assert ev["sizes"] == [1, 6]
+
+
+def test_the_model_fits_the_longest_evaluated_problem():
+    """Prefix sums are trained on short strings and tested on long ones: model.max_seq_len covers the longest."""
+    from open_mythos.experiments.prefix_sums import PRESETS
+    tree, _, ev = extrapolation.split_settings(PRESETS["cpu"], ["model.max_seq_len=8", "eval.sizes=[4, 100]"])
+    assert tree["model"]["max_seq_len"] == 100 and tree["data"]["seq_len"] < 100
 
 
 def test_task_arguments_set_the_sequence_length_and_vocabulary():
@@ -294,3 +315,21 @@ def test_converged_stop_equals_a_loop_by_loop_reference(patience):
     assert acc == correct / problems and mean_loops == pytest.approx(loops / problems)
     if patience == 50:
         assert mean_loops == max_loops
+
+
+@pytest.mark.parametrize("injection", ["lti", "residual"])
+def test_state_rms_by_loop_follows_the_recurrence(injection):
+    """The diagnostic's RMS of h_t equals the state walked by hand through the stage API, t = 1..5."""
+    task = PrefixSumTask(bits=6)
+    model = OpenMythos(tiny_config(vocab_size=2, max_seq_len=8, lora_rank=0, injection=injection)).eval()
+    trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    rms = extrapolation.state_rms_by_loop(model, trainer, task, 6, 5, problems=8)
+    x, _ = task.eval_batch(6, 8, random.Random(20_000 + 6))
+    with torch.no_grad():
+        rope = model.rope(torch.arange(6))
+        e = model.embed_prelude(x, rope)
+        h, expected = model.initial_state(e), []
+        for t in range(5):
+            h = model.iterate(h, e, t, rope)
+            expected.append(float(h.pow(2).mean().sqrt()))
+    assert rms == pytest.approx(expected, rel=1e-6)

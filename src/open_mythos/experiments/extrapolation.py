@@ -40,7 +40,9 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
     """(RDT TrainConfig tree, baseline overrides, eval settings) of an experiment after ``overrides``.
 
     The sequence length and vocabulary follow the task's arguments (``data.seq_len``, ``model.max_seq_len`` and
-    ``model.vocab_size`` are set from the task), so ``--set data.task_args.statements=20`` needs nothing else."""
+    ``model.vocab_size`` are set from the task, ``model.max_seq_len`` also fits the longest evaluated problem), so
+    ``--set data.task_args.statements=20`` needs nothing else. An ``eval.sizes`` entry the task cannot make raises
+    the task's ValueError here, before any training."""
     tree = apply_overrides(copy.deepcopy(tree), list(overrides))
     data, model = tree.get("data", {}), tree.setdefault("model", {})
     if data.get("source") == "task":
@@ -62,7 +64,14 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
     for key in ("problems", "batch_size", "stop_patience", "train_max_size"):
         if key in evaluation:
             check_int(f"eval.{key}", evaluation[key], 1)
-    if tree.get("model", {}).get("loop_output", "final") != "final":
+    if data.get("source") == "task":
+        for size in evaluation["sizes"]:
+            try:
+                x, _ = task.eval_batch(size, 1, random.Random(0))
+            except ValueError as err:
+                raise ValueError(f"eval.sizes entry {size}: {err}") from None
+            model["max_seq_len"] = max(model["max_seq_len"], x.shape[1])
+    if model.get("loop_output", "final") != "final":
         raise ValueError("model.loop_output must be 'final' here: the stopping rule and the loop-count grid read "
                          "the last loop's state")
     config_from_dict(copy.deepcopy(tree))  # validate now, before any training
@@ -131,6 +140,21 @@ def converged_accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int
     return correct / problems, loops_run / problems
 
 
+@torch.no_grad()
+def state_rms_by_loop(model: torch.nn.Module, trainer: Trainer, task, size: int, max_loops: int,
+                      problems: int = 256, seed: int = 20_000) -> list[float]:
+    """RMS of the recurrent state h_t over every position of ``problems`` problems of ``size``, for t = 1..max_loops.
+
+    A diagnostic of the loop's dynamics: a state whose scale keeps growing (``injection="residual"``) lets later
+    loops tell how many came before them, and shrinks the share of the injected input e in x_t = h_t + e."""
+    model.eval()
+    x, _ = task.eval_batch(size, problems, random.Random(seed + size))
+    with trainer.autocast():
+        rms = [float(h.float().pow(2).mean().sqrt()) for h, _ in logits_by_loop(model, x.to(trainer.device), max_loops)]
+    model.train()
+    return rms
+
+
 def guess_accuracy(task, size: int, problems: int, seed: int = 10_000) -> float:
     x, y = task.eval_batch(size, problems, random.Random(seed + size))
     return float(task.guess(x, y).mean())
@@ -158,6 +182,8 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
     converged = [converged_accuracy(rdt, rdt_trainer, task, s, far, patience, *args) for s in sizes]
     log("  RDT converged : " + " ".join(f"{a:.3f}" for a, _ in converged)
         + f"   (stop after {patience} unchanged loops; mean loops " + " ".join(f"{n:.1f}" for _, n in converged) + ")")
+    rms = state_rms_by_loop(rdt, rdt_trainer, task, sizes[-1], far, min(ev["problems"], args[1]))
+    log(f"  RDT state RMS at size {sizes[-1]}, loops 1..{far}: " + " ".join(f"{r:.3g}" for r in rms))
     dense_acc = [accuracy(dense, dense_trainer, task, s, 1, *args) for s in sizes]
     guess = [guess_accuracy(task, s, ev["problems"]) for s in sizes]
     log("  baseline      : " + " ".join(f"{a:.3f}" for a in dense_acc))
@@ -170,7 +196,7 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
         "guess_accuracy": guess, "rdt_best_accuracy": [best[s] for s in sizes],
         "rdt_best_loops": [max(loops, key=lambda n: grid[str(n)][i]) for i, s in enumerate(sizes)],
         "rdt_converged_accuracy": [a for a, _ in converged], "rdt_converged_loops": [n for _, n in converged],
-        "stop_patience": patience,
+        "stop_patience": patience, "rdt_state_rms_by_loop": rms,
         "train_seconds": {"rdt": t_rdt, "baseline": t_dense}, "seconds": time.perf_counter() - t0,
         "device": str(rdt_trainer.device),
     }
