@@ -1,6 +1,7 @@
 """save_pretrained directories never lie: config.json is complete and versioned, load errors name the
 file, and damaged weight bytes are detected (hub.py)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 from conftest import tiny_config
 from safetensors import safe_open
 
-from open_mythos import OpenMythos
+from open_mythos import MythosConfig, OpenMythos
 from open_mythos.hub import DIGEST_KEY, FIELDS_ADDED, FORMAT_VERSION, read_config, tensor_digest
 from open_mythos.tokenizer import tokenizer_for
 
@@ -46,16 +47,35 @@ def _drop(d, names):
         d.pop(name)
 
 
-@pytest.mark.parametrize("version", [0, 1])
+# MythosConfig's fields at format 0; every field added since is in hub.FIELDS_ADDED under the version that added it
+FORMAT_0_FIELDS = {
+    "vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters", "prelude_layers", "coda_layers",
+    "attn_type", "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "n_experts",
+    "n_shared_experts", "n_experts_per_tok", "expert_dim", "act_threshold", "rope_theta", "lora_rank",
+    "max_output_tokens", "dropout", "loop_output", "router_bias_update_rate", "norm_eps", "init_std",
+    "tie_word_embeddings", "dense_ffn_dim"}
+
+
+def test_every_config_field_is_known_to_a_format_version():
+    """A field added to MythosConfig without a format bump would make every file saved before it unloadable
+    ("missing field"): each field is either in format 0 or added, with its old-model value, by one version."""
+    added = [name for version in sorted(FIELDS_ADDED) for name in FIELDS_ADDED[version]]
+    assert len(added) == len(set(added)) and not FORMAT_0_FIELDS & set(added)
+    assert {f.name for f in dataclasses.fields(MythosConfig)} == FORMAT_0_FIELDS | set(added)
+    assert max(FIELDS_ADDED) == FORMAT_VERSION
+
+
+@pytest.mark.parametrize("version", [0, 1, 2])
 def test_old_format_files_migrate_by_the_documented_rule(tmp_path, version):
-    """A config.json of format 0 (no format_version, no loop_embed_scale) or 1 (no recurrence-recipe fields)
-    loads the model those versions built: loop_embed_scale = 1, LTI injection, zero initial state, out-norm,
-    MoE, init depth from max_loop_iters; other missing fields are still errors."""
+    """A config.json of format 0 (no format_version, no loop_embed_scale), 1 (no recurrence-recipe fields) or 2
+    (no attn_window) loads the model those versions built: loop_embed_scale = 1, LTI injection, zero initial
+    state, out-norm, MoE, init depth from max_loop_iters, no attention window; other missing fields are still
+    errors."""
     model = OpenMythos(tiny_config(loop_embed_scale=1.0))
     model.save_pretrained(tmp_path)
     directory = tmp_path
     assert set(FIELDS_ADDED[2]) == {"injection", "state_init", "loop_out_norm", "recurrent_ffn", "init_loops"}
-    dropped = [*FIELDS_ADDED[2], *(FIELDS_ADDED[1] if version == 0 else [])]
+    dropped = [name for v in range(version + 1, FORMAT_VERSION + 1) for name in FIELDS_ADDED[v]]
     _edit_config(directory, lambda d: (d.update(format_version=version), _drop(d, dropped)))
     if version == 0:
         _edit_config(directory, lambda d: d.pop("format_version"))
