@@ -135,7 +135,8 @@ def test_engine_uses_the_models_loop_embedding_scale():
 
 
 @pytest.mark.parametrize("recipe", [dict(injection="residual", state_init="embed"),
-                                    dict(state_init="embed", loop_out_norm=False, recurrent_ffn="dense")])
+                                    dict(state_init="embed", loop_out_norm=False, recurrent_ffn="dense"),
+                                    dict(injection="residual", state_norm=True)])
 def test_engine_follows_the_models_recurrence_recipe(recipe):
     """The engine starts each token's loop at the model's h_0 (RecurrentBlock.initial_state) and steps with its
     injection: greedy decoding equals OpenMythos.generate for non-default recipes too."""

@@ -168,15 +168,21 @@ def _reference_loop(model: OpenMythos, e: torch.Tensor, n_loops: int) -> torch.T
             h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + out
         else:
             h = h + out
+        if cfg.state_norm:
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + cfg.norm_eps) * rec.state_norm.weight
     return rec.out_norm(h)
 
 
 @pytest.mark.parametrize("injection", ["lti", "residual"])
 @pytest.mark.parametrize("state_init", ["zeros", "embed"])
-def test_recurrent_block_equals_the_written_out_update(injection, state_init):
-    model = OpenMythos(tiny_config(injection=injection, state_init=state_init, loop_embed_scale=0.3)).eval()
-    with torch.no_grad():  # LoRA up-projections start at zero: make them matter
+@pytest.mark.parametrize("state_norm", [False, True])
+def test_recurrent_block_equals_the_written_out_update(injection, state_init, state_norm):
+    model = OpenMythos(tiny_config(injection=injection, state_init=state_init, loop_embed_scale=0.3,
+                                   state_norm=state_norm)).eval()
+    with torch.no_grad():  # LoRA up-projections start at zero, the norm's gain at one: make them matter
         model.recurrent.lora.up.normal_(std=0.1)
+        if state_norm:
+            model.recurrent.state_norm.weight.uniform_(0.5, 1.5)
     e = torch.randn(2, 7, model.cfg.dim)
     rope = rope_angles(torch.arange(7), model.cfg.rope_dim, model.cfg.rope_theta)
     for n in (1, 2, 5):  # 5 > max_loop_iters: clamped embedding and adapter
@@ -222,3 +228,22 @@ def test_init_loops_sets_the_residual_out_init_depth():
         model = OpenMythos(tiny_config(init_loops=init_loops, init_std=0.02, dim=256, n_heads=4))
         std = model.prelude[0].ffn.w2.weight.std().item()
         assert abs(std - 0.02 / (2 * depth) ** 0.5) < 0.1 * 0.02 / (2 * depth) ** 0.5
+
+
+def test_state_norm_holds_the_residual_states_scale_fixed():
+    """Under the residual update the state's RMS grows with the loops; with state_norm it stays at the norm's
+    gain (1 at init) after every loop, whatever the loop count."""
+    e = torch.randn(2, 5, 64)
+    rope = rope_angles(torch.arange(5), 16, 10_000.0)
+    rms = {}
+    for state_norm in (False, True):
+        torch.manual_seed(0)
+        model = OpenMythos(tiny_config(injection="residual", lora_rank=0, state_norm=state_norm)).eval()
+        h, rms[state_norm] = torch.zeros_like(e), []
+        with torch.no_grad():
+            for t in range(8):
+                h = model.recurrent.iterate(h, e, t, rope)
+                rms[state_norm].append(float(h.pow(2).mean(-1).sqrt().mean()))
+    assert rms[False][-1] > 2 * rms[False][0]
+    # gain 1 at init; below 1 only by norm_eps against a state of RMS ~0.01 before the norm
+    assert all(0.95 < r <= 1.0 for r in rms[True]) and max(rms[True]) - min(rms[True]) < 0.03

@@ -106,6 +106,10 @@ class MythosConfig:
     state_init: str = "zeros"
     # open-mythos: RMSNorm on the state the recurrent block hands to the Coda.
     loop_out_norm: bool = True
+    # open-mythos: RMSNorm on the state after every loop, h_{t+1} = RMSNorm(h' of the injection): its scale cannot
+    # grow with the loops (under "residual" it otherwise grows, the injected e's share of x_t = h_t + e shrinks and
+    # each loop's update moves the state's direction less), so loop t cannot tell t from the scale. Not measured yet.
+    state_norm: bool = False
     # open-mythos: FFN of the recurrent block, "moe" (the documents' fine-grained MoE) or "dense" (SwiGLU).
     recurrent_ffn: str = "moe"
     # open-mythos: loop count in the effective depth prelude + loops + coda that scales the init of

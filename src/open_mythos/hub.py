@@ -5,7 +5,8 @@ a model card (``README.md``), and two shim modules that let
 
 config.json format versions (``format_version``):
   3  every MythosConfig field is present (a missing one is an error, never a silent default).
-  2  before sliding-window attention (``attn_window``). Migration to 3: ``FIELDS_ADDED[3]``.
+  2  before sliding-window attention (``attn_window``) and the per-loop state norm (``state_norm``). Migration
+     to 3: ``FIELDS_ADDED[3]``.
   1  before the recurrence-recipe fields (issue 27). Migration to 2: ``FIELDS_ADDED[2]``.
   0  files without ``format_version`` (open-mythos before format 1). Migration to 1: ``FIELDS_ADDED[1]``.
 Each migration gives the fields added in that version the value that reproduces the model the older
@@ -41,7 +42,7 @@ FORMAT_VERSION = 3
 FIELDS_ADDED = {  # format version -> the fields it added, at the values that reproduce older files' models
     1: {"loop_embed_scale": 1.0},  # before the field existed, the loop embedding had amplitude 1
     2: {"injection": "lti", "state_init": "zeros", "loop_out_norm": True, "recurrent_ffn": "moe", "init_loops": None},
-    3: {"attn_window": None},  # every position saw its whole prefix
+    3: {"attn_window": None, "state_norm": False},  # every position saw its whole prefix; the state unnormalised
 }
 DIGEST_KEY = "open_mythos.sha256"  # safetensors metadata: sha256 of the tensors (tensor_digest)
 

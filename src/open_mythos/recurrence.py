@@ -7,6 +7,7 @@ Recurrent update, for loop t = 0 .. n_loops-1, with e the Prelude output and h_0
     x_t     = h_t + e + loop_embeddings[min(t, L-1)]         L = max_loop_iters
     h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_min(t, L-1)(x_t)      (cfg.injection = "lti")
     h_{t+1} =     h_t     + Transformer(x_t) + LoRA_min(t, L-1)(x_t)      (cfg.injection = "residual")
+    h_{t+1} <- RMSNorm(h_{t+1})                                            (cfg.state_norm = True)
 
 From loop L-1 on, the map h_t -> h_{t+1} no longer depends on t: running more loops than
 ``max_loop_iters`` iterates one fixed map, which can settle at a fixed point instead of drifting.
@@ -171,6 +172,8 @@ class RecurrentBlock(nn.Module):
             if cfg.lora_rank > 0 else None
         # Coda sees the state's direction, not its scale (cfg.loop_out_norm)
         self.out_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.loop_out_norm else nn.Identity()
+        # the next loop sees a state of fixed scale (cfg.state_norm)
+        self.state_norm = RMSNorm(cfg.dim, cfg.norm_eps) if cfg.state_norm else nn.Identity()
         self._loop_tables: dict[tuple, torch.Tensor] = {}  # memo of loop_table by (device, dtype)
 
     def initial_state(self, e: torch.Tensor) -> torch.Tensor:
@@ -218,7 +221,7 @@ class RecurrentBlock(nn.Module):
                   loop_emb: torch.Tensor, lora: tuple[torch.Tensor, torch.Tensor] | None,
                   cache: KVCache | None = None, cache_key: tuple | None = None) -> torch.Tensor:
         """One loop iteration: x = h_t + e + loop_emb;  h_{t+1} = A h_t + B e + Transformer(x) + LoRA_t(x)
-        (``injection="residual"``: h_{t+1} = h_t + Transformer(x) + LoRA_t(x)).
+        (``injection="residual"``: h_{t+1} = h_t + Transformer(x) + LoRA_t(x)), then RMSNorm if ``state_norm``.
 
         The loop index enters only through tensors (its embedding row and LoRA matrices, from
         :meth:`loop_inputs`), so one compiled graph serves every iteration."""
@@ -226,7 +229,7 @@ class RecurrentBlock(nn.Module):
         out = self.block.residual(x, rope, cache, cache_key)
         if lora is not None:
             out = out + self.lora.delta(x, *lora)
-        return self.injection(h, e, out)
+        return self.state_norm(self.injection(h, e, out))
 
     def iterate(self, h: torch.Tensor, e: torch.Tensor, t: int | torch.Tensor,
                 rope: tuple[torch.Tensor, torch.Tensor], cache=None, cache_key: tuple | None = None) -> torch.Tensor:
