@@ -59,6 +59,10 @@ def test_slot_kv_cache_is_now_the_row_kv_cache():
     from open_mythos.inference.rows import RowKVCache
 
     with pytest.warns(DeprecationWarning, match="RowKVCache"):
-        assert slots.SlotKVCache is RowKVCache
+        SlotKVCache = slots.SlotKVCache
+    old = SlotKVCache(n_slots=3, max_len=16, loop_policy="per_loop", max_loop_budget=4)  # the old keywords
+    new = RowKVCache(n_rows=3, max_len=16, loop_policy="per_loop", max_loop_budget=4)
+    assert isinstance(old, RowKVCache) and old.n_slots == old.n_rows == 3
+    assert (old.max_len, old.loop_policy, old.loop_slots) == (new.max_len, new.loop_policy, new.loop_slots)
     with pytest.raises(AttributeError):
         slots.NotAName  # noqa: B018
