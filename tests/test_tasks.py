@@ -56,6 +56,14 @@ def test_task_data_config_errors():
                                                    "loops.schedule='progressive'", "loops.backprop=0"])
 
 
+@pytest.mark.parametrize("name", ["khop", "prefix_sums"])
+def test_build_task_names_an_unknown_argument(name):
+    """A misspelt ``data.task_args`` key is a ValueError naming it (it was a TypeError traceback from the
+    task's constructor), for ``mythos train`` and the experiments alike."""
+    with pytest.raises(ValueError, match=r"unknown data.task_args for task .*: statments \(known: .*\)"):
+        build_task(name, {"statments": 20})
+
+
 def test_task_loader_is_resume_exact_split_by_rank_and_told_each_steps_loops():
     task = build_task("prefix_sums", {"bits": 8, "depth_curriculum": True})
     seen = []

@@ -13,6 +13,7 @@ rows (problems are cheap; the global batch is then the same for any world size).
 from __future__ import annotations
 
 import importlib
+import inspect
 import random
 from typing import Callable, Protocol
 
@@ -33,10 +34,18 @@ class Task(Protocol):
 
 
 def build_task(name: str, args: dict) -> Task:
+    """The task ``name`` (a key of ``TASKS``) built with keyword arguments ``args`` (``data.task_args``).
+    Raises ValueError for an unknown name or argument, and whatever the task's own checks raise."""
     if name not in TASKS:
         raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {name!r}")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(**args)
+    module, name_in_module = TASKS[name].split(":")
+    cls = getattr(importlib.import_module(module), name_in_module)
+    known = inspect.signature(cls).parameters
+    unknown = sorted(set(args) - set(known))
+    if unknown:
+        raise ValueError(f"unknown data.task_args for task {name!r}: {', '.join(unknown)} "
+                         f"(known: {', '.join(known)})")
+    return cls(**args)
 
 
 class TaskLoader:
