@@ -153,6 +153,8 @@ def test_exit_loss_without_exit_equals_the_full_forward(policy):
     assert out["histogram"] == {3: 3 * 8} and out["mean_loops"] == 3 and out["tokens"] == 24
     with pytest.raises(ValueError, match="prompt_len"):
         exit_loss(model, ids, 13, 3, ExitRule("none"))
+    with pytest.raises(ValueError, match=r"ids must be windows of token ids \(B, T\), got shape \(14,\)"):
+        exit_loss(model, ids[0], 5, 3, ExitRule("none"))
 
 
 def test_exit_loss_act_depth_of_the_first_token_is_the_models_act_depth():

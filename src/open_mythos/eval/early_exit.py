@@ -44,6 +44,8 @@ def exit_loss(model: OpenMythos, ids: torch.Tensor, prompt_len: int, budget: int
 @torch.inference_mode()
 def _exit_loss(model: OpenMythos, ids: torch.Tensor, prompt_len: int, budget: int, rule: ExitRule,
                loop_policy: str) -> dict:
+    if ids.dim() != 2:
+        raise ValueError(f"ids must be windows of token ids (B, T), got shape {tuple(ids.shape)}")
     B, T = ids.shape
     if not 1 <= prompt_len <= T - 2:
         raise ValueError(f"prompt_len must be in [1, T - 2] = [1, {T - 2}] for windows of T={T} tokens, "
