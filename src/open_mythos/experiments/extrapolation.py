@@ -39,10 +39,11 @@ EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop
 def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict]:
     """(RDT TrainConfig tree, baseline overrides, eval settings) of an experiment after ``overrides``.
 
-    The sequence length and vocabulary follow the task's arguments (``data.seq_len``, ``model.max_seq_len`` and
-    ``model.vocab_size`` are set from the task, ``model.max_seq_len`` also fits the longest evaluated problem), so
-    ``--set data.task_args.statements=20`` needs nothing else. An ``eval.sizes`` entry the task cannot make raises
-    the task's ValueError here, before any training."""
+    The sequence length and vocabulary follow the task's arguments: ``data.seq_len`` is set to the task's (an
+    override of it is replaced), ``model.max_seq_len`` and ``model.vocab_size`` are raised to the task's where
+    smaller (``model.max_seq_len`` also to fit the longest evaluated problem), so ``--set
+    data.task_args.statements=20`` needs nothing else. An ``eval.sizes`` entry the task cannot make raises the
+    task's ValueError here, before any training."""
     tree = apply_overrides(copy.deepcopy(tree), list(overrides))
     data, model = tree.get("data", {}), tree.setdefault("model", {})
     if data.get("source") == "task":
