@@ -182,3 +182,18 @@ def test_exit_objective_keeps_a_gradient_when_the_unit_saturates():
     loss.backward()
     assert loss.item() == pytest.approx(20.0, abs=1e-3)
     assert model.recurrent.act.proj.bias.grad.item() == pytest.approx(1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
+def test_act_depth_of_the_per_loop_states_is_the_models_act_depth(threshold):
+    """exit_report's ``act`` depth (act_depth of halting_prob over loop_losses' states) is the depth at which the
+    model's own ACT halts each position in a full forward (``return_act_depth``): the training view and the model
+    apply one rule."""
+    model = OpenMythos(tiny_config()).eval()
+    torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.5)
+    model.recurrent.act.threshold = threshold
+    x, y = _batch(B=3, T=10)
+    _, states = loop_losses(model, x, y, 5)
+    with torch.no_grad():
+        _, depth = model(x, 5, return_act_depth=True)
+    assert torch.equal(act_depth(model.halting_prob(states), threshold).long(), depth.long())
