@@ -171,8 +171,9 @@ def train_exit(model: OpenMythos, batches: Iterator[Batch], cfg: ExitConfig, n_l
 @torch.no_grad()
 def exit_report(model: OpenMythos, batches: list[Batch], n_loops: int, margin: float, threshold: float,
                 autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> dict:
-    """Token-weighted held-out figures of the exit with every position at its own depth in a full forward
-    (the training view; the engine-exact measurement is ``eval.early_exit.exit_loss``): loss at full
+    """Token-weighted held-out figures of the exit in the training view: each token's loss is read at its exit
+    depth d from a full forward in which every position ran d loops (the engine-exact measurement, earlier keys
+    from their own exit depths, is ``eval.early_exit.exit_loss``): loss at full
     depth D = ``n_loops``, loss and mean depth of the oracle d* and of the ``act`` rule at ``threshold``,
     and the objective."""
     was_training = model.training
