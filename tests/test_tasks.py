@@ -62,6 +62,8 @@ def test_build_task_names_an_unknown_argument(name):
     task's constructor), for ``mythos train`` and the experiments alike."""
     with pytest.raises(ValueError, match=r"unknown data.task_args for task .*: statments \(known: .*\)"):
         build_task(name, {"statments": 20})
+    with pytest.raises(ValueError, match="data.task_args must be a table"):
+        build_task(name, 3)
 
 
 def test_task_loader_is_resume_exact_split_by_rank_and_told_each_steps_loops():

@@ -38,6 +38,8 @@ def build_task(name: str, args: dict) -> Task:
     Raises ValueError for an unknown name or argument, and whatever the task's own checks raise."""
     if name not in TASKS:
         raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {name!r}")
+    if not isinstance(args, dict):
+        raise ValueError(f"data.task_args must be a table of the task's arguments, got {args!r}")
     module, name_in_module = TASKS[name].split(":")
     cls = getattr(importlib.import_module(module), name_in_module)
     known = inspect.signature(cls).parameters
