@@ -109,6 +109,8 @@ def test_experiment_bad_settings_are_one_line(name, tmp_path, capsys):
     base = ["experiment", name, "--out", str(tmp_path), "--no-progress", "--set"]
     assert "steps must be" in one_line_error(capsys, [*base, "steps=abc"])
     assert "steps must be >= 1" in one_line_error(capsys, [*base, "steps=0"])
+    rows = ["experiment", name, "--out", str(tmp_path), "--no-progress", "--rows", "a"]
+    assert "--rows applies to ablate only" in one_line_error(capsys, rows)  # was ignored: the run started
     assert list(tmp_path.iterdir()) == []  # nothing ran
 
 

@@ -153,7 +153,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_experiment(args: argparse.Namespace) -> int:
-
+    if args.rows and args.name != "ablate":
+        raise ValueError(f"--rows applies to ablate only (the recurrence-recipe rows), not to {args.name}")
     out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
     if args.name == "khop":
         from .experiments.khop import run
