@@ -156,7 +156,7 @@ def test_dense_baseline_matches_the_parameter_budget():
     assert DenseTransformer(cfg, 2)(torch.randint(0, 100, (2, 9))).shape == (2, 9, 100)
 
 
-def test_loops_and_dense_vs_looped_cpu_presets_end_to_end(tmp_path):
+def test_loops_and_dense_vs_looped_cpu_presets_end_to_end(tmp_path, capsys):
     assert main(["experiment", "loops", "--out", str(tmp_path / "l"), "--set", "steps=6", "--no-progress"]) == 0
     loops = json.loads((tmp_path / "l" / "loops.json").read_text())
     assert [r["n_loops"] for r in loops["sweep"]] == [1, 2, 3, 4, 5, 8, 12, 16]
@@ -172,6 +172,8 @@ def test_loops_and_dense_vs_looped_cpu_presets_end_to_end(tmp_path):
     assert result["looped_gain_vs_param_matched"] == pytest.approx((l_param - l_loop) / l_param)
     assert result["looped_gap_closed_vs_flop_matched"] == pytest.approx((l_param - l_loop) / (l_param - l_flop))
     assert (tmp_path / "d" / "dense_vs_looped.png").is_file()
+    # the summary line prints the gap closed as a fraction with two decimals, like the gain (was the raw float)
+    assert f"gap to FLOP-matched closed {result['looped_gap_closed_vs_flop_matched']:.2f};" in capsys.readouterr().out
 
 
 def test_dense_variants_unroll_the_loops_into_distinct_layers():

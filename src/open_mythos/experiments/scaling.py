@@ -145,8 +145,9 @@ def run_dense_vs_looped(preset: str, out_dir: Path, overrides: list[str] = (), p
     _plot_dense(result, out_dir)
     for r in runs:
         log(f"  {r['model']:<34} {r['params']:>12,} params  held-out loss {r['loss']:.4f}")
+    closed = result["looped_gap_closed_vs_flop_matched"]
     log(f"looped gain vs parameter-matched {result['looped_gain_vs_param_matched']:+.2%}; gap to FLOP-matched "
-        f"closed {result['looped_gap_closed_vs_flop_matched']}; loss at 2x / 4x depth minus at depth: "
+        f"closed {'n/a (equal losses)' if closed is None else f'{closed:.2f}'}; loss at 2x / 4x depth minus at depth: "
         f"{result['loss_at_2x_minus_train_depth']:+.4f} / {result['loss_at_4x_minus_train_depth']:+.4f}")
     return result
 
