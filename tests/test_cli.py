@@ -35,8 +35,16 @@ def test_generate_streams_a_saved_model_and_reports_depths(tmp_path, capsys):
     assert out.rstrip("\n") == expected.split("<|endoftext|>")[0]
     assert "loop depth histogram {3:" in err
     assert main([*args, "--prompt", "a", "--prompt", "bc", "--exit", "kl"]) == 0
-    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["prompt"] for r in rows] == ["a", "bc"]
+    out, err = capsys.readouterr()
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert [r["prompt"] for r in rows] == ["a", "bc"] and "never trained" not in err
+    assert main([*args, "--prompt", "a", "--exit", "act"]) == 0  # the unit as initialised: w = 0
+    assert "ACT halting unit was never trained" in capsys.readouterr().err
+    with torch.no_grad():
+        model.recurrent.act.proj.weight[0, 0] = 0.1
+    model.save_pretrained(tmp_path)
+    assert main([*args, "--prompt", "a", "--exit", "act"]) == 0
+    assert "never trained" not in capsys.readouterr().err
 
 
 def test_generate_bad_input_is_a_clear_error(capsys):

@@ -95,6 +95,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     engine = Engine(model, max_batch=args.max_batch, loop_policy=args.loop_policy,
                     max_loop_budget=max(args.n_loops or 0, model.cfg.max_loop_iters))
     rule = ExitRule(args.exit, args.exit_threshold, args.min_loops)
+    if rule.kind == "act" and model.recurrent.act.is_constant():
+        print("warning: this model's ACT halting unit was never trained (its weights are zero), so --exit act stops "
+              "every token at the same depth; train it with [exit] (docs/training.md) or use --exit kl",
+              file=sys.stderr)
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p)
     prompts = args.prompt or ["To be, or not to be"]
     requests = [Request(tok.encode(text), args.max_new_tokens, args.n_loops, sampling, rule, (tok.eos_token_id,),

@@ -90,6 +90,12 @@ class ACTHalting(nn.Module):
         nn.init.zeros_(self.proj.weight)
         nn.init.constant_(self.proj.bias, -1.0)  # p ≈ 0.27 at init: a few loops before halting
 
+    def is_constant(self) -> bool:
+        """True when w = 0: p_t = sigmoid(b) for every state, so the ``act`` exit rule stops every token at the
+        same depth. The unit starts so and, under ``loop_output="final"``, keeps it unless its exit is trained
+        (``[exit]``, training/exit.py)."""
+        return not bool(self.proj.weight.detach().any())
+
     def halting_logit(self, h: torch.Tensor) -> torch.Tensor:
         """w . h_t + b per position, fp32 (h.shape[:-1]): p_t's logit (for losses that need it unsaturated)."""
         return self.proj(h).squeeze(-1).float()
