@@ -168,6 +168,10 @@ def cmd_experiment(args: argparse.Namespace) -> int:
         from .experiments.prefix_sums import run
 
         run(args.preset, out, args.set, progress=not args.no_progress)
+    elif args.name == "p-hop":
+        from .experiments.phop import run
+
+        run(args.preset, out, args.set, progress=not args.no_progress)
     elif args.name == "loops":
         from .experiments.scaling import run_loops
 
@@ -330,11 +334,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "\"abort\"")
     p.add_argument("--max-body-mb", type=float, default=8, help="request bodies larger than this get 413")
     p.set_defaults(func=cmd_serve)
-    p = add("experiment", help="evidence experiments: khop, prefix-sums, loops, dense-vs-looped, ablate "
+    p = add("experiment", help="evidence experiments: khop, prefix-sums, p-hop, loops, dense-vs-looped, ablate "
                                "(docs/experiments.md)")
-    p.add_argument("name", choices=["khop", "prefix-sums", "loops", "dense-vs-looped", "ablate"],
+    p.add_argument("name", choices=["khop", "prefix-sums", "p-hop", "loops", "dense-vs-looped", "ablate"],
                    help="khop: k-hop extrapolation; prefix-sums: 32-bit to 512-bit prefix parity (Bansal et al. "
-                        "2022); loops: held-out loss vs loops; dense-vs-looped: looped vs parameter- and "
+                        "2022); p-hop: p-hop induction, 1 block looped 6 times vs once (Saunshi et al. 2025); loops: held-out loss vs loops; dense-vs-looped: looped vs parameter- and "
                         "FLOP-matched fixed depth; ablate: the recurrence-recipe ablation")
     p.add_argument("--rows", help="ablate: comma-separated row names (default: all; see experiments/ablate.py)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",

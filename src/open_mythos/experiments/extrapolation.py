@@ -5,7 +5,9 @@ library's `Trainer` on a synthetic task (``data.source = "task"``, training/task
 
 * the RDT, with the task's loop schedule (e.g. the progressive loss of Bansal et al. 2022);
 * a parameter-matched fixed-depth baseline: the same model run for one loop (Prelude + the block once
-  + Coda), trained on the same problems with every target supervised.
+  + Coda), trained on the same problems with every target supervised;
+* with ``eval.unrolled = true``, also the FLOP-matched fixed-depth model: the loop unrolled into
+  ``loops.mean`` distinct layers (`scaling.dense_variants`), run once.
 
 Then exact match per problem size (hops, bits) at several inference loop counts, beside the
 baseline and a guessing baseline, written to ``NAME.json`` and ``NAME.png``.
@@ -33,7 +35,7 @@ from ..training.distributed import unwrap
 from ..training.loop import Trainer
 from ..training.tasks import build_task
 
-EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop_patience"}
+EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop_patience", "unrolled"}
 
 
 def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict]:
@@ -75,8 +77,17 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
     if model.get("loop_output", "final") != "final":
         raise ValueError("model.loop_output must be 'final' here: the stopping rule and the loop-count grid read "
                          "the last loop's state")
+    if not isinstance(evaluation.get("unrolled", False), bool):
+        raise ValueError(f"eval.unrolled must be true or false, got {evaluation['unrolled']!r}")
     config_from_dict(copy.deepcopy(tree))  # validate now, before any training
     return tree, baseline, evaluation
+
+
+def unrolled_overrides(tree: dict) -> list[str]:
+    """Overrides turning the RDT of ``tree`` into its loop unrolled: ``loops.mean`` distinct layers, run once."""
+    from .scaling import dense_variants
+
+    return dense_variants(config_from_dict(copy.deepcopy(tree)))["flop_matched"]
 
 
 def train(tree: dict, overrides: list[str], out_dir: Path, progress: bool) -> tuple[torch.nn.Module, Trainer, dict]:
@@ -162,7 +173,8 @@ def guess_accuracy(task, size: int, problems: int, seed: int = 10_000) -> float:
 
 
 def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bool = True, log=print) -> dict:
-    """Train the RDT and the baseline, evaluate the size x loops grid, write ``NAME.json`` and ``NAME.png``."""
+    """Train the RDT, the baseline (and the unrolled model), evaluate the size x loops grid, write ``NAME.json`` and
+    ``NAME.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tree, baseline, ev = split_settings(tree, overrides)
@@ -172,6 +184,11 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
     t_rdt = time.perf_counter() - t0
     dense, dense_trainer, _ = train(tree, baseline, out_dir / "baseline", progress)
     t_dense = time.perf_counter() - t0 - t_rdt
+    unrolled = None
+    if ev.get("unrolled"):
+        unrolled_changes = unrolled_overrides(tree)
+        unrolled, unrolled_trainer, _ = train(tree, unrolled_changes, out_dir / "unrolled", progress)
+    t_unrolled = time.perf_counter() - t0 - t_rdt - t_dense
     params = sum(p.numel() for p in rdt.parameters())
     sizes, loops = list(ev["sizes"]), list(ev["loops"])
     args = (ev["problems"], ev.get("batch_size", 256))
@@ -188,6 +205,9 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
     dense_acc = [accuracy(dense, dense_trainer, task, s, 1, *args) for s in sizes]
     guess = [guess_accuracy(task, s, ev["problems"]) for s in sizes]
     log("  baseline      : " + " ".join(f"{a:.3f}" for a in dense_acc))
+    if unrolled is not None:
+        unrolled_acc = [accuracy(unrolled, unrolled_trainer, task, s, 1, *args) for s in sizes]
+        log("  unrolled      : " + " ".join(f"{a:.3f}" for a in unrolled_acc))
     log("  guess         : " + " ".join(f"{a:.3f}" for a in guess))
     best = {s: max(grid[str(n)][i] for n in loops) for i, s in enumerate(sizes)}
     result = {
@@ -201,6 +221,10 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
         "train_seconds": {"rdt": t_rdt, "baseline": t_dense}, "seconds": time.perf_counter() - t0,
         "device": str(rdt_trainer.device),
     }
+    if unrolled is not None:
+        result.update(unrolled_overrides=unrolled_changes, unrolled_accuracy=unrolled_acc,
+                      unrolled_params=sum(p.numel() for p in unrolled.parameters()))
+        result["train_seconds"]["unrolled"] = t_unrolled
     return result
 
 
@@ -224,6 +248,9 @@ def plot(result: dict, path: Path, size_label: str) -> Path:
         ax.plot(sizes, result["rdt_converged_accuracy"], "s-", color="black", lw=2,
                 label=f"RDT, stops when converged ({result['stop_patience']} unchanged loops)")
     ax.plot(sizes, result["baseline_accuracy"], "^--", color="tab:red", label="fixed depth, same parameters")
+    if "unrolled_accuracy" in result:
+        ax.plot(sizes, result["unrolled_accuracy"], "v--", color="tab:orange",
+                label=f"fixed depth, the loop unrolled ({result['settings']['loops']['mean']} loops' layers)")
     ax.plot(sizes, result["guess_accuracy"], "k:", label="guessing")
     ax.axvline(result["eval"]["train_max_size"], color="grey", ls="--", lw=1)
     ax.set_xlabel(f"{size_label} (dashed: largest trained)")

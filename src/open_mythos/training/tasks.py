@@ -23,6 +23,7 @@ import torch
 TASKS = {
     "khop": "open_mythos.experiments.khop:KHopTask",
     "prefix_sums": "open_mythos.experiments.prefix_sums:PrefixSumTask",
+    "phop": "open_mythos.experiments.phop:PHopTask",
 }
 
 
