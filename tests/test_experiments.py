@@ -228,6 +228,8 @@ class _Recorder(torch.nn.Module):
 @pytest.mark.parametrize("name, stem, keys", [
     ("khop", "khop", {"hop10_accuracy", "dense_hop10_accuracy"}),
     ("prefix-sums", "prefix_sums", {"extrapolation_accuracy", "paper_accuracy", "baseline_extrapolation_accuracy"}),
+    ("p-hop", "phop", {"extrapolation_accuracy", "paper_accuracy", "baseline_extrapolation_accuracy",
+                       "trained_loops_accuracy", "unrolled_extrapolation_accuracy"}),
 ])
 def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys):
     assert main(["experiment", name, "--out", str(tmp_path), "--set", "steps=4", "--no-progress"]) == 0
@@ -249,7 +251,7 @@ def test_experiment_settings_are_validated_before_training(tmp_path):
                        ("eval.loops=[]", "eval.loops"), ("eval.problems=0", "eval.problems"),
                        ("model.loop_output='act'", "loop_output")]:
         assert main(["experiment", "khop", "--out", str(tmp_path), "--set", bad]) == 2
-        for name in ("khop", "prefix_sums"):
+        for name in ("khop", "prefix_sums", "phop"):
             module = importlib.import_module(f"open_mythos.experiments.{name}")
             with pytest.raises(ValueError, match=match):
                 extrapolation.split_settings(module.PRESETS["cpu"], [bad])

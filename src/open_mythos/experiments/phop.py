@@ -47,7 +47,7 @@ class PHopTask:
     length: int = 128            # n, characters per problem (the sequence is n + 1 tokens with the hop-count token)
     max_hops: int = 16           # the largest p (sets the vocabulary: one hop-count token per p)
     train_min_hops: int = 1      # training problems (``batch``): p uniform in train_min_hops .. train_max_hops
-    train_max_hops: int = 16
+    train_max_hops: int = 0      # 0: max_hops
 
     def __post_init__(self) -> None:
         check_field_types(self, "task.")
@@ -58,6 +58,7 @@ class PHopTask:
         if self.length < self.max_hops + 2:
             raise ValueError(f"length ({self.length}) must be >= max_hops + 2 ({self.max_hops + 2}): each hop moves "
                              "at least one position back")
+        self.train_max_hops = self.train_max_hops or self.max_hops
         if not 1 <= self.train_min_hops <= self.train_max_hops <= self.max_hops:
             raise ValueError(f"need 1 <= train_min_hops <= train_max_hops <= max_hops, got {self.train_min_hops}, "
                              f"{self.train_max_hops}, {self.max_hops}")
