@@ -40,13 +40,14 @@ def test_every_target_is_the_slow_solvers_hop(alphabet, length, p):
 
 
 def test_mixed_hop_rows_and_training_draws():
-    task = PHopTask(alphabet=4, length=48, max_hops=8, train_min_hops=2, train_max_hops=5)
+    task = PHopTask(alphabet=4, length=48, max_hops=8)
     x, y = task.sample([1, 8, 3, 3, 7], random.Random(0))
     for row, target, p in zip(x.tolist(), y.tolist(), [1, 8, 3, 3, 7]):
         assert row[0] == task.hop_token(p)
         assert target[1:] == [task.none if (h := slow_hop(row[1:], t, p)) is None else h for t in range(48)]
+    task = PHopTask(alphabet=4, length=48, max_hops=5, train_min_hops=2)
     xb, yb = task.batch(200, random.Random(3), n_loops=2)
-    assert {int(t) - task.alphabet for t in xb[:, 0]} == {2, 3, 4, 5}
+    assert {int(t) - task.alphabet for t in xb[:, 0]} == {2, 3, 4, 5}  # p uniform in train_min_hops..max_hops
     xs, ys = task.batch(200, random.Random(3), None)  # n_loops does not change anything: no depth curriculum
     assert torch.equal(xb, xs) and torch.equal(yb, ys)
     assert not torch.equal(xb, task.batch(200, random.Random(4), None)[0])
@@ -64,8 +65,8 @@ def test_scoring_is_the_last_answer_and_guessing_is_one_over_the_alphabet():
 
 def test_bad_settings():
     for kwargs, match in [(dict(alphabet=1), "alphabet"), (dict(max_hops=0), "max_hops"),
-                          (dict(length=9, max_hops=8), "length"), (dict(train_max_hops=20), "train_"),
-                          (dict(train_min_hops=3, train_max_hops=2), "train_"), (dict(alphabet=4.0), "alphabet")]:
+                          (dict(length=9, max_hops=8), "length"), (dict(train_min_hops=0), "train_min_hops"),
+                          (dict(train_min_hops=17), "train_min_hops"), (dict(alphabet=4.0), "alphabet")]:
         with pytest.raises((ValueError, TypeError), match=match):
             PHopTask(**kwargs)
     with pytest.raises(ValueError, match="hops must be"):

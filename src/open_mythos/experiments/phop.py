@@ -46,8 +46,8 @@ class PHopTask:
     alphabet: int = 4            # letters; token ids 0 .. alphabet-1
     length: int = 128            # n, characters per problem (the sequence is n + 1 tokens with the hop-count token)
     max_hops: int = 16           # the largest p (sets the vocabulary: one hop-count token per p)
-    train_min_hops: int = 1      # training problems (``batch``): p uniform in train_min_hops .. train_max_hops
-    train_max_hops: int = 0      # 0: max_hops
+    train_min_hops: int = 1      # training problems (``batch``): p uniform in train_min_hops .. max_hops (every
+                                 # hop-count token is trained: a p never trained would be an untrained input token)
 
     def __post_init__(self) -> None:
         check_field_types(self, "task.")
@@ -58,10 +58,8 @@ class PHopTask:
         if self.length < self.max_hops + 2:
             raise ValueError(f"length ({self.length}) must be >= max_hops + 2 ({self.max_hops + 2}): each hop moves "
                              "at least one position back")
-        self.train_max_hops = self.train_max_hops or self.max_hops
-        if not 1 <= self.train_min_hops <= self.train_max_hops <= self.max_hops:
-            raise ValueError(f"need 1 <= train_min_hops <= train_max_hops <= max_hops, got {self.train_min_hops}, "
-                             f"{self.train_max_hops}, {self.max_hops}")
+        if not 1 <= self.train_min_hops <= self.max_hops:
+            raise ValueError(f"train_min_hops ({self.train_min_hops}) must be in [1, max_hops={self.max_hops}]")
 
     @property
     def none(self) -> int:
@@ -124,9 +122,9 @@ class PHopTask:
         return tokens, targets
 
     def batch(self, n: int, rng: random.Random, n_loops: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training problems, p uniform in train_min_hops..train_max_hops; every position supervised at every loop
+        """Training problems, p uniform in train_min_hops..max_hops; every position supervised at every loop
         count (``n_loops`` is not used: no depth curriculum)."""
-        return self.sample([rng.randint(self.train_min_hops, self.train_max_hops) for _ in range(n)], rng)
+        return self.sample([rng.randint(self.train_min_hops, self.max_hops) for _ in range(n)], rng)
 
     def eval_batch(self, hops: int, n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sample([hops] * n, rng)
@@ -154,7 +152,7 @@ def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, dev
         "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["mean"]],
         "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
                      "loops.warmup_steps=0"],
-        "eval": {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.train_max_hops, "unrolled": True,
+        "eval": {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.max_hops, "unrolled": True,
                  **eval_},
     }
 
@@ -163,12 +161,12 @@ def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, dev
 # loop (the library's recipe: an RDT learns content lookups at one loop and keeps them when looped, k-hop runs 8-9),
 # with the residual state (a resolved position persists across loops)
 PRESETS = {
-    "cpu": _tree(dict(alphabet=3, length=12, max_hops=3, train_max_hops=3),
+    "cpu": _tree(dict(alphabet=3, length=12, max_hops=3),
                  dict(dim=32, n_heads=2, n_kv_heads=2, n_experts=2, expert_dim=32, max_loop_iters=3),
                  steps=12, batch_size=16, device="cpu", compile_=False,
                  loops={"schedule": "fixed", "mean": 3, "min_sampled": 1, "max_sampled": 3, "warmup_steps": 4},
                  eval_={"loops": [1, 3, 6], "problems": 16, "batch_size": 16}),
-    "gpu": _tree(dict(alphabet=4, length=96, max_hops=16, train_max_hops=16),
+    "gpu": _tree(dict(alphabet=4, length=96, max_hops=16),
                  dict(dim=128, n_heads=4, n_kv_heads=4, n_experts=4, expert_dim=128, max_loop_iters=6),
                  steps=3000, batch_size=256, device="auto", compile_=True,
                  loops={"schedule": "fixed", "mean": 6, "min_sampled": 1, "max_sampled": 6, "warmup_steps": 300},
