@@ -114,10 +114,11 @@ class PHopTask:
                 break
             x[redo] = self.characters(int(redo.sum()), g)
             y[redo] = self.hops(x[redo], p[redo])
-        else:
-            raise ValueError(f"length {self.length} is too short: no {int(p[y[:, -1] == self.none].max())}-hop answer "
-                             f"at the last position in {MAX_REDRAWS} draws; raise length or lower max_hops")
-        tokens = torch.cat([(self.alphabet + p).unsqueeze(1), x], 1)
+        missing = y[:, -1] == self.none
+        if missing.any():
+            raise ValueError(f"length {self.length} is too short: no {int(p[missing].max())}-hop answer at the last "
+                             f"position in {MAX_REDRAWS} redraws; raise length or lower max_hops")
+        tokens = torch.cat([self.hop_token(p).unsqueeze(1), x], 1)
         targets = torch.cat([torch.full_like(p, IGNORE).unsqueeze(1), y], 1)
         return tokens, targets
 
