@@ -5,11 +5,12 @@
 #   phop_prog_s0:     the same with the progressive loss (Bansal et al. 2022) over up to 12 loops instead of 6 fixed
 # Run from the repository root:  OUT=<dir> bash benchmarks/results/h200/experiments/phop/call.sh
 # Writes ONE file, $OUT/results.tgz (each run's phop.json, phop.png, log, training records; no weights).
+# PROG=0 leaves out the progressive-loss run (two processes instead of three, if the three would not fit the call).
 # CPU check of this script: OUT=/tmp/o PRESET=cpu T=300 bash benchmarks/results/h200/experiments/phop/call.sh
 set -u
 export PYTHONPATH=src PYTHONUNBUFFERED=1
 PRESET=${PRESET:-gpu}
-T=${T:-555}                       # seconds per process (the call's limit is 600)
+T=${T:-540}                       # seconds per process (the call's limit is 600; the final tar needs a few)
 W=$(mktemp -d /tmp/phop.XXXX)
 mkdir -p "$OUT"
 { timeout 20 nvidia-smi --query-gpu=name,driver_version --format=csv; timeout 60 python -c "import torch,sys;print(torch.__version__, sys.version)"; } > $W/env.txt 2>&1
@@ -17,8 +18,8 @@ E="python -m open_mythos.cli experiment p-hop --preset $PRESET --no-progress"
 for s in 0 1; do
   timeout $T $E --set seed=$s --out $W/phop_s$s > $W/phop_s$s.log 2>&1 &
 done
-timeout $T $E --set seed=0 --set "loops.schedule='progressive'" --set loops.max_sampled=12 --set model.max_loop_iters=12 \
-  --out $W/phop_prog_s0 > $W/phop_prog_s0.log 2>&1 &
+[ "${PROG:-1}" = 1 ] && timeout $T $E --set seed=0 --set "loops.schedule='progressive'" --set loops.max_sampled=12 \
+  --set model.max_loop_iters=12 --out $W/phop_prog_s0 > $W/phop_prog_s0.log 2>&1 &
 pack() { (cd $W && timeout 60 tar czf $OUT/$1 --exclude='*.safetensors' --exclude='*.pt' --exclude='*checkpoint*' \
   --exclude='*.distcp' . 2>/dev/null); }
 ( while sleep 45; do timeout 10 nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader >> $W/gpu_util.txt 2>/dev/null
