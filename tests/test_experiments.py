@@ -337,3 +337,15 @@ def test_state_rms_by_loop_follows_the_recurrence(injection):
             h = model.iterate(h, e, t, rope)
             expected.append(float(h.pow(2).mean().sqrt()))
     assert rms == pytest.approx(expected, rel=1e-6)
+
+
+def test_evaluation_helpers_leave_the_models_mode_as_they_found_it():
+    task = PrefixSumTask(bits=6)
+    model = OpenMythos(tiny_config(vocab_size=2, max_seq_len=8, lora_rank=0))
+    trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    for training in (False, True):
+        model.train(training)
+        extrapolation.accuracy(model, trainer, task, 6, 2, 8, 8)
+        extrapolation.converged_accuracy(model, trainer, task, 6, 3, 1, 8, 8)
+        extrapolation.state_rms_by_loop(model, trainer, task, 6, 2, problems=4)
+        assert model.training is training

@@ -102,6 +102,7 @@ def accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int, n_loops:
              batch_size: int, seed: int = 10_000) -> float:
     """Exact match (``task.correct``) over ``problems`` evaluation problems of ``size``; the same
     problems for every model and loop count (their own seed, apart from training's)."""
+    was_training = model.training
     model.eval()
     rng = random.Random(seed + size)
     correct = 0
@@ -111,7 +112,7 @@ def accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int, n_loops:
         with trainer.autocast():
             logits = model(x, n_loops)
         correct += int(task.correct(logits.argmax(-1), y).sum())
-    model.train()
+    model.train(was_training)
     return correct / problems
 
 
@@ -124,6 +125,7 @@ def converged_accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int
     fixed point of the iteration is its own stopping signal). The problems are :func:`accuracy`'s.
 
     Returns (exact match, mean loops run per problem)."""
+    was_training = model.training
     model.eval()
     rng = random.Random(seed + size)
     correct, loops_run = 0, 0.0
@@ -148,7 +150,7 @@ def converged_accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int
                 prev = pred
         correct += int(task.correct(final, y).sum())
         loops_run += float(stop.sum())
-    model.train()
+    model.train(was_training)
     return correct / problems, loops_run / problems
 
 
@@ -159,11 +161,12 @@ def state_rms_by_loop(model: torch.nn.Module, trainer: Trainer, task, size: int,
 
     A diagnostic of the loop's dynamics: a state whose scale keeps growing (``injection="residual"``) lets later
     loops tell how many came before them, and shrinks the share of the injected input e in x_t = h_t + e."""
+    was_training = model.training
     model.eval()
     x, _ = task.eval_batch(size, problems, random.Random(seed + size))
     with trainer.autocast():
         rms = [float(h.float().pow(2).mean().sqrt()) for h, _ in logits_by_loop(model, x.to(trainer.device), max_loops)]
-    model.train()
+    model.train(was_training)
     return rms
 
 
