@@ -338,8 +338,9 @@ def build_parser() -> argparse.ArgumentParser:
                                "(docs/experiments.md)")
     p.add_argument("name", choices=["khop", "prefix-sums", "p-hop", "loops", "dense-vs-looped", "ablate"],
                    help="khop: k-hop extrapolation; prefix-sums: 32-bit to 512-bit prefix parity (Bansal et al. "
-                        "2022); p-hop: p-hop induction, 1 block looped 6 times vs once (Saunshi et al. 2025); loops: held-out loss vs loops; dense-vs-looped: looped vs parameter- and "
-                        "FLOP-matched fixed depth; ablate: the recurrence-recipe ablation")
+                        "2022); p-hop: p-hop induction, 1 block looped 6 times vs once (Saunshi et al. 2025); "
+                        "loops: held-out loss vs loops; dense-vs-looped: looped vs parameter- and FLOP-matched "
+                        "fixed depth; ablate: the recurrence-recipe ablation")
     p.add_argument("--rows", help="ablate: comma-separated row names (default: all; see experiments/ablate.py)")
     p.add_argument("--preset", choices=["cpu", "gpu"], default="cpu",
                    help="cpu: a smoke test in minutes (tiny models, too small to show the effect); "

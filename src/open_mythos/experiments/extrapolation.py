@@ -97,6 +97,11 @@ def train(tree: dict, overrides: list[str], out_dir: Path, progress: bool) -> tu
     return unwrap(trainer.model), trainer, summary
 
 
+def last_answer_correct(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per problem: is the scored answer, at the last position, exact? pred, targets (B, T) ids -> (B,) bool."""
+    return pred[:, -1] == targets[:, -1]
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int, n_loops: int, problems: int,
              batch_size: int, seed: int = 10_000) -> float:

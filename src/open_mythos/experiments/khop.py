@@ -140,10 +140,7 @@ class KHopTask:
     def eval_batch(self, hops: int, n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sample([hops] * n, rng)
 
-    @staticmethod
-    def correct(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per problem: is the scored answer (the k-hop chain's end, the last position) exact?"""
-        return pred[:, -1] == targets[:, -1]
+    correct = staticmethod(extrapolation.last_answer_correct)  # the k-hop chain's end, at the last position
 
     def guess(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Per problem, the expected exact match of guessing uniformly among the values that occur in

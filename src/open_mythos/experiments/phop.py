@@ -130,10 +130,7 @@ class PHopTask:
     def eval_batch(self, hops: int, n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         return self.sample([hops] * n, rng)
 
-    @staticmethod
-    def correct(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Per problem: is the last position's p-hop answer right?"""
-        return pred[:, -1] == targets[:, -1]
+    correct = staticmethod(extrapolation.last_answer_correct)  # the last position's p-hop answer
 
     def guess(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Guessing a letter uniformly: 1 / alphabet per problem."""
@@ -176,9 +173,9 @@ PRESETS = {
 
 
 def run(preset: str, out_dir: Path, overrides: list[str] = (), progress: bool = True, log=print) -> dict:
-    """Train the looped model, the same model run once and (``eval.unrolled``) L distinct layers on p-hop problems; writes
-    phop.json / phop.png. Report keys: ``extrapolation_accuracy`` (looped, best loop count, at the largest p) with
-    ``paper_accuracy`` beside it, ``trained_loops_accuracy`` (looped, at its training loop count ``loops.mean``),
+    """Train the looped model, the same model run once and (``eval.unrolled``) L distinct layers on p-hop
+    problems; writes phop.json / phop.png. Report keys: ``extrapolation_accuracy`` (looped, best loop count, at
+    the largest p) with ``paper_accuracy`` beside it, ``trained_loops_accuracy`` (looped, at its training loop count ``loops.mean``),
     ``baseline_extrapolation_accuracy`` (one pass) and ``unrolled_extrapolation_accuracy`` (L distinct layers)."""
     result = extrapolation.run("phop", PRESETS[preset], list(overrides), out_dir, progress, log)
     loops, trained = result["loops"], result["settings"]["loops"]["mean"]
