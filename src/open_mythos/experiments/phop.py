@@ -175,8 +175,9 @@ PRESETS = {
 def run(preset: str, out_dir: Path, overrides: list[str] = (), progress: bool = True, log=print) -> dict:
     """Train the looped model, the same model run once and (``eval.unrolled``) L distinct layers on p-hop
     problems; writes phop.json / phop.png. Report keys: ``extrapolation_accuracy`` (looped, best loop count, at
-    the largest p) with ``paper_accuracy`` beside it, ``trained_loops_accuracy`` (looped, at its training loop count ``loops.mean``),
-    ``baseline_extrapolation_accuracy`` (one pass) and ``unrolled_extrapolation_accuracy`` (L distinct layers)."""
+    the largest p) with ``paper_accuracy`` beside it, ``trained_loops_accuracy`` (looped, at its training loop
+    count ``loops.mean``), ``baseline_extrapolation_accuracy`` (one pass) and ``unrolled_extrapolation_accuracy``
+    (L distinct layers)."""
     result = extrapolation.run("phop", PRESETS[preset], list(overrides), out_dir, progress, log)
     loops, trained = result["loops"], result["settings"]["loops"]["mean"]
     result["extrapolation_size"] = result["sizes"][-1]
