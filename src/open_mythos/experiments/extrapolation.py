@@ -1,7 +1,8 @@
 """Easy-to-hard extrapolation: train on small problems, test on larger ones at more loops.
 
-Shared by the k-hop (``khop``) and prefix-sum (``prefix-sums``) experiments. Both train through the
-library's `Trainer` on a synthetic task (``data.source = "task"``, training/tasks.py):
+Shared by the k-hop (``khop``), prefix-sum (``prefix-sums``) and p-hop (``p-hop``) experiments, whose settings
+trees come from :func:`task_tree`. All train through the library's `Trainer` on a synthetic task
+(``data.source = "task"``, training/tasks.py):
 
 * the RDT, with the task's loop schedule (e.g. the progressive loss of Bansal et al. 2022);
 * a parameter-matched fixed-depth baseline: the same model run for one loop (Prelude + the block once
@@ -36,6 +37,26 @@ from ..training.loop import Trainer
 from ..training.tasks import build_task
 
 EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop_patience", "unrolled"}
+
+
+def task_tree(name: str, task, task_args: dict, model: dict, steps: int, batch_size: int, loops: dict, device: str,
+              compile_: bool, eval_: dict, data: dict | None = None) -> dict:
+    """An experiment's settings tree on synthetic task ``name`` (``task``: its built instance, for seq_len and
+    vocab_size): a small GQA RDT with one Prelude and one Coda layer, no LoRA and no loop embedding unless ``model``
+    says otherwise, the experiments' optimiser settings, and the fixed-depth baseline (one loop, every target
+    supervised). ``data`` adds data fields; ``eval_`` is the ``eval`` table."""
+    return {
+        "model": {"vocab_size": task.vocab_size, "max_seq_len": task.seq_len, "attn_type": "gqa",
+                  "rope_theta": 10_000.0, "prelude_layers": 1, "coda_layers": 1, "n_shared_experts": 1,
+                  "n_experts_per_tok": 2, "lora_rank": 0, "loop_embed_scale": 0.0, **model},
+        "data": {"source": "task", "task": name, "task_args": task_args, "seq_len": task.seq_len, **(data or {})},
+        "optim": {"muon_lr": 0.02, "adamw_lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
+        "loops": loops, "steps": steps, "batch_size": batch_size, "device": device, "compile": compile_,
+        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_sampled"]],
+        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
+                     "loops.warmup_steps=0", "data.task_by_loops=false"],
+        "eval": eval_,
+    }
 
 
 def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict]:

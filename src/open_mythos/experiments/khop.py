@@ -155,18 +155,9 @@ class KHopTask:
 def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, device: str, compile_: bool,
           eval_: dict) -> dict:
     t = KHopTask(**task)
-    return {
-        "model": {"vocab_size": t.vocab_size, "max_seq_len": t.seq_len, "attn_type": "gqa", "rope_theta": 10_000.0,
-                  "prelude_layers": 1, "coda_layers": 1, "n_shared_experts": 1, "n_experts_per_tok": 2,
-                  "lora_rank": 0, "loop_embed_scale": 0.0, **model},
-        "data": {"source": "task", "task": "khop", "task_args": task, "seq_len": t.seq_len},
-        "optim": {"muon_lr": 0.02, "adamw_lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
-        "loops": loops, "steps": steps, "batch_size": batch_size, "device": device, "compile": compile_,
-        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_sampled"]],
-        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
-                     "loops.warmup_steps=0", "data.task_by_loops=false"],
-        "eval": {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.train_max_hops, **eval_},
-    }
+    return extrapolation.task_tree("khop", t, task, model, steps, batch_size, loops, device, compile_,
+                                   {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.train_max_hops,
+                                    **eval_})
 
 
 # the progressive loss (Bansal et al. 2022) over up to 16 loops after 500 steps at one loop, with the residual

@@ -140,19 +140,12 @@ class PHopTask:
 def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, device: str, compile_: bool,
           eval_: dict) -> dict:
     t = PHopTask(**task)
-    return {
-        "model": {"vocab_size": t.vocab_size, "max_seq_len": t.seq_len, "attn_type": "gqa", "rope_theta": 10_000.0,
-                  "prelude_layers": 0, "coda_layers": 0, "n_shared_experts": 1, "n_experts_per_tok": 2,
-                  "lora_rank": 0, "loop_embed_scale": 0.0, "injection": "residual", **model},
-        "data": {"source": "task", "task": "phop", "task_args": task, "seq_len": t.seq_len, "task_by_loops": False},
-        "optim": {"muon_lr": 0.02, "adamw_lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
-        "loops": loops, "steps": steps, "batch_size": batch_size, "device": device, "compile": compile_,
-        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["mean"]],
-        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
-                     "loops.warmup_steps=0"],
-        "eval": {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.max_hops, "unrolled": True,
-                 **eval_},
-    }
+    return extrapolation.task_tree("phop", t, task,
+                                   {"prelude_layers": 0, "coda_layers": 0, "injection": "residual", **model},
+                                   steps, batch_size, loops, device, compile_,
+                                   {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.max_hops,
+                                    "unrolled": True, **eval_},
+                                   data={"task_by_loops": False})
 
 
 # one recurrent block looped L = 6 times, trained at 6 loops (the paper's 1 layer x 6 loops) after a warm-up at one

@@ -71,18 +71,9 @@ class PrefixSumTask:
 
 def _tree(bits: int, model: dict, steps: int, batch_size: int, loops: dict, device: str, compile_: bool,
           eval_: dict) -> dict:
-    return {
-        "model": {"vocab_size": 2, "max_seq_len": max(eval_["sizes"]), "attn_type": "gqa", "rope_theta": 10_000.0,
-                  "prelude_layers": 1, "coda_layers": 1, "n_shared_experts": 1, "n_experts_per_tok": 2,
-                  "lora_rank": 0, "loop_embed_scale": 0.0, "tie_word_embeddings": False, **model},
-        "data": {"source": "task", "task": "prefix_sums", "task_args": {"bits": bits}, "seq_len": bits},
-        "optim": {"muon_lr": 0.02, "adamw_lr": 3e-3, "warmup_steps": 100, "min_lr_ratio": 0.1},
-        "loops": loops, "steps": steps, "batch_size": batch_size, "device": device, "compile": compile_,
-        "log_every": 25, "eval_batches": 2, "sweep_loops": [1, loops["max_sampled"]],
-        "baseline": ["loops.schedule='fixed'", "loops.mean=1", "loops.min_sampled=1", "loops.max_sampled=1",
-                     "loops.warmup_steps=0", "data.task_by_loops=false"],
-        "eval": {"train_max_size": bits, **eval_},
-    }
+    return extrapolation.task_tree("prefix_sums", PrefixSumTask(bits), {"bits": bits},
+                                   {"max_seq_len": max(eval_["sizes"]), "tie_word_embeddings": False, **model},
+                                   steps, batch_size, loops, device, compile_, {"train_max_size": bits, **eval_})
 
 
 PRESETS = {
