@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from ..inference.exit import ExitRule
 from ..inference.stages import DecodeStages
 from ..model import OpenMythos
+from .perplexity import eval_mode
 
 
 def exit_loss(model: OpenMythos, ids: torch.Tensor, prompt_len: int, budget: int, rule: ExitRule,
@@ -33,12 +34,8 @@ def exit_loss(model: OpenMythos, ids: torch.Tensor, prompt_len: int, budget: int
     model's device, decoded with per-token exit ``rule`` and loop ``budget`` after a ``prompt_len``-token
     prefill (1 <= prompt_len <= T - 2; scored: tokens prompt_len+1 .. T-1). Runs in eval mode (no dropout, no
     MoE load counting); the model's mode is restored."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         return _exit_loss(model, ids, prompt_len, budget, rule, loop_policy)
-    finally:
-        model.train(was_training)
 
 
 @torch.inference_mode()

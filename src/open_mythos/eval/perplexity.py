@@ -1,4 +1,5 @@
-"""Held-out loss / perplexity, and its sweep over loop counts (the depth-extrapolation curve)."""
+"""Held-out loss / perplexity, and its sweep over loop counts (the depth-extrapolation curve); the helpers every
+evaluation shares (``eval_mode``, ``logits_by_loop``)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,18 @@ import torch
 from ..loss import IGNORE, lm_loss
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Within the context ``model`` is in eval mode (no dropout, no MoE load counting); its train/eval mode is
+    restored afterwards, also on an exception."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def logits_by_loop(model: torch.nn.Module, ids: torch.Tensor,
@@ -29,17 +42,15 @@ def logits_by_loop(model: torch.nn.Module, ids: torch.Tensor,
 def evaluate_loss(model: torch.nn.Module, batches: Sequence[Batch], n_loops: int, device: torch.device,
                   autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> float:
     """Token-weighted mean loss over ``batches`` at ``n_loops`` recurrent iterations."""
-    was_training = model.training
-    model.eval()
     total, count = 0.0, 0
-    for x, y in batches:
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            logits = model(x, n_loops)
-        n = int((y != IGNORE).sum())
-        total += lm_loss(logits, y).item() * n
-        count += n
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                logits = model(x, n_loops)
+            n = int((y != IGNORE).sum())
+            total += lm_loss(logits, y).item() * n
+            count += n
     return total / max(count, 1)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..checks import check_int
-from ..eval.perplexity import logits_by_loop
+from ..eval.perplexity import eval_mode, logits_by_loop
 from ..loss import IGNORE
 from ..training.config import apply_overrides, config_from_dict
 from ..training.distributed import unwrap
@@ -69,11 +69,6 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
     task's ValueError here, before any training."""
     tree = apply_overrides(copy.deepcopy(tree), list(overrides))
     data, model = tree.get("data", {}), tree.setdefault("model", {})
-    if data.get("source") == "task":
-        task = build_task(data["task"], data.get("task_args", {}))
-        data["seq_len"] = task.seq_len
-        model["max_seq_len"] = max(model.get("max_seq_len", 0), task.seq_len)
-        model["vocab_size"] = max(model.get("vocab_size", 0), task.vocab_size)
     evaluation, baseline = tree.pop("eval"), tree.pop("baseline")
     unknown = sorted(set(evaluation) - EVAL_KEYS)
     if unknown:
@@ -89,6 +84,10 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
         if key in evaluation:
             check_int(f"eval.{key}", evaluation[key], 1)
     if data.get("source") == "task":
+        task = build_task(data["task"], data.get("task_args", {}))
+        data["seq_len"] = task.seq_len
+        model["max_seq_len"] = max(model.get("max_seq_len", 0), task.seq_len)
+        model["vocab_size"] = max(model.get("vocab_size", 0), task.vocab_size)
         for size in evaluation["sizes"]:
             try:
                 x, _ = task.eval_batch(size, 1, random.Random(0))
@@ -123,22 +122,25 @@ def last_answer_correct(pred: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return pred[:, -1] == targets[:, -1]
 
 
+def eval_problems(task, size: int, problems: int, batch_size: int, seed: int, device: torch.device):
+    """The evaluation problems of ``size`` as (x, y) batches of at most ``batch_size`` on ``device``: the same
+    problems for every model and loop count (their own seed ``seed + size``, apart from training's)."""
+    rng = random.Random(seed + size)
+    for start in range(0, problems, batch_size):
+        x, y = task.eval_batch(size, min(batch_size, problems - start), rng)
+        yield x.to(device), y.to(device)
+
+
 @torch.no_grad()
 def accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int, n_loops: int, problems: int,
              batch_size: int, seed: int = 10_000) -> float:
-    """Exact match (``task.correct``) over ``problems`` evaluation problems of ``size``; the same
-    problems for every model and loop count (their own seed, apart from training's)."""
-    was_training = model.training
-    model.eval()
-    rng = random.Random(seed + size)
+    """Exact match (``task.correct``) over ``problems`` evaluation problems of ``size`` (:func:`eval_problems`)."""
     correct = 0
-    for start in range(0, problems, batch_size):
-        x, y = task.eval_batch(size, min(batch_size, problems - start), rng)
-        x, y = x.to(trainer.device), y.to(trainer.device)
-        with trainer.autocast():
-            logits = model(x, n_loops)
-        correct += int(task.correct(logits.argmax(-1), y).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in eval_problems(task, size, problems, batch_size, seed, trainer.device):
+            with trainer.autocast():
+                logits = model(x, n_loops)
+            correct += int(task.correct(logits.argmax(-1), y).sum())
     return correct / problems
 
 
@@ -151,32 +153,27 @@ def converged_accuracy(model: torch.nn.Module, trainer: Trainer, task, size: int
     fixed point of the iteration is its own stopping signal). The problems are :func:`accuracy`'s.
 
     Returns (exact match, mean loops run per problem)."""
-    was_training = model.training
-    model.eval()
-    rng = random.Random(seed + size)
     correct, loops_run = 0, 0.0
-    for start in range(0, problems, batch_size):
-        x, y = task.eval_batch(size, min(batch_size, problems - start), rng)
-        x, y = x.to(trainer.device), y.to(trainer.device)
-        answers = y != IGNORE
-        with trainer.autocast():
-            stable = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            stop = torch.full_like(stable, max_loops)
-            final = prev = None
-            for t, (_, logits) in enumerate(logits_by_loop(model, x, max_loops)):
-                pred = logits.argmax(-1)
-                if prev is None:
-                    final = pred.clone()
-                else:
-                    same = ((pred == prev) | ~answers).all(1)
-                    stable = torch.where(same, stable + 1, torch.zeros_like(stable))
-                running = stop == max_loops
-                final[running] = pred[running]
-                stop[running & (stable >= patience)] = t + 1
-                prev = pred
-        correct += int(task.correct(final, y).sum())
-        loops_run += float(stop.sum())
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in eval_problems(task, size, problems, batch_size, seed, trainer.device):
+            answers = y != IGNORE
+            with trainer.autocast():
+                stable = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+                stop = torch.full_like(stable, max_loops)
+                final = prev = None
+                for t, (_, logits) in enumerate(logits_by_loop(model, x, max_loops)):
+                    pred = logits.argmax(-1)
+                    if prev is None:
+                        final = pred.clone()
+                    else:
+                        same = ((pred == prev) | ~answers).all(1)
+                        stable = torch.where(same, stable + 1, torch.zeros_like(stable))
+                    running = stop == max_loops
+                    final[running] = pred[running]
+                    stop[running & (stable >= patience)] = t + 1
+                    prev = pred
+            correct += int(task.correct(final, y).sum())
+            loops_run += float(stop.sum())
     return correct / problems, loops_run / problems
 
 
@@ -187,13 +184,9 @@ def state_rms_by_loop(model: torch.nn.Module, trainer: Trainer, task, size: int,
 
     A diagnostic of the loop's dynamics: a state whose scale keeps growing (``injection="residual"``) lets later
     loops tell how many came before them, and shrinks the share of the injected input e in x_t = h_t + e."""
-    was_training = model.training
-    model.eval()
-    x, _ = task.eval_batch(size, problems, random.Random(seed + size))
-    with trainer.autocast():
-        rms = [float(h.float().pow(2).mean().sqrt()) for h, _ in logits_by_loop(model, x.to(trainer.device), max_loops)]
-    model.train(was_training)
-    return rms
+    (x, _), = eval_problems(task, size, problems, problems, seed, trainer.device)
+    with eval_mode(model), trainer.autocast():
+        return [float(h.float().pow(2).mean().sqrt()) for h, _ in logits_by_loop(model, x, max_loops)]
 
 
 def guess_accuracy(task, size: int, problems: int, seed: int = 10_000) -> float:

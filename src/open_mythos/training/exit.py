@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import check_field_types
-from ..eval.perplexity import logits_by_loop
+from ..eval.perplexity import eval_mode, logits_by_loop
 from ..loss import IGNORE
 from ..model import OpenMythos
 
@@ -131,17 +131,15 @@ def halting_unit_only(model: OpenMythos):
     unit's parameters require gradients; both are restored afterwards. Yields those parameters."""
     unit = list(model.recurrent.act.parameters())
     saved = [(p, p.requires_grad) for p in model.parameters()]
-    was_training = model.training
-    model.eval()
-    model.requires_grad_(False)
-    for p in unit:
-        p.requires_grad_(True)
-    try:
-        yield unit
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-        model.train(was_training)
+    with eval_mode(model):
+        model.requires_grad_(False)
+        for p in unit:
+            p.requires_grad_(True)
+        try:
+            yield unit
+        finally:
+            for p, flag in saved:
+                p.requires_grad_(flag)
 
 
 def train_exit(model: OpenMythos, batches: Iterator[Batch], cfg: ExitConfig, n_loops: int,
@@ -176,26 +174,23 @@ def exit_report(model: OpenMythos, batches: list[Batch], n_loops: int, margin: f
     from their own exit depths, is ``eval.early_exit.exit_loss``): loss at full
     depth D = ``n_loops``, loss and mean depth of the oracle d* and of the ``act`` rule at ``threshold``,
     and the objective."""
-    was_training = model.training
-    model.eval()
     sums = dict.fromkeys(("full_loss", "oracle_loss", "oracle_depth", "act_loss", "act_depth", "objective"), 0.0)
-    count = 0
-    for x, y in batches:
-        device = next(model.parameters()).device
-        x, y = x.to(device), y.to(device)
-        with autocast():
-            losses, states = loop_losses(model, x, y, n_loops)
-        mask = (y != IGNORE).float()
-        labels = exit_labels(losses, margin)
-        oracle = oracle_depth(labels)
-        with autocast():
-            act = act_depth(model.halting_prob(states).float(), threshold)
-        for key, value in (("full_loss", losses[-1]), ("oracle_loss", at_depth(losses, oracle)),
-                           ("oracle_depth", oracle), ("act_loss", at_depth(losses, act)), ("act_depth", act)):
-            sums[key] += float((value * mask).sum())
-        n = int(mask.sum())
-        sums["objective"] += float(exit_objective(model, states, labels, mask, autocast)) * n
-        count += n
-    model.train(was_training)
+    count, device = 0, next(model.parameters()).device
+    with eval_mode(model):
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast():
+                losses, states = loop_losses(model, x, y, n_loops)
+            mask = (y != IGNORE).float()
+            labels = exit_labels(losses, margin)
+            oracle = oracle_depth(labels)
+            with autocast():
+                act = act_depth(model.halting_prob(states).float(), threshold)
+            for key, value in (("full_loss", losses[-1]), ("oracle_loss", at_depth(losses, oracle)),
+                               ("oracle_depth", oracle), ("act_loss", at_depth(losses, act)), ("act_depth", act)):
+                sums[key] += float((value * mask).sum())
+            n = int(mask.sum())
+            sums["objective"] += float(exit_objective(model, states, labels, mask, autocast)) * n
+            count += n
     report = {k: v / max(count, 1) for k, v in sums.items()}
     return report | {"loops": n_loops, "margin": margin, "act_threshold": threshold, "tokens": count}
