@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import sys
@@ -156,35 +157,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# experiment name -> (module under experiments/, its entry point (preset, out_dir, overrides, progress=...))
+EXPERIMENTS = {"khop": ("khop", "run"), "prefix-sums": ("prefix_sums", "run"), "p-hop": ("phop", "run"),
+               "loops": ("scaling", "run_loops"), "dense-vs-looped": ("scaling", "run_dense_vs_looped")}
+
+
 def cmd_experiment(args: argparse.Namespace) -> int:
     if args.rows and args.name != "ablate":
         raise ValueError(f"--rows applies to ablate only (the recurrence-recipe rows), not to {args.name}")
     out = Path(args.out or f"runs/experiment-{args.name}-{args.preset}")
-    if args.name == "khop":
-        from .experiments.khop import run
-
-        run(args.preset, out, args.set, progress=not args.no_progress)
-    elif args.name == "prefix-sums":
-        from .experiments.prefix_sums import run
-
-        run(args.preset, out, args.set, progress=not args.no_progress)
-    elif args.name == "p-hop":
-        from .experiments.phop import run
-
-        run(args.preset, out, args.set, progress=not args.no_progress)
-    elif args.name == "loops":
-        from .experiments.scaling import run_loops
-
-        run_loops(args.preset, out, args.set, progress=not args.no_progress)
-    elif args.name == "ablate":
+    if args.name == "ablate":
         from .experiments.ablate import run_ablation
 
         run_ablation(args.preset, out, args.set, args.rows.split(",") if args.rows else None,
                      progress=not args.no_progress)
     else:
-        from .experiments.scaling import run_dense_vs_looped
-
-        run_dense_vs_looped(args.preset, out, args.set, progress=not args.no_progress)
+        module, entry = EXPERIMENTS[args.name]
+        run = getattr(importlib.import_module(f".experiments.{module}", __package__), entry)
+        run(args.preset, out, args.set, progress=not args.no_progress)
     print(f"results and plots in {out}")
     if args.preset == "cpu":  # next to the table it qualifies
         print("preset cpu: a smoke test of the pipeline (tiny models, minutes on a CPU); its numbers do not "
@@ -336,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_serve)
     p = add("experiment", help="evidence experiments: khop, prefix-sums, p-hop, loops, dense-vs-looped, ablate "
                                "(docs/experiments.md)")
-    p.add_argument("name", choices=["khop", "prefix-sums", "p-hop", "loops", "dense-vs-looped", "ablate"],
+    p.add_argument("name", choices=[*EXPERIMENTS, "ablate"],
                    help="khop: k-hop extrapolation; prefix-sums: 32-bit to 512-bit prefix parity (Bansal et al. "
                         "2022); p-hop: p-hop induction, 1 block looped 6 times vs once (Saunshi et al. 2025); "
                         "loops: held-out loss vs loops; dense-vs-looped: looped vs parameter- and FLOP-matched "
