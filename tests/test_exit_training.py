@@ -13,8 +13,9 @@ from open_mythos import OpenMythos
 from open_mythos.eval.early_exit import exit_loss
 from open_mythos.inference import ExitRule
 from open_mythos.training.config import load_config
-from open_mythos.training.exit import (ExitConfig, act_depth, exit_labels, exit_objective, exit_report, loop_losses,
-                                       oracle_depth, train_exit)
+from open_mythos.recurrence import act_depth
+from open_mythos.training.exit import (ExitConfig, exit_labels, exit_objective, exit_report, loop_losses, oracle_depth,
+                                       train_exit)
 from open_mythos.training.loop import Trainer
 from test_train import tiny_overrides
 

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from open_mythos import OpenMythos
 from open_mythos.layers import rope_angles
-from open_mythos.recurrence import ACTHalting, LTIInjection, loop_embeddings
+from open_mythos.recurrence import ACTHalting, LTIInjection, act_depth, loop_embeddings
 from open_mythos.training.speed import LoopRunner
 
 from conftest import tiny_config
@@ -63,6 +65,37 @@ def test_act_weights_sum_to_one_with_remainder():
         cum = cum + w
         weights.append(w.item())
     assert weights == pytest.approx([0.5, 0.3, 0.2, 0.0])
+
+
+PROBS = st.one_of(st.sampled_from([0.0, 0.125, 0.25, 0.5, 0.75, 1.0]), st.floats(0.0, 1.0, width=32))
+
+
+@given(st.integers(1, 6).flatmap(lambda D: st.lists(st.lists(PROBS, min_size=D, max_size=D), min_size=1, max_size=5)),
+       st.one_of(st.sampled_from([0.25, 0.5, 0.75, 0.99, 1.0]), st.floats(0.0625, 1.0, width=32)))
+@settings(max_examples=200, deadline=None)
+def test_act_depth_is_the_recurrent_blocks_halting_depth(probs, threshold):
+    """act_depth over p_1..p_D equals a loop-by-loop fp32 reference (first d with p_1 + ... + p_d >= threshold,
+    else D; exact ties included: the dyadic values sum exactly) and the depth the recurrent block's own ACT
+    bookkeeping (``halt``) counts when its halting unit returns these probabilities."""
+    p = torch.tensor(probs, dtype=torch.float32).T  # (D, positions)
+    D = p.shape[0]
+    reference = []
+    for column in p.T:
+        total, depth = torch.zeros((), dtype=torch.float32), D
+        for d in range(D):
+            total = total + column[d]
+            if total >= threshold:
+                depth = d + 1
+                break
+        reference.append(depth)
+    assert act_depth(p, threshold).tolist() == reference
+    block = OpenMythos(tiny_config(act_threshold=threshold)).recurrent
+    h = torch.zeros(p.shape[1], block.cfg.dim)
+    cum, depth = torch.zeros(p.shape[1]), torch.zeros(p.shape[1])
+    for t in range(D):
+        block.act.halting_prob = lambda _, t=t: p[t]
+        cum, depth, _ = block.halt(h, cum, depth, None, is_last=t == D - 1)
+    assert depth.long().tolist() == reference
 
 
 @pytest.mark.parametrize("loop_output", ["act", "final"])

@@ -76,11 +76,28 @@ class ResidualInjection(nn.Module):
         return h + transformer_out
 
 
+def act_halted(p_sum: torch.Tensor, threshold: float | torch.Tensor) -> torch.Tensor:
+    """The ACT halting rule (Graves 2016), the one copy the model, the engine's ``act`` exit and the exit
+    training apply: a position has halted once the sum of its halting probabilities so far reaches the
+    threshold, sum_{j<=d} p_j >= threshold. ``p_sum``: that sum per position; ``threshold``: a float, or a
+    tensor broadcasting against ``p_sum`` (the engine's per-row thresholds, inf: never). Bool, ``p_sum``'s
+    shape."""
+    return p_sum >= threshold
+
+
+def act_depth(probs: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The ACT halting depth (...) from halting probabilities p_1..p_D (D, ...): the first depth d in 1..D at
+    which :func:`act_halted` holds, or D (the budget) where none does. Long."""
+    halted = act_halted(probs.cumsum(0), threshold)
+    halted[-1] = True
+    return halted.float().argmax(0) + 1
+
+
 class ACTHalting(nn.Module):
     """Adaptive Computation Time (Graves 2016): p_t = sigmoid(w . h_t + b) per position.
 
-    A position halts at the first loop where its cumulative p reaches ``threshold``; its weight
-    there is the *remainder* 1 - sum of earlier p, so the weights over loops sum to exactly 1.
+    A position halts at the first loop where its cumulative p reaches ``threshold`` (:func:`act_halted`); its
+    weight there is the *remainder* 1 - sum of earlier p, so the weights over loops sum to exactly 1.
     """
 
     def __init__(self, dim: int, threshold: float):
@@ -114,10 +131,10 @@ class ACTHalting(nn.Module):
         last: True / False for every position, or a bool tensor (shape of ``cum``) marking the
         positions whose final loop this is (the inference engine's per-token budgets).
         The caller adds w_t to ``cum``: the weights over loops sum to exactly 1."""
-        running = cum < self.threshold
+        running = ~act_halted(cum, self.threshold)
         if last is True:
             return torch.where(running, 1.0 - cum, torch.zeros_like(cum))
-        halts = running & (cum + p >= self.threshold)
+        halts = running & act_halted(cum + p, self.threshold)
         if last is not False:
             halts = halts | (running & last)
         return torch.where(halts, 1.0 - cum, torch.where(running, p, torch.zeros_like(p)))
@@ -248,7 +265,7 @@ class RecurrentBlock(nn.Module):
         cum += w_t; mixture += w_t h_t (``loop_output="act"``). Returns (cum, depth, mixture).
 
         With ``loop_output="final"`` the weights only measure depth: no gradient flows through them."""
-        depth = depth + (cum < self.act.threshold).float()
+        depth = depth + (~act_halted(cum, self.act.threshold)).float()
         p = None if is_last else self.act.halting_prob(h if mixture is not None else h.detach())
         weight = self.act.weight(p, cum, is_last)
         if mixture is not None:

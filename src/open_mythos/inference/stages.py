@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..model import OpenMythos
+from ..recurrence import act_halted
 from .exit import ExitRule
 from .rows import RowKVCache
 
@@ -147,7 +148,7 @@ class DecodeStages:
         p = model.halting_prob(h_new)
         psum = self.psum[rows] + p
         rel = (h_new - h).float().norm(dim=-1) / h_new.float().norm(dim=-1).clamp_min(1e-12)
-        exit_now = (psum >= self.act_thr[rows]) | ((t > 0) & (rel < self.rel_tol[rows]))
+        exit_now = act_halted(psum, self.act_thr[rows]) | ((t > 0) & (rel < self.rel_tol[rows]))
         if probe:  # output distribution if the token exited now
             out = self._output_state(rows, h_new, p, last=torch.ones_like(running))[0]
             logits = self._coda_logits(rows, pos, out, running)

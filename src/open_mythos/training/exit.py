@@ -2,7 +2,7 @@
 
 With ``loop_output="final"`` the LM loss reads only the last state h_D, so the halting unit
 p_d = sigmoid(w . h_d + b) (``OpenMythos.halting_prob``) gets no gradient and the engine's ``act`` exit rule
-(exit at the first depth d where sum_{j<=d} p_j >= threshold, inference/exit.py) means nothing. This
+(exit at the first depth d where sum_{j<=d} p_j >= threshold: ``recurrence.act_halted``) means nothing. This
 module gives the unit a target in a separate short phase on the frozen language model
 (``TrainConfig.exit``, run by the Trainer after the last step; docs/training.md).
 
@@ -44,6 +44,7 @@ from ..config import check_field_types
 from ..eval.perplexity import eval_mode, logits_by_loop
 from ..loss import IGNORE
 from ..model import OpenMythos
+from ..recurrence import act_depth
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -96,14 +97,6 @@ def exit_labels(losses: torch.Tensor, margin: float) -> torch.Tensor:
 def oracle_depth(labels: torch.Tensor) -> torch.Tensor:
     """d* (...) of halt labels (D, ...): the first depth labelled 1 (labels end in 1: d* <= D)."""
     return labels.shape[0] - labels.sum(0) + 1
-
-
-def act_depth(probs: torch.Tensor, threshold: float) -> torch.Tensor:
-    """The ``act`` rule's exit depth (...) from halting probabilities p_1..p_D (D, ...): the first d with
-    sum_{j<=d} p_j >= threshold, or D (the budget)."""
-    crossed = probs.cumsum(0) >= threshold
-    crossed[-1] = True
-    return crossed.float().argmax(0) + 1
 
 
 def at_depth(values: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
