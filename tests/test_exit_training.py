@@ -96,6 +96,32 @@ def test_trained_exit_leaves_early_where_more_loops_do_not_help():
     assert exit_report(model, [(x, y)], 6, 0.0, 0.9)["act_depth"] == 1
 
 
+def test_exit_report_runs_the_halting_unit_once_per_batch_and_equals_the_separate_computations():
+    """exit_report reads p_d and the objective from one halting-unit pass per batch; its act depth, act loss and
+    objective equal act_depth(halting_prob(states)) and exit_objective(states) computed separately."""
+    model = OpenMythos(tiny_config()).eval()
+    torch.nn.init.normal_(model.recurrent.act.proj.weight, std=0.5)
+    batches = [_batch(seed=0), _batch(seed=1, T=9)]
+    calls = []
+    model.recurrent.act.proj.register_forward_hook(lambda *_: calls.append(1))
+    report = exit_report(model, batches, 4, 0.01, 0.9)
+    assert len(calls) == len(batches)
+    sums, count = {"act_depth": 0.0, "act_loss": 0.0, "objective": 0.0}, 0
+    for x, y in batches:
+        losses, states = loop_losses(model, x, y, 4)
+        mask = (y != -100).float()
+        with torch.no_grad():
+            depth = act_depth(model.halting_prob(states), 0.9)
+            objective = float(exit_objective(model, states, exit_labels(losses, 0.01), mask))
+        sums["act_depth"] += float((depth * mask).sum())
+        sums["act_loss"] += float((losses.gather(0, depth[None] - 1)[0] * mask).sum())
+        sums["objective"] += objective * int(mask.sum())
+        count += int(mask.sum())
+    for key, total in sums.items():
+        assert report[key] == pytest.approx(total / count, rel=1e-6), key
+    assert report["tokens"] == count
+
+
 def test_trainer_exit_phase(tmp_path):
     cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "exit.steps=4", "exit.loops=3"))
     summary = Trainer(cfg, progress=False).train()

@@ -114,6 +114,12 @@ def exit_objective(model: OpenMythos, states: torch.Tensor, labels: torch.Tensor
     recover)."""
     with autocast():
         logits = model.halting_logit(states.detach())
+    return exit_bce(logits, labels, mask)
+
+
+def exit_bce(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """:func:`exit_objective` from the halting logits (D, B, T) of the states: mean BCE over depths and the
+    tokens in ``mask`` (B, T)."""
     bce = F.binary_cross_entropy_with_logits(logits.float(), labels, reduction="none")
     return (bce * mask).sum() / (mask.sum() * labels.shape[0]).clamp_min(1)
 
@@ -177,13 +183,14 @@ def exit_report(model: OpenMythos, batches: list[Batch], n_loops: int, margin: f
             mask = (y != IGNORE).float()
             labels = exit_labels(losses, margin)
             oracle = oracle_depth(labels)
-            with autocast():
-                act = act_depth(model.halting_prob(states).float(), threshold)
+            with autocast():  # the halting unit once: p_d for the act rule, its logit for the objective
+                logits = model.halting_logit(states)
+            act = act_depth(torch.sigmoid(logits), threshold)
             for key, value in (("full_loss", losses[-1]), ("oracle_loss", at_depth(losses, oracle)),
                                ("oracle_depth", oracle), ("act_loss", at_depth(losses, act)), ("act_depth", act)):
                 sums[key] += float((value * mask).sum())
             n = int(mask.sum())
-            sums["objective"] += float(exit_objective(model, states, labels, mask, autocast)) * n
+            sums["objective"] += float(exit_bce(logits, labels, mask)) * n
             count += n
     report = {k: v / max(count, 1) for k, v in sums.items()}
     return report | {"loops": n_loops, "margin": margin, "act_threshold": threshold, "tokens": count}
