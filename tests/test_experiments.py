@@ -15,6 +15,7 @@ import torch
 from open_mythos import OpenMythos
 from open_mythos.cli import main
 from open_mythos.config import MythosConfig
+from open_mythos.eval.perplexity import logits_by_loop
 from open_mythos.experiments.baselines import DenseTransformer, matched_dense_layers
 from open_mythos.experiments import extrapolation
 from open_mythos.experiments.extrapolation import converged_accuracy
@@ -323,12 +324,19 @@ def test_converged_stop_equals_a_loop_by_loop_reference(patience):
 
 @pytest.mark.parametrize("injection", ["lti", "residual"])
 def test_state_rms_by_loop_follows_the_recurrence(injection):
-    """The diagnostic's RMS of h_t equals the state walked by hand through the stage API, t = 1..5."""
+    """The diagnostic's RMS of h_t equals the state walked by hand through the stage API, t = 1..5, and the states
+    of logits_by_loop (its former path); it never runs the Coda and LM head."""
     task = PrefixSumTask(bits=6)
     model = OpenMythos(tiny_config(vocab_size=2, max_seq_len=8, lora_rank=0, injection=injection)).eval()
     trainer = SimpleNamespace(device=torch.device("cpu"), autocast=contextlib.nullcontext)
+    coda_calls = []
+    hook = model.head.register_forward_hook(lambda *_: coda_calls.append(1))
     rms = extrapolation.state_rms_by_loop(model, trainer, task, 6, 5, problems=8)
+    hook.remove()
+    assert not coda_calls
     x, _ = task.eval_batch(6, 8, random.Random(20_000 + 6))
+    with torch.no_grad():
+        assert rms == [float(h.float().pow(2).mean().sqrt()) for h, _ in logits_by_loop(model, x, 5)]
     with torch.no_grad():
         rope = model.rope(torch.arange(6))
         e = model.embed_prelude(x, rope)

@@ -1,5 +1,5 @@
 """Held-out loss / perplexity, and its sweep over loop counts (the depth-extrapolation curve); the helpers every
-evaluation shares (``eval_mode``, ``logits_by_loop``)."""
+evaluation shares (``eval_mode``, ``states_by_loop``, ``logits_by_loop``)."""
 
 from __future__ import annotations
 
@@ -26,15 +26,24 @@ def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         model.train(was_training)
 
 
-def logits_by_loop(model: torch.nn.Module, ids: torch.Tensor,
-                   n_loops: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(h_t, logits_t) for t = 1..n_loops from one pass through the loop, the Coda read after every iteration:
-    states (B, T, dim), logits (B, T, vocab); logits_t equals ``model(ids, t)`` (``loop_output="final"``)."""
+def states_by_loop(model: torch.nn.Module, ids: torch.Tensor, n_loops: int) -> Iterator[torch.Tensor]:
+    """The recurrent states h_t (B, T, dim) for t = 1..n_loops of ids (B, T), from one pass through the loop
+    (Prelude once, no Coda)."""
     rope = model.rope(torch.arange(ids.shape[1], device=ids.device))
     e = model.embed_prelude(ids, rope)
     h = model.initial_state(e)
     for t in range(n_loops):
         h = model.iterate(h, e, t, rope)
+        yield h
+
+
+def logits_by_loop(model: torch.nn.Module, ids: torch.Tensor,
+                   n_loops: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(h_t, logits_t) for t = 1..n_loops from one pass through the loop (:func:`states_by_loop`), the Coda read
+    after every iteration: states (B, T, dim), logits (B, T, vocab); logits_t equals ``model(ids, t)``
+    (``loop_output="final"``)."""
+    rope = model.rope(torch.arange(ids.shape[1], device=ids.device))
+    for h in states_by_loop(model, ids, n_loops):
         yield h, model.coda_logits(model.readout(h), rope)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from ..checks import check_int
-from ..eval.perplexity import eval_mode, logits_by_loop
+from ..eval.perplexity import eval_mode, logits_by_loop, states_by_loop
 from ..loss import IGNORE
 from ..training.config import apply_overrides, config_from_dict
 from ..training.distributed import unwrap
@@ -186,7 +186,7 @@ def state_rms_by_loop(model: torch.nn.Module, trainer: Trainer, task, size: int,
     loops tell how many came before them, and shrinks the share of the injected input e in x_t = h_t + e."""
     (x, _), = eval_problems(task, size, problems, problems, seed, trainer.device)
     with eval_mode(model), trainer.autocast():
-        return [float(h.float().pow(2).mean().sqrt()) for h, _ in logits_by_loop(model, x, max_loops)]
+        return [float(h.float().pow(2).mean().sqrt()) for h in states_by_loop(model, x, max_loops)]
 
 
 def guess_accuracy(task, size: int, problems: int, seed: int = 10_000) -> float:
