@@ -22,6 +22,7 @@ from open_mythos.experiments.extrapolation import converged_accuracy
 from open_mythos.experiments.khop import IGNORE, N_SPECIAL, QUERY, SEMI, KHopTask
 from open_mythos.experiments.prefix_sums import PrefixSumTask
 from open_mythos.experiments.scaling import fit_saturating_exponential
+from open_mythos.training.tasks import build_task
 
 from conftest import tiny_config
 
@@ -232,7 +233,9 @@ class _Recorder(torch.nn.Module):
     ("p-hop", "phop", {"extrapolation_accuracy", "paper_accuracy", "baseline_extrapolation_accuracy",
                        "trained_loops_accuracy", "unrolled_extrapolation_accuracy"}),
 ])
-def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys):
+def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys, monkeypatch):
+    builds = []
+    monkeypatch.setattr(extrapolation, "build_task", lambda *a: builds.append(a) or build_task(*a))
     assert main(["experiment", name, "--out", str(tmp_path), "--set", "steps=4", "--no-progress"]) == 0
     r = json.loads((tmp_path / f"{stem}.json").read_text())
     assert keys | {"overthinking", "rdt_accuracy", "baseline_accuracy", "guess_accuracy"} <= set(r)
@@ -244,13 +247,14 @@ def test_extrapolation_cpu_presets_end_to_end(tmp_path, name, stem, keys):
     assert r["overthinking"]["accuracy"] == grid[-1][-1] and (tmp_path / f"{stem}.png").stat().st_size > 0
     assert r["settings"]["steps"] == 4 and r["settings"]["data"]["source"] == "task"
     assert len(r["rdt_state_rms_by_loop"]) == max(r["loops"]) and all(v > 0 for v in r["rdt_state_rms_by_loop"])
+    assert len(builds) == 1  # the experiment builds its task once (split_settings) and evaluates on that one
 
 
 def test_experiment_settings_are_validated_before_training(tmp_path):
     for bad, match in [("eval.bogus=1", "eval.bogus"), ("bogus=1", "bogus"), ("loops.schedule='nope'", "schedule"),
                        ("data.task='nope'", "data.task"), ("eval.stop_patience=0", "eval.stop_patience"),
                        ("eval.loops=[]", "eval.loops"), ("eval.problems=0", "eval.problems"),
-                       ("model.loop_output='act'", "loop_output")]:
+                       ("model.loop_output='act'", "loop_output"), ("data.source='shakespeare'", "data.source")]:
         assert main(["experiment", "khop", "--out", str(tmp_path), "--set", bad]) == 2
         for name in ("khop", "prefix_sums", "phop"):
             module = importlib.import_module(f"open_mythos.experiments.{name}")
@@ -268,24 +272,25 @@ def test_eval_sizes_the_task_cannot_make_fail_before_training(tmp_path):
     from open_mythos.experiments.khop import PRESETS
     with pytest.raises(ValueError, match=r"eval.sizes entry 7: hops must be in \[1, 6\]"):
         extrapolation.split_settings(PRESETS["cpu"], [bad])
-    tree, _, ev = extrapolation.split_settings(PRESETS["cpu"], [bad, "eval.sizes=[1, 6]"])
+    tree, _, ev, _ = extrapolation.split_settings(PRESETS["cpu"], [bad, "eval.sizes=[1, 6]"])
     assert ev["sizes"] == [1, 6]
 
 
 def test_the_model_fits_the_longest_evaluated_problem():
     """Prefix sums are trained on short strings and tested on long ones: model.max_seq_len covers the longest."""
     from open_mythos.experiments.prefix_sums import PRESETS
-    tree, _, ev = extrapolation.split_settings(PRESETS["cpu"], ["model.max_seq_len=8", "eval.sizes=[4, 100]"])
+    tree, _, ev, _ = extrapolation.split_settings(PRESETS["cpu"], ["model.max_seq_len=8", "eval.sizes=[4, 100]"])
     assert tree["model"]["max_seq_len"] == 100 and tree["data"]["seq_len"] < 100
 
 
 def test_task_arguments_set_the_sequence_length_and_vocabulary():
     """A larger k-hop problem (20 statements, 32 variables) needs no other override: the tree that training gets
-    has the task's seq_len and a vocabulary that holds its ids; the preset's own shape is left as it was."""
+    has the task's seq_len and a vocabulary that holds its ids, and the task returned beside it is the one the tree
+    describes; the preset's own shape is left as it was."""
     from open_mythos.experiments.khop import PRESETS
-    tree, _, _ = extrapolation.split_settings(PRESETS["gpu"], ["data.task_args.statements=20",
-                                                               "data.task_args.n_vars=32"])
-    task = KHopTask(**tree["data"]["task_args"])
+    tree, _, _, task = extrapolation.split_settings(PRESETS["gpu"], ["data.task_args.statements=20",
+                                                                     "data.task_args.n_vars=32"])
+    assert task == KHopTask(**tree["data"]["task_args"])
     assert (task.seq_len, task.vocab_size) == (3 * 20 + 2 * 6, 2 + 8 + 32)
     assert tree["data"]["seq_len"] == tree["model"]["max_seq_len"] == task.seq_len
     assert tree["model"]["vocab_size"] == task.vocab_size

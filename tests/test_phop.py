@@ -78,7 +78,7 @@ def test_bad_settings():
 
 
 def test_the_unrolled_baseline_is_the_loop_as_distinct_layers_run_once():
-    tree, baseline, ev = extrapolation.split_settings(PRESETS["gpu"], [])
+    tree, baseline, ev, _ = extrapolation.split_settings(PRESETS["gpu"], [])
     assert ev["unrolled"] and tree["model"]["prelude_layers"] == tree["model"]["coda_layers"] == 0
     changes = extrapolation.unrolled_overrides(tree)
     cfg = config_from_dict(apply_overrides(copy.deepcopy(tree), changes))

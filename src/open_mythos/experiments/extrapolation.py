@@ -34,7 +34,7 @@ from ..loss import IGNORE
 from ..training.config import apply_overrides, config_from_dict
 from ..training.distributed import unwrap
 from ..training.loop import Trainer
-from ..training.tasks import build_task
+from ..training.tasks import Task, build_task
 
 EVAL_KEYS = {"sizes", "loops", "problems", "train_max_size", "batch_size", "stop_patience", "unrolled"}
 
@@ -59,8 +59,9 @@ def task_tree(name: str, task, task_args: dict, model: dict, steps: int, batch_s
     }
 
 
-def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict]:
-    """(RDT TrainConfig tree, baseline overrides, eval settings) of an experiment after ``overrides``.
+def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], dict, Task]:
+    """(RDT TrainConfig tree, baseline overrides, eval settings, the built task) of an experiment after
+    ``overrides``; ``data.source`` must be ``"task"``.
 
     The sequence length and vocabulary follow the task's arguments: ``data.seq_len`` is set to the task's (an
     override of it is replaced), ``model.max_seq_len`` and ``model.vocab_size`` are raised to the task's where
@@ -83,24 +84,25 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
     for key in ("problems", "batch_size", "stop_patience", "train_max_size"):
         if key in evaluation:
             check_int(f"eval.{key}", evaluation[key], 1)
-    if data.get("source") == "task":
-        task = build_task(data["task"], data.get("task_args", {}))
-        data["seq_len"] = task.seq_len
-        model["max_seq_len"] = max(model.get("max_seq_len", 0), task.seq_len)
-        model["vocab_size"] = max(model.get("vocab_size", 0), task.vocab_size)
-        for size in evaluation["sizes"]:
-            try:
-                x, _ = task.eval_batch(size, 1, random.Random(0))
-            except ValueError as err:
-                raise ValueError(f"eval.sizes entry {size}: {err}") from None
-            model["max_seq_len"] = max(model["max_seq_len"], x.shape[1])
+    if data.get("source") != "task":
+        raise ValueError(f"data.source must be 'task' in an extrapolation experiment, got {data.get('source')!r}")
+    task = build_task(data["task"], data.get("task_args", {}))
+    data["seq_len"] = task.seq_len
+    model["max_seq_len"] = max(model.get("max_seq_len", 0), task.seq_len)
+    model["vocab_size"] = max(model.get("vocab_size", 0), task.vocab_size)
+    for size in evaluation["sizes"]:
+        try:
+            x, _ = task.eval_batch(size, 1, random.Random(0))
+        except ValueError as err:
+            raise ValueError(f"eval.sizes entry {size}: {err}") from None
+        model["max_seq_len"] = max(model["max_seq_len"], x.shape[1])
     if model.get("loop_output", "final") != "final":
         raise ValueError("model.loop_output must be 'final' here: the stopping rule and the loop-count grid read "
                          "the last loop's state")
     if not isinstance(evaluation.get("unrolled", False), bool):
         raise ValueError(f"eval.unrolled must be true or false, got {evaluation['unrolled']!r}")
     config_from_dict(copy.deepcopy(tree))  # validate now, before any training
-    return tree, baseline, evaluation
+    return tree, baseline, evaluation, task
 
 
 def unrolled_overrides(tree: dict) -> list[str]:
@@ -199,8 +201,7 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
     ``NAME.png``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree, baseline, ev = split_settings(tree, overrides)
-    task = build_task(tree["data"]["task"], tree["data"].get("task_args", {}))
+    tree, baseline, ev, task = split_settings(tree, overrides)
     t0 = time.perf_counter()
     rdt, rdt_trainer, _ = train(tree, [], out_dir / "rdt", progress)
     t_rdt = time.perf_counter() - t0
