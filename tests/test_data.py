@@ -1,10 +1,14 @@
 import json
+import warnings
 
 import pytest
 import torch
 
 from open_mythos import ByteTokenizer
-from open_mythos.training.data import DataConfig, PackedLoader, StreamingLoader, pack_documents, read_documents
+from open_mythos.tokenizer import load_tokenizer
+from open_mythos.training.config import load_config
+from open_mythos.training.data import (DataConfig, PackedLoader, StreamingLoader, pack_documents, read_documents,
+                                       shipped_corpus, split_tokens)
 
 
 @pytest.fixture
@@ -69,6 +73,20 @@ def test_held_out_split_of_one_document_is_its_tail_with_a_warning():
     with pytest.warns(UserWarning, match="one document: its last 2 tokens are held out"):
         train, val = pack_documents(["abcdefghij"], tok, val_fraction=0.2)
     assert train.tolist() == [*b"abcdefgh", eos] and val.tolist() == [*b"ij", eos]
+
+
+def test_the_shakespeare_tiny_preset_holds_out_one_whole_play_without_a_warning():
+    """The preset's val_fraction states the split the six shipped plays allow: one play (19.7% of the bytes), the
+    same split the default 0.05 made with a warning that it overshot."""
+    cfg = load_config("shakespeare-tiny").data
+    tok = load_tokenizer(cfg.tokenizer)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train, val = split_tokens(cfg, tok)
+    with pytest.warns(UserWarning, match=r"held out 1 of 6 whole documents, 19\.7% of the tokens"):
+        ref_train, ref_val = pack_documents(read_documents(shipped_corpus()), tok, 0.05)
+    assert torch.equal(train, ref_train) and torch.equal(val, ref_val)
+    assert tok.decode(val[:-1].tolist()) in list(read_documents(shipped_corpus()))  # one whole play
 
 
 def test_held_out_split_warns_when_few_long_documents_overshoot():
