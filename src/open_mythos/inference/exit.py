@@ -5,7 +5,7 @@ request's ``n_loops`` budget, or when its rule fires:
 
 * ``"none"``:       never early: every token runs the full budget (the model's own forward).
 * ``"act"``:        ACT: the cumulative halting probability sum_t sigmoid(w . h_t + b) reaches
-                    ``threshold`` (default: the config's ``act_threshold``).
+                    ``threshold`` (default: the config's ``act_threshold``); ``recurrence.act_halted``.
 * ``"rel_change"``: the state stops changing: ||h_{t+1} - h_t|| / ||h_{t+1}|| < ``threshold``
                     (default 1e-2); needs d >= 2.
 * ``"kl"``:         successive output distributions agree: KL(p_{t+1} || p_t) < ``threshold`` nats
