@@ -40,6 +40,7 @@ ROWS: dict[str, Row] = {
     "state_random": lambda c: ["model.state_init='random'"],
     "init_loops_1": lambda c: ["model.init_loops=1"],
     "no_out_norm": lambda c: ["model.loop_out_norm=false"],
+    "state_norm": lambda c: ["model.state_norm=true"],
     "lora_0": lambda c: ["model.lora_rank=0"],
     "dense_ffn": lambda c: ["model.recurrent_ffn='dense'"],
     "lr_half": lambda c: [f"optim.muon_lr={c.optim.muon_lr / 2}", f"optim.adamw_lr={c.optim.adamw_lr / 2}"],
