@@ -99,3 +99,21 @@ def _byte_dir(tmp_path_factory):
         directory.mkdir()
         save_tokenizer_name(directory, "byte")
     return directory
+
+
+def test_auto_model_starts_with_no_expert_load_counted(tmp_path):
+    """transformers builds the model on the meta device and gives non-persistent buffers uninitialised memory:
+    the MoE's load counter (what update_router_bias reads, possibly NaN) must start at zero as in OpenMythos."""
+    import open_mythos.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    from open_mythos.moe import MoE
+
+    model = OpenMythos(tiny_config())
+    model.save_pretrained(tmp_path)
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path)
+    loads = [m.expert_load for m in hf.modules() if isinstance(m, MoE)]
+    assert loads and all(torch.equal(load, torch.zeros_like(load)) for load in loads)
+    bias = {name: b.clone() for name, b in hf.named_buffers() if name.endswith("router_bias")}
+    hf.model.update_router_bias()  # no tokens counted: no change
+    assert all(torch.equal(b, dict(hf.named_buffers())[name]) for name, b in bias.items())

@@ -24,6 +24,7 @@ from open_mythos.config import MythosConfig
 from open_mythos.hub import migrate_config
 from open_mythos.loss import lm_loss
 from open_mythos.model import OpenMythos
+from open_mythos.moe import MoE
 
 MODEL_TYPE = "open_mythos"
 _FIELDS = [f.name for f in dataclasses.fields(MythosConfig)]
@@ -61,8 +62,11 @@ class OpenMythosForCausalLM(PreTrainedModel, GenerationMixin):
         self.model = OpenMythos(config.to_mythos())
         self.post_init()
 
-    def _init_weights(self, module):  # OpenMythos initialises itself; loading overwrites everything
-        pass
+    def _init_weights(self, module):
+        """OpenMythos initialises its parameters and loading overwrites them; transformers gives the
+        non-persistent buffers uninitialised memory, so the MoE's load counter starts at zero here."""
+        if isinstance(module, MoE):
+            module.expert_load.zero_()
 
     def get_input_embeddings(self):
         return self.model.embed
