@@ -362,3 +362,18 @@ def test_evaluation_helpers_leave_the_models_mode_as_they_found_it():
         extrapolation.converged_accuracy(model, trainer, task, 6, 3, 1, 8, 8)
         extrapolation.state_rms_by_loop(model, trainer, task, 6, 2, problems=4)
         assert model.training is training
+
+
+def test_an_experiment_run_again_replaces_its_own_earlier_run(tmp_path):
+    """Running an experiment twice into one --out retrains its models (as loops / dense-vs-looped do); it used to
+    stop at the second run's first model with 'pass --resume or --overwrite', flags `mythos experiment` has not."""
+    from open_mythos.experiments.ablate import run_ablation
+    from open_mythos.experiments.phop import PRESETS
+
+    tree, _, _, _ = extrapolation.split_settings(PRESETS["cpu"], ["steps=1", "eval_batches=1", "sweep_loops=[1]"])
+    for _ in range(2):
+        _, _, summary = extrapolation.train(tree, [], tmp_path / "rdt", progress=False)
+        assert summary["steps"] == 1
+    for _ in range(2):
+        result = run_ablation("cpu", tmp_path / "ablate", ["steps=1", "eval_batches=1"], ["baseline"])
+        assert [r["row"] for r in result["rows"]] == ["baseline"]

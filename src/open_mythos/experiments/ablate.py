@@ -76,7 +76,7 @@ def run_ablation(preset: str, out_dir: Path, overrides: list[str] = (), rows: li
     for row in rows or list(ROWS):
         changes = row_overrides(row, base_cfg)
         cfg = load_config(name, overrides=[*base, *changes, f"out_dir='{out_dir / row}'"])
-        trainer = Trainer(cfg, progress=progress)
+        trainer = Trainer(cfg, progress=progress, overwrite=True)  # the experiment replaces its own earlier run
         summary = trainer.train()
         last = [json.loads(line) for line in (out_dir / row / "metrics.jsonl").read_text().splitlines()]
         train_loss = next(r["loss"] for r in reversed(last) if "loss" in r)

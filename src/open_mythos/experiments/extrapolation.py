@@ -114,7 +114,7 @@ def unrolled_overrides(tree: dict) -> list[str]:
 
 def train(tree: dict, overrides: list[str], out_dir: Path, progress: bool) -> tuple[torch.nn.Module, Trainer, dict]:
     cfg = config_from_dict(apply_overrides(copy.deepcopy(tree), [*overrides, f"out_dir='{out_dir}'"]))
-    trainer = Trainer(cfg, progress=progress)
+    trainer = Trainer(cfg, progress=progress, overwrite=True)  # the experiment replaces its own earlier run
     summary = trainer.train()
     return unwrap(trainer.model), trainer, summary
 
