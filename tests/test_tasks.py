@@ -66,6 +66,18 @@ def test_build_task_names_an_unknown_argument(name):
         build_task(name, 3)
 
 
+@pytest.mark.parametrize("name, args, field", [("khop", {"statements": "16"}, "statements"),
+                                               ("prefix_sums", {"bits": "six"}, "bits"),
+                                               ("prefix_sums", {"bits": 6.5}, "bits"),
+                                               ("prefix_sums", {"depth_curriculum": "yes"}, "depth_curriculum"),
+                                               ("phop", {"alphabet": True}, "alphabet")])
+def test_build_task_names_an_argument_of_the_wrong_type(name, args, field):
+    """A task argument of the wrong type is a ValueError naming it (prefix sums' bits='six' was a TypeError
+    traceback, and depth_curriculum='yes' was taken as true)."""
+    with pytest.raises(ValueError, match=f"{field} must be of type"):
+        build_task(name, args)
+
+
 def test_task_loader_is_resume_exact_split_by_rank_and_told_each_steps_loops():
     task = build_task("prefix_sums", {"bits": 8, "depth_curriculum": True})
     seen = []

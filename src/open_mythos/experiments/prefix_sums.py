@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from ..config import check_field_types
 from ..loss import IGNORE
 from . import extrapolation
-
 
 
 @dataclass
@@ -36,6 +36,7 @@ class PrefixSumTask:
     depth_curriculum: bool = False
 
     def __post_init__(self) -> None:
+        check_field_types(self, "task.")
         if self.bits < 1:
             raise ValueError(f"bits must be >= 1, got {self.bits}")
 
