@@ -276,6 +276,32 @@ def test_eval_sizes_the_task_cannot_make_fail_before_training(tmp_path):
     assert ev["sizes"] == [1, 6]
 
 
+@pytest.mark.parametrize("name, args, size", [("khop", ["data.task_args.train_max_hops=3"], 3),
+                                              ("prefix_sums", ["data.task_args.bits=5"], 5),
+                                              ("phop", ["data.task_args.max_hops=2", "eval.sizes=[1, 2]"], 2)])
+def test_the_largest_trained_size_follows_the_task_arguments(name, args, size):
+    """eval.train_max_size (the plot's 'largest trained' line) is the task's, after --set (it stayed the
+    preset's: the p-hop probe had to set it by hand); an explicit eval.train_max_size still wins."""
+    module = importlib.import_module(f"open_mythos.experiments.{name}")
+    assert extrapolation.split_settings(module.PRESETS["cpu"], args)[2]["train_max_size"] == size
+    assert extrapolation.split_settings(module.PRESETS["cpu"], [*args, "eval.train_max_size=1"])[2][
+        "train_max_size"] == 1
+
+
+@pytest.mark.parametrize("bad, match", [("eval=3", r"\[eval\] must be a table"),
+                                        ("model=3", r"\[model\] must be a table"),
+                                        ("data=3", r"\[data\] must be a table"),
+                                        ("eval.sizes=[8, 4]", "eval.sizes must be increasing"),
+                                        ("eval.sizes=[4, 4]", "eval.sizes must be increasing")])
+def test_settings_that_are_not_tables_or_unordered_sizes_are_named(tmp_path, bad, match):
+    """--set eval=3 / model=3 were tracebacks; unordered sizes made 'the largest test size' (extrapolation_accuracy,
+    overthinking, the state RMS) the last entry, not the largest."""
+    from open_mythos.experiments.prefix_sums import PRESETS
+    with pytest.raises(ValueError, match=match):
+        extrapolation.split_settings(PRESETS["cpu"], [bad])
+    assert main(["experiment", "prefix-sums", "--out", str(tmp_path), "--set", bad]) == 2
+
+
 def test_the_model_fits_the_longest_evaluated_problem():
     """Prefix sums are trained on short strings and tested on long ones: model.max_seq_len covers the longest."""
     from open_mythos.experiments.prefix_sums import PRESETS

@@ -67,8 +67,12 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
     override of it is replaced), ``model.max_seq_len`` and ``model.vocab_size`` are raised to the task's where
     smaller (``model.max_seq_len`` also to fit the longest evaluated problem), so ``--set
     data.task_args.statements=20`` needs nothing else. An ``eval.sizes`` entry the task cannot make raises the
-    task's ValueError here, before any training."""
+    task's ValueError here, before any training. ``eval.train_max_size`` (the plot's largest trained size) is the
+    task's ``train_max_size`` unless set."""
     tree = apply_overrides(copy.deepcopy(tree), list(overrides))
+    for section in ("model", "data", "eval"):
+        if not isinstance(tree.get(section, {}), dict):
+            raise ValueError(f"[{section}] must be a table, got {tree[section]!r}")
     data, model = tree.get("data", {}), tree.setdefault("model", {})
     evaluation, baseline = tree.pop("eval"), tree.pop("baseline")
     unknown = sorted(set(evaluation) - EVAL_KEYS)
@@ -81,6 +85,9 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
             raise ValueError(f"eval.{key} must be a non-empty list of ints >= 1, got {evaluation.get(key)!r}")
         for v in evaluation[key]:
             check_int(f"eval.{key} entry", v, 1)
+    sizes = evaluation["sizes"]
+    if sizes != sorted(set(sizes)):
+        raise ValueError(f"eval.sizes must be increasing (the last is the largest test size), got {sizes}")
     for key in ("problems", "batch_size", "stop_patience", "train_max_size"):
         if key in evaluation:
             check_int(f"eval.{key}", evaluation[key], 1)
@@ -88,6 +95,7 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
         raise ValueError(f"data.source must be 'task' in an extrapolation experiment, got {data.get('source')!r}")
     task = build_task(data["task"], data.get("task_args", {}))
     data["seq_len"] = task.seq_len
+    evaluation.setdefault("train_max_size", task.train_max_size)
     model["max_seq_len"] = max(model.get("max_seq_len", 0), task.seq_len)
     model["vocab_size"] = max(model.get("vocab_size", 0), task.vocab_size)
     for size in evaluation["sizes"]:

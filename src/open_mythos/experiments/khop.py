@@ -73,6 +73,11 @@ class KHopTask:
     def seq_len(self) -> int:
         return 3 * self.statements + 2 * self.queries
 
+    @property
+    def train_max_size(self) -> int:
+        """The most hops a training problem has (the experiments' largest trained size)."""
+        return self.train_max_hops
+
     def value(self, i: int) -> int:
         return N_SPECIAL + i
 
@@ -156,8 +161,7 @@ def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, dev
           eval_: dict) -> dict:
     t = KHopTask(**task)
     return extrapolation.task_tree("khop", t, task, model, steps, batch_size, loops, device, compile_,
-                                   {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.train_max_hops,
-                                    **eval_})
+                                   {"sizes": list(range(1, t.max_hops + 1)), **eval_})
 
 
 # the progressive loss (Bansal et al. 2022) over up to 16 loops after 500 steps at one loop, with the residual

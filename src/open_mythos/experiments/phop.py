@@ -77,6 +77,11 @@ class PHopTask:
     def seq_len(self) -> int:
         return self.length + 1
 
+    @property
+    def train_max_size(self) -> int:
+        """The largest p training draws (the experiments' largest trained size)."""
+        return self.max_hops
+
     def characters(self, n: int, g: torch.Generator) -> torch.Tensor:
         """(n, length) strings, each letter uniform among the ``alphabet - 1`` letters other than the one before."""
         steps = torch.randint(1, self.alphabet, (n, self.length), generator=g)
@@ -143,8 +148,7 @@ def _tree(task: dict, model: dict, steps: int, batch_size: int, loops: dict, dev
     return extrapolation.task_tree("phop", t, task,
                                    {"prelude_layers": 0, "coda_layers": 0, "injection": "residual", **model},
                                    steps, batch_size, loops, device, compile_,
-                                   {"sizes": list(range(1, t.max_hops + 1)), "train_max_size": t.max_hops,
-                                    "unrolled": True, **eval_},
+                                   {"sizes": list(range(1, t.max_hops + 1)), "unrolled": True, **eval_},
                                    data={"task_by_loops": False})
 
 

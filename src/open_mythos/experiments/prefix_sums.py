@@ -46,6 +46,11 @@ class PrefixSumTask:
     def seq_len(self) -> int:
         return self.bits
 
+    @property
+    def train_max_size(self) -> int:
+        """The training strings' length (the experiments' largest trained size)."""
+        return self.bits
+
     @staticmethod
     def eval_batch(bits: int, n: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
         """``n`` random ``bits``-bit strings (n, bits) and their prefix parities (n, bits)."""
@@ -74,7 +79,7 @@ def _tree(bits: int, model: dict, steps: int, batch_size: int, loops: dict, devi
           eval_: dict) -> dict:
     return extrapolation.task_tree("prefix_sums", PrefixSumTask(bits), {"bits": bits},
                                    {"max_seq_len": max(eval_["sizes"]), "tie_word_embeddings": False, **model},
-                                   steps, batch_size, loops, device, compile_, {"train_max_size": bits, **eval_})
+                                   steps, batch_size, loops, device, compile_, eval_)
 
 
 PRESETS = {
