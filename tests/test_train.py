@@ -508,3 +508,20 @@ def test_end_of_run_sample_is_skipped_when_the_tokenizer_cannot_decode_every_id(
                                                                    "sample_tokens=8", "sweep_loops=[1]"))
     summary = Trainer(cfg, progress=False).train()
     assert "sample" not in summary and "sample skipped: ids 257..299" in capsys.readouterr().out
+
+
+def test_the_end_of_run_sample_runs_the_model_in_eval_mode(tmp_path):
+    """Trainer.sample draws from the model in eval mode (no dropout, no MoE load counted) and leaves it in the mode
+    it found: with dropout 0.5 it equals sampling the eval-mode model with the same seed (it sampled in train mode)."""
+    from open_mythos.moe import MoE
+
+    cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "model.dropout=0.5"))
+    trainer = Trainer(cfg, progress=False)
+    model = trainer.model.train()
+    ids = torch.tensor([trainer.tokenizer.encode("ROMEO.")])
+    with torch.no_grad():
+        ref = model.eval().generate(ids, 16, cfg.loops.mean, temperature=0.8, top_k=40, seed=cfg.seed)
+    model.train()
+    assert trainer.sample("ROMEO.", 16) == trainer.tokenizer.decode(ref[0, ids.shape[1]:].tolist())
+    assert model.training
+    assert all(float(m.expert_load.sum()) == 0 for m in model.modules() if isinstance(m, MoE))

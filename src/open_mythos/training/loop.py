@@ -30,7 +30,7 @@ from torch.profiler import record_function
 from tqdm import tqdm
 
 from ..attention import attention_backends
-from ..eval.perplexity import format_sweep, loop_sweep
+from ..eval.perplexity import eval_mode, format_sweep, loop_sweep
 from ..flops import flops_per_token, peak_flops
 from ..loss import lm_loss
 from ..model import OpenMythos
@@ -432,7 +432,7 @@ class Trainer:
     def sample(self, prompt: str, n_tokens: int) -> str:
         model = unwrap(self.model)
         ids = torch.tensor([self.tokenizer.encode(prompt)], device=self.device)
-        with self.autocast():
+        with eval_mode(model), self.autocast():
             out = model.generate(ids, max_new_tokens=min(n_tokens, model.cfg.max_output_tokens),
                                  n_loops=self.cfg.loops.mean, temperature=0.8, top_k=40, seed=self.cfg.seed)
         return self.tokenizer.decode(out[0, ids.shape[1]:].tolist())
