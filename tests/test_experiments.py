@@ -378,6 +378,23 @@ def test_state_rms_by_loop_follows_the_recurrence(injection):
     assert rms == pytest.approx(expected, rel=1e-6)
 
 
+def test_eval_mode_restores_every_modules_own_mode_also_on_an_exception():
+    """A model with a submodule kept in eval mode (a frozen part) gets back exactly its modes: eval_mode set every
+    module to the top-level mode afterwards, so the frozen part came back in train mode."""
+    from open_mythos.eval.perplexity import eval_mode
+
+    model = OpenMythos(tiny_config()).train()
+    model.prelude.eval()
+    modes = [m.training for m in model.modules()]
+    assert True in modes and False in modes
+    with eval_mode(model):
+        assert not any(m.training for m in model.modules())
+    assert [m.training for m in model.modules()] == modes
+    with pytest.raises(RuntimeError), eval_mode(model):
+        raise RuntimeError
+    assert [m.training for m in model.modules()] == modes
+
+
 def test_evaluation_helpers_leave_the_models_mode_as_they_found_it():
     task = PrefixSumTask(bits=6)
     model = OpenMythos(tiny_config(vocab_size=2, max_seq_len=8, lora_rank=0))

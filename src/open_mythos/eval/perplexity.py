@@ -16,14 +16,15 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 
 @contextlib.contextmanager
 def eval_mode(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Within the context ``model`` is in eval mode (no dropout, no MoE load counting); its train/eval mode is
-    restored afterwards, also on an exception."""
-    was_training = model.training
+    """Within the context ``model`` is in eval mode (no dropout, no MoE load counting); afterwards every module's
+    own train/eval mode is restored (a part kept in eval mode stays so), also on an exception."""
+    modes = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         yield model
     finally:
-        model.train(was_training)
+        for module, training in modes:
+            module.training = training
 
 
 def states_by_loop(model: torch.nn.Module, ids: torch.Tensor, n_loops: int) -> Iterator[torch.Tensor]:
