@@ -211,6 +211,15 @@ def test_ablation_rows_are_single_named_changes_and_the_runner_reports_each(tmp_
     assert all(set(r["loss"]) == {"1", "2", "4", "8", "16"} for r in result["rows"])
 
 
+def test_ablation_rows_are_checked_before_any_row_trains(tmp_path):
+    """A misspelt row after a good one is an error before the good one trains (it trained first, then failed)."""
+    from open_mythos.experiments.ablate import run_ablation
+
+    with pytest.raises(ValueError, match="unknown ablation row"):
+        run_ablation("cpu", tmp_path, ["steps=1"], ["baseline", "residual+nope"])
+    assert not (tmp_path / "baseline").exists()
+
+
 class _Recorder(torch.nn.Module):
     """Stands in for a model in khop.train: records (problems, loop count), predicts a learned bias."""
 

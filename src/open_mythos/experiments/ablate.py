@@ -72,9 +72,9 @@ def run_ablation(preset: str, out_dir: Path, overrides: list[str] = (), rows: li
     base = [*base, f"sweep_loops={SWEEP}", *overrides]
     base_cfg = load_config(name, overrides=base)
     out_dir = Path(out_dir)
+    changes_by_row = {row: row_overrides(row, base_cfg) for row in rows or list(ROWS)}  # every name checked first
     results = []
-    for row in rows or list(ROWS):
-        changes = row_overrides(row, base_cfg)
+    for row, changes in changes_by_row.items():
         cfg = load_config(name, overrides=[*base, *changes, f"out_dir='{out_dir / row}'"])
         trainer = Trainer(cfg, progress=progress, overwrite=True)  # the experiment replaces its own earlier run
         summary = trainer.train()
