@@ -104,6 +104,16 @@ def test_train_mistakes_are_one_line_before_training(tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
+    """--out / out_dir naming an existing file: one line naming it (they were FileExistsError / NotADirectoryError
+    tracebacks)."""
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    assert str(taken) in one_line_error(capsys, ["experiment", "p-hop", "--out", str(taken), "--no-progress"])
+    assert main(["train", "--preset", "shakespeare-tiny", "--no-progress", "--set", f"out_dir='{taken}'"]) == 2
+    assert f"mythos: error: [Errno 17] File exists: '{taken}'\n" in capsys.readouterr().err
+
+
 def test_train_help_lists_the_presets(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

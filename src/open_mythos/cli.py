@@ -366,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ModuleNotFoundError, ConnectionError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            ModuleNotFoundError, ConnectionError) as err:
         if args.debug or os.environ.get("MYTHOS_DEBUG", "") not in ("", "0"):
             raise
         print(f"mythos: error: {error_line(err)}", file=sys.stderr)
