@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from open_mythos.cli import main
 
@@ -112,6 +113,18 @@ def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
     assert str(taken) in one_line_error(capsys, ["experiment", "p-hop", "--out", str(taken), "--no-progress"])
     assert main(["train", "--preset", "shakespeare-tiny", "--no-progress", "--set", f"out_dir='{taken}'"]) == 2
     assert f"mythos: error: [Errno 17] File exists: '{taken}'\n" in capsys.readouterr().err
+
+
+def test_a_device_this_machine_lacks_is_one_line(tmp_path, capsys):
+    """--device / device naming a device torch does not know, or CUDA where torch has none: one line naming the
+    argument (they were 'Torch not compiled with CUDA enabled' AssertionError / RuntimeError tracebacks)."""
+    bad = ["nope"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        assert "--device" in one_line_error(capsys, ["generate", "--demo", "--prompt", "hi", "--device", device])
+        assert main(["train", "--preset", "shakespeare-tiny", "--no-progress", "--set", f"device='{device}'",
+                     "--set", f"out_dir='{tmp_path}'"]) == 2
+        assert "device must be a torch device" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_train_help_lists_the_presets(capsys):

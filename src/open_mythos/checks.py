@@ -74,6 +74,20 @@ def parse_dtype(name: str, argument: str = "dtype") -> torch.dtype:
     return DTYPES[name]
 
 
+def parse_device(name: str, argument: str = "device") -> torch.device:
+    """The torch device called ``name`` ("cpu", "cuda", "cuda:1", ...); ValueError naming ``argument`` when torch
+    does not know the name or this machine lacks the CUDA device."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if device is None or (device.type == "cuda" and (device.index or 0) >= count):
+        have = ", ".join(["cpu", *(f"cuda:{i}" for i in range(count))])
+        raise ValueError(f"{argument} must be a torch device this machine has ({have}), got {name!r}")
+    return device
+
+
 def check_finite(name: str, value: Any) -> float:
     """``value`` as a finite float (an int is accepted)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):

@@ -16,7 +16,7 @@ import torch
 from .config import MythosConfig
 from .inference.engine import SCHEDULE_ALIASES, SCHEDULES
 from .inference.exit import EXIT_KINDS
-from .checks import DTYPES, parse_dtype
+from .checks import DTYPES, parse_device, parse_dtype
 from .model import OpenMythos
 from .tokenizer import ByteTokenizer
 from .variants import VARIANTS, count_parameters
@@ -57,13 +57,13 @@ def load_model(args: argparse.Namespace):
     """(model, tokenizer) from ``--model DIR`` (a save_pretrained directory) or ``--demo``."""
     from .tokenizer import tokenizer_for
 
-    dtype = parse_dtype(args.dtype, "--dtype")
+    dtype, device = parse_dtype(args.dtype, "--dtype"), parse_device(args.device, "--device")
     if args.demo:
         torch.manual_seed(0)  # the demo model is the same random model every time
-        return OpenMythos(demo_config()).to(device=args.device, dtype=dtype).eval(), ByteTokenizer()
+        return OpenMythos(demo_config()).to(device=device, dtype=dtype).eval(), ByteTokenizer()
     if not args.model:
         raise ValueError("give --model DIR (a save_pretrained / training run's model directory) or --demo")
-    model = OpenMythos.from_pretrained(args.model, device=args.device, dtype=dtype)
+    model = OpenMythos.from_pretrained(args.model, device=device, dtype=dtype)
     return model, tokenizer_for(args.model, model.cfg.vocab_size)
 
 

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..checks import parse_device
+
 
 @dataclass
 class DistInfo:
@@ -39,8 +41,9 @@ class DistInfo:
 
 
 def pick_device(name: str) -> torch.device:
+    """The device of TrainConfig ``device``: "auto" is CUDA when there is one, else CPU."""
     if name != "auto":
-        return torch.device(name)
+        return parse_device(name)
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
