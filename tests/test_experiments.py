@@ -429,3 +429,19 @@ def test_an_experiment_run_again_replaces_its_own_earlier_run(tmp_path):
     for _ in range(2):
         result = run_ablation("cpu", tmp_path / "ablate", ["steps=1", "eval_batches=1"], ["baseline"])
         assert [r["row"] for r in result["rows"]] == ["baseline"]
+
+
+@pytest.mark.parametrize("name, extra", [("khop", []), ("prefix_sums", ["data.task_args.depth_curriculum=true"])])
+def test_the_unrolled_model_is_supervised_on_every_target_like_the_baseline(name, extra):
+    """eval.unrolled on a task with a depth curriculum: the unrolled fixed-depth model, run once, must see every
+    target as the parameter-matched baseline does (it kept the curriculum, so at its one loop it was supervised
+    only on targets of depth <= 1 + depth_slack: a crippled baseline)."""
+    import copy
+
+    from open_mythos.training.config import apply_overrides, config_from_dict
+
+    module = importlib.import_module(f"open_mythos.experiments.{name}")
+    tree, baseline, _, _ = extrapolation.split_settings(module.PRESETS["cpu"], [*extra, "eval.unrolled=true"])
+    assert config_from_dict(copy.deepcopy(tree)).data.task_by_loops  # the RDT trains with the curriculum
+    for changes in (baseline, extrapolation.unrolled_overrides(tree)):
+        assert not config_from_dict(apply_overrides(copy.deepcopy(tree), changes)).data.task_by_loops

@@ -114,10 +114,11 @@ def split_settings(tree: dict, overrides: list[str]) -> tuple[dict, list[str], d
 
 
 def unrolled_overrides(tree: dict) -> list[str]:
-    """Overrides turning the RDT of ``tree`` into its loop unrolled: ``loops.mean`` distinct layers, run once."""
+    """Overrides turning the RDT of ``tree`` into its loop unrolled: ``loops.mean`` distinct layers, run once, every
+    target supervised (no depth curriculum: it has one loop, like the baseline)."""
     from .scaling import dense_variants
 
-    return dense_variants(config_from_dict(copy.deepcopy(tree)))["flop_matched"]
+    return [*dense_variants(config_from_dict(copy.deepcopy(tree)))["flop_matched"], "data.task_by_loops=false"]
 
 
 def train(tree: dict, overrides: list[str], out_dir: Path, progress: bool) -> tuple[torch.nn.Module, Trainer, dict]:
