@@ -39,6 +39,25 @@ def test_auto_model_loads_a_save_pretrained_directory(tmp_path, attn, tied):
     torch.testing.assert_close(back(ids, 2), model(ids, 2), rtol=1e-5, atol=1e-6)
 
 
+def test_a_state_norm_model_round_trips_exactly(tmp_path):
+    """state_norm (config format 3) and its trained norm weights survive save_pretrained -> from_pretrained (the
+    same logits, bit for bit) and -> AutoModelForCausalLM."""
+    import open_mythos.hf  # noqa: F401
+    from transformers import AutoModelForCausalLM
+
+    model = OpenMythos(tiny_config(injection="residual", state_norm=True)).eval()
+    with torch.no_grad():
+        model.recurrent.state_norm.weight.uniform_(0.5, 1.5)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        ref = model(ids, 5)
+        assert torch.equal(OpenMythos.from_pretrained(tmp_path)(ids, 5), ref)
+        hf = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert hf.config.state_norm  # transformers' loaded tensors sum in another order: last-bit differences
+        torch.testing.assert_close(hf(ids, n_loops=5).logits, ref, rtol=1e-5, atol=1e-6)
+
+
 def test_trust_remote_code_without_importing_open_mythos_hf(tmp_path):
     model = OpenMythos(tiny_config()).eval()
     model.save_pretrained(tmp_path)
