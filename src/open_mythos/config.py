@@ -108,7 +108,8 @@ class MythosConfig:
     loop_out_norm: bool = True
     # open-mythos: RMSNorm on the state after every loop, h_{t+1} = RMSNorm(h' of the injection): its scale cannot
     # grow with the loops (under "residual" it otherwise grows, the injected e's share of x_t = h_t + e shrinks and
-    # each loop's update moves the state's direction less), so loop t cannot tell t from the scale. Not measured yet.
+    # each loop's update moves the state's direction less), so loop t cannot tell t from the scale. Off by default:
+    # k-hop needs it (H200 run 11, docs/experiments.md); on text a CPU probe found a small cost (docs/architecture.md).
     state_norm: bool = False
     # open-mythos: FFN of the recurrent block, "moe" (the documents' fine-grained MoE) or "dense" (SwiGLU).
     recurrent_ffn: str = "moe"
