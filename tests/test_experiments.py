@@ -445,3 +445,10 @@ def test_the_unrolled_model_is_supervised_on_every_target_like_the_baseline(name
     assert config_from_dict(copy.deepcopy(tree)).data.task_by_loops  # the RDT trains with the curriculum
     for changes in (baseline, extrapolation.unrolled_overrides(tree)):
         assert not config_from_dict(apply_overrides(copy.deepcopy(tree), changes)).data.task_by_loops
+
+
+def test_bad_settings_leave_no_output_directory(tmp_path):
+    """Settings are checked before the run writes anything: a bad --set to a new --out creates nothing."""
+    out = tmp_path / "new"
+    assert main(["experiment", "khop", "--out", str(out), "--set", "eval.sizes=[8, 4]"]) == 2
+    assert not out.exists()

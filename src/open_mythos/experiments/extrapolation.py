@@ -209,8 +209,8 @@ def run(name: str, tree: dict, overrides: list[str], out_dir: Path, progress: bo
     """Train the RDT, the baseline (and the unrolled model), evaluate the size x loops grid, write ``NAME.json`` and
     ``NAME.png``."""
     out_dir = Path(out_dir)
+    tree, baseline, ev, task = split_settings(tree, overrides)  # bad settings: an error before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
-    tree, baseline, ev, task = split_settings(tree, overrides)
     t0 = time.perf_counter()
     rdt, rdt_trainer, _ = train(tree, [], out_dir / "rdt", progress)
     t_rdt = time.perf_counter() - t0

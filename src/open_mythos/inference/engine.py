@@ -80,6 +80,7 @@ class _Tick:
 
 
 class Engine:
+    """Serves requests on ``model``, which it puts in eval mode for good (``model.train()`` to train it again)."""
     def __init__(self, model: OpenMythos, max_batch: int = 8, max_len: int | None = None,
                  loop_policy: str = "per_loop", max_loop_budget: int | None = None, schedule: str = "continuous",
                  cuda_graphs: bool | None = None, compile: bool = False, sync_every: int = 1,
@@ -107,8 +108,7 @@ class Engine:
         # the largest loop budget a request may ask for (sizes the per_loop cache)
         self.max_loop_budget = check_int("max_loop_budget", cfg.max_loop_iters if max_loop_budget is None
                                          else max_loop_budget, 1)
-        # rows: max_batch running + standby, and one "scratch" row: rows padded up to a bucket size
-        # point at it and write only there
+        # rows: max_batch running + standby, and one "scratch" row (bucket padding points there, writes only there)
         n_rows = max_batch + prefill_batch - 1
         self.scratch = n_rows
         self.buckets = batch_buckets(max_batch)
