@@ -74,7 +74,7 @@ def test_build_task_names_an_unknown_argument(name):
 def test_build_task_names_an_argument_of_the_wrong_type(name, args, field):
     """A task argument of the wrong type is a ValueError naming it (prefix sums' bits='six' was a TypeError
     traceback, and depth_curriculum='yes' was taken as true)."""
-    with pytest.raises(ValueError, match=f"{field} must be of type"):
+    with pytest.raises(ValueError, match=rf"^data\.task_args\.{field} must be of type"):  # the name a user writes
         build_task(name, args)
 
 

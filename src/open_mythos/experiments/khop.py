@@ -52,7 +52,7 @@ class KHopTask:
     depth_slack: int = 2          # depth curriculum: n loops are asked for depths <= n + depth_slack
 
     def __post_init__(self) -> None:
-        check_field_types(self, "task.")
+        check_field_types(self, "data.task_args.")  # the settings a user writes
         if self.statements < self.max_hops:
             raise ValueError(f"statements ({self.statements}) must be >= max_hops ({self.max_hops})")
         if self.n_vars < self.statements:

@@ -50,7 +50,7 @@ class PHopTask:
                                  # hop-count token is trained: a p never trained would be an untrained input token)
 
     def __post_init__(self) -> None:
-        check_field_types(self, "task.")
+        check_field_types(self, "data.task_args.")  # the settings a user writes
         if self.alphabet < 2:
             raise ValueError(f"alphabet must be >= 2 (each letter differs from the one before it), got {self.alphabet}")
         if self.max_hops < 1:

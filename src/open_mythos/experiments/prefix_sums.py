@@ -36,7 +36,7 @@ class PrefixSumTask:
     depth_curriculum: bool = False
 
     def __post_init__(self) -> None:
-        check_field_types(self, "task.")
+        check_field_types(self, "data.task_args.")  # the settings a user writes
         if self.bits < 1:
             raise ValueError(f"bits must be >= 1, got {self.bits}")
 
