@@ -111,6 +111,27 @@ def test_router_bias_changes_selection_not_gates():
     torch.testing.assert_close(gates1, expected / expected.sum(-1, keepdim=True))
 
 
+def test_routing_bias_and_load_stay_fp32_when_the_model_is_cast():
+    """model.to(bf16) (from_pretrained(dtype=...), serving) keeps the routing bias's fp32 values, so the cast model
+    picks the experts the fp32 model picks; bf16 would round 1.0011 to 1.0 and 0.3712 to 0.3711."""
+    from open_mythos.model import OpenMythos
+    model = OpenMythos(tiny_config())
+    bias = torch.tensor([0.3712, -0.001, 1.0011, 0.5, 0.25, -0.75, 0.125, 2.0009])[: model.cfg.n_experts]
+    for m in model.moe_layers():
+        m.router_bias.copy_(bias)
+    model.to(torch.bfloat16)
+    for m in model.moe_layers():
+        assert m.w1.dtype == torch.bfloat16
+        assert m.router_bias.dtype == m.expert_load.dtype == torch.float32
+        assert torch.equal(m.router_bias, bias)
+    x = torch.randn(32, model.cfg.dim)
+    m = model.moe_layers()[0]
+    expected = torch.topk(torch.sigmoid(F.linear(x.bfloat16(), m.router.weight).float()) + bias, m.top_k).indices
+    assert torch.equal(m.route(x.bfloat16())[0].sort(-1).values, expected.sort(-1).values)
+    model.to("meta").to_empty(device="cpu")  # meta-device construction (transformers, FSDP) still works
+    assert model.moe_layers()[0].router_bias.dtype == torch.float32
+
+
 def test_skewed_router_becomes_balanced():
     cfg = tiny_config(n_experts=8, n_experts_per_tok=2)
     m = MoE(cfg).train()

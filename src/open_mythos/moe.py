@@ -135,6 +135,17 @@ class MoE(nn.Module):
         self.track_load = True  # count expert_load in training (off while activation checkpointing recomputes)
         self.gather_max_assignments = 16  # at most this many (token, expert) pairs: gathered-weights path
 
+    def _apply(self, fn, recurse: bool = True):
+        """``Module.to(dtype)`` / ``.bfloat16()`` cast floating buffers too; the routing bias and the load counter
+        stay fp32 (in bf16 a bias of magnitude ~1 rounds by up to 0.004, and steps of ``router_bias_update_rate``
+        (1e-3) vanish: a bf16 inference model would route differently from the model it was trained as)."""
+        fp32 = {name: self._buffers[name] for name in ("router_bias", "expert_load")}
+        super()._apply(fn, recurse)
+        for name, old in fp32.items():  # the values as they were, on the device fn chose (from meta: fn's fresh ones)
+            new = self._buffers[name]
+            self._buffers[name] = new.float() if old.is_meta else old.to(new.device)
+        return self
+
     def _few(self, n_tokens: int) -> bool:
         """Whether n_tokens tokens (decoding) take the gathered-weights path instead of the sort."""
         return n_tokens * self.top_k <= self.gather_max_assignments
