@@ -84,3 +84,19 @@ def test_the_unrolled_baseline_is_the_loop_as_distinct_layers_run_once():
     cfg = config_from_dict(apply_overrides(copy.deepcopy(tree), changes))
     assert cfg.loops.schedule == "fixed" and cfg.loops.mean == 1
     assert cfg.model.prelude_layers + 1 + cfg.model.coda_layers == tree["loops"]["mean"] == 6
+
+
+def test_report_keys_of_a_result_without_the_baseline_and_its_plot(tmp_path):
+    """A result rebuilt from an interrupted run's log (benchmarks/results/h200/experiments/phop/from_log.py) may lack
+    the one-pass model's row: the report keys the looped model gives are still set, and the plot is drawn."""
+    from open_mythos.experiments import extrapolation, phop
+    tree, _, ev, _ = extrapolation.split_settings(phop.PRESETS["cpu"], [])
+    sizes, loops = ev["sizes"], ev["loops"]
+    grid = {str(n): [0.5 + 0.1 * i for i, _ in enumerate(sizes)] for n in loops}
+    result = {"settings": tree, "eval": ev, "sizes": sizes, "loops": loops, "rdt_accuracy": grid,
+              "rdt_best_accuracy": grid[str(loops[-1])], "guess_accuracy": [0.25] * len(sizes)}
+    phop.add_report_keys(result)
+    assert "baseline_extrapolation_accuracy" not in result
+    assert result["extrapolation_accuracy"] == grid[str(loops[-1])][-1]
+    assert result["paper_accuracy"] == phop.PAPER_ACCURACY
+    assert extrapolation.plot(result, tmp_path / "p.png", "hops p").stat().st_size > 0

@@ -279,7 +279,8 @@ def plot(result: dict, path: Path, size_label: str) -> Path:
     if "rdt_converged_accuracy" in result:
         ax.plot(sizes, result["rdt_converged_accuracy"], "s-", color="black", lw=2,
                 label=f"RDT, stops when converged ({result['stop_patience']} unchanged loops)")
-    ax.plot(sizes, result["baseline_accuracy"], "^--", color="tab:red", label="fixed depth, same parameters")
+    if "baseline_accuracy" in result:  # absent only from a report rebuilt from an interrupted run's log
+        ax.plot(sizes, result["baseline_accuracy"], "^--", color="tab:red", label="fixed depth, same parameters")
     if "unrolled_accuracy" in result:
         ax.plot(sizes, result["unrolled_accuracy"], "v--", color="tab:orange",
                 label=f"fixed depth, the loop unrolled ({result['settings']['loops']['mean']} loops' layers)")

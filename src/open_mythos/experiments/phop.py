@@ -175,14 +175,22 @@ def run(preset: str, out_dir: Path, overrides: list[str] = (), progress: bool = 
     the largest p) with ``paper_accuracy`` beside it, ``trained_loops_accuracy`` (looped, at its training loop
     count ``loops.mean``), ``baseline_extrapolation_accuracy`` (one pass) and ``unrolled_extrapolation_accuracy``
     (L distinct layers)."""
-    result = extrapolation.run("phop", PRESETS[preset], list(overrides), out_dir, progress, log)
+    result = add_report_keys(extrapolation.run("phop", PRESETS[preset], list(overrides), out_dir, progress, log))
+    extrapolation.write(result, out_dir, "hops p")
+    return result
+
+
+def add_report_keys(result: dict) -> dict:
+    """The report keys of :func:`run` added to an extrapolation result (the looped model's grid; the baseline's and
+    the unrolled model's accuracies where present); returns ``result``."""
     loops, trained = result["loops"], result["settings"]["loops"]["mean"]
     result["extrapolation_size"] = result["sizes"][-1]
     result["extrapolation_accuracy"] = result["rdt_best_accuracy"][-1]
     if trained in loops:
         result["trained_loops"] = trained
         result["trained_loops_accuracy"] = result["rdt_accuracy"][str(trained)][-1]
-    result["baseline_extrapolation_accuracy"] = result["baseline_accuracy"][-1]
+    if "baseline_accuracy" in result:
+        result["baseline_extrapolation_accuracy"] = result["baseline_accuracy"][-1]
     if "unrolled_accuracy" in result:
         result["unrolled_extrapolation_accuracy"] = result["unrolled_accuracy"][-1]
     result["paper_accuracy"] = PAPER_ACCURACY
@@ -192,5 +200,4 @@ def run(preset: str, out_dir: Path, overrides: list[str] = (), progress: bool = 
     result["overthinking"] = {"hops": result["sizes"][-1], "loops": far,
                               "accuracy": result["rdt_accuracy"][str(far)][-1],
                               "best_accuracy": result["rdt_best_accuracy"][-1]}
-    extrapolation.write(result, out_dir, "hops p")
     return result

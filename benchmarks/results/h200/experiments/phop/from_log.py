@@ -7,8 +7,9 @@ killed during the one-pass model's evaluation, seed 1 during the unrolled model'
 
 Reads the log's result lines ("RDT  n loops: ...", "RDT converged", "RDT state RMS", "baseline"); the settings are
 the GPU preset's (with ``--seed``); the guessing baseline is recomputed here (the same problems: it is a function
-of the task and the evaluation seed). Missing parts stay missing: keys absent, ``"partial": true``. The held-out
-losses of each model's training sweep (``<run>/<model>/sweep.json`` or the last ``val_loss``) are added."""
+of the task and the evaluation seed). Missing parts stay missing: keys absent, ``"partial": true``. The report
+keys are ``phop.add_report_keys``'s, as in a complete run; the held-out losses of each model's training (the last
+``val_loss`` of ``<run>/<model>/metrics.jsonl``) are added."""
 
 from __future__ import annotations
 
@@ -58,15 +59,7 @@ def main() -> None:
                   rdt_best_accuracy=[max(grid[str(n)][i] for n in loops) for i in range(len(sizes))])
     run = args.log.parent / args.log.stem
     result["val_loss"] = {m: val_loss(run / m) for m in ("rdt", "baseline", "unrolled")}
-    result["extrapolation_size"], result["extrapolation_accuracy"] = sizes[-1], result["rdt_best_accuracy"][-1]
-    trained = tree["loops"]["mean"]
-    result["trained_loops"], result["trained_loops_accuracy"] = trained, grid[str(trained)][-1]
-    if "baseline_accuracy" in result:
-        result["baseline_extrapolation_accuracy"] = result["baseline_accuracy"][-1]
-    result.update(paper_accuracy=phop.PAPER_ACCURACY, paper_baseline_accuracy=phop.PAPER_BASELINE_ACCURACY,
-                  paper_unrolled_accuracy=phop.PAPER_UNROLLED_ACCURACY)
-    if "baseline_accuracy" not in result:  # the plot draws the one-pass model's curve
-        result["baseline_accuracy"] = [float("nan")] * len(sizes)
+    phop.add_report_keys(result)
     (run / "phop.json").write_text(json.dumps(result, indent=1))
     extrapolation.plot(result, run / "phop.png", "hops p")
     print(json.dumps({k: v for k, v in result.items() if not isinstance(v, (dict, list))}))
