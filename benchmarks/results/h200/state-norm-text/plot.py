@@ -1,7 +1,7 @@
-"""Held-out loss vs inference loops with and without ``model.state_norm``: the dense-vs-looped GPU preset's looped
-model over three seeds (left; the fixed-depth baselines of each seed dashed) and the ablation preset's four rows
-over two seeds (right). ``python benchmarks/results/h200/state-norm-text/plot.py`` -> ``state_norm_text.png``;
-prints the table of the README as JSON."""
+"""Held-out loss vs inference loops with and without ``model.state_norm``: the dense-vs-looped GPU preset's
+looped model with the lti and residual injections, mean of three seeds (left; the fixed-depth baselines' means
+grey), and the ablation preset's four rows over two seeds (right).
+``python benchmarks/results/h200/state-norm-text/plot.py`` -> ``state_norm_text.png``; prints the data as JSON."""
 
 import json
 from pathlib import Path
@@ -21,18 +21,22 @@ def sweep(path: Path) -> dict[int, float]:
 
 fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
 table = {"dense_vs_looped_preset": {}, "ablation_preset": {}}
-for seed, color in zip(range(3), ("C0", "C1", "C2")):
-    off = sweep(PRESET / f"preset_s{seed}" / "looped" / "sweep.json")
-    on = sweep(HERE / "run" / f"looped_sn_s{seed}" / "sweep.json")
-    runs = json.loads((PRESET / f"preset_s{seed}" / "dense_vs_looped.json").read_text())["runs"]
-    param, flop = runs[1]["loss"], runs[2]["loss"]
-    table["dense_vs_looped_preset"][f"seed {seed}"] = {"state_norm false": off, "state_norm true": on,
-                                                       "parameter-matched": param, "FLOP-matched": flop}
-    left.plot(list(off), list(off.values()), "o-", color=color, label=f"seed {seed}, state_norm false")
-    left.plot(list(on), list(on.values()), "s--", color=color, label=f"seed {seed}, state_norm true")
-    left.axhline(param, color=color, lw=0.6, ls=":")
+VARIANTS = {"lti (the preset)": lambda s: PRESET / f"preset_s{s}" / "looped" / "sweep.json",
+            "lti + state_norm": lambda s: HERE / "run" / f"looped_sn_s{s}" / "sweep.json",
+            "residual": lambda s: HERE / "run2" / f"looped_res_s{s}" / "sweep.json",
+            "residual + state_norm": lambda s: HERE / "run2" / f"looped_res_sn_s{s}" / "sweep.json"}
+for name, path in VARIANTS.items():
+    per_seed = [sweep(path(s)) for s in range(3)]
+    mean = {n: sum(d[n] for d in per_seed) / 3 for n in per_seed[0]}
+    table["dense_vs_looped_preset"][name] = {"per seed": per_seed, "mean": mean}
+    left.plot(list(mean), list(mean.values()), "o-", label=name)
+for i, (label, ls) in enumerate((("parameter-matched (3 layers)", ":"), ("FLOP-matched (6 layers)", "--")), 1):
+    mean = sum(json.loads((PRESET / f"preset_s{s}" / "dense_vs_looped.json").read_text())["runs"][i]["loss"]
+               for s in range(3)) / 3
+    table["dense_vs_looped_preset"][label] = mean
+    left.axhline(mean, color="gray", ls=ls, lw=1, label=label)
 left.set(xscale="log", xlabel="inference loops (trained: mean 4)", ylabel="held-out loss (nats/byte)",
-         title="dense-vs-looped GPU preset (stdlib, 21M)", ylim=(0.87, 0.96))
+         title="dense-vs-looped GPU preset (stdlib, 21M), mean of 3 seeds", ylim=(0.87, 0.96))
 left.legend(fontsize=7)
 for seed, marker in ((0, "o-"), (1, "s--")):
     for name, color in zip(("baseline", "state_norm", "residual", "residual+state_norm"), ("C0", "C1", "C2", "C3")):
