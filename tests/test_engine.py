@@ -136,7 +136,9 @@ def test_engine_uses_the_models_loop_embedding_scale():
 
 @pytest.mark.parametrize("recipe", [dict(injection="residual", state_init="embed"),
                                     dict(state_init="embed", loop_out_norm=False, recurrent_ffn="dense"),
-                                    dict(injection="residual", state_norm=True)])
+                                    dict(injection="residual", state_norm=True),
+                                    dict(injection="parcae", loop_embed="learned", loop_embed_scale=0.5,
+                                         sandwich_norm=True)])
 def test_engine_follows_the_models_recurrence_recipe(recipe):
     """The engine starts each token's loop at the model's h_0 (RecurrentBlock.initial_state) and steps with its
     injection: greedy decoding equals OpenMythos.generate for non-default recipes too."""

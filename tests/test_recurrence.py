@@ -189,9 +189,10 @@ def _reference_loop(model: OpenMythos, e: torch.Tensor, n_loops: int) -> torch.T
     T = e.shape[1]
     rope = rope_angles(torch.arange(T), cfg.rope_dim, cfg.rope_theta)
     h = {"zeros": torch.zeros_like(e), "embed": e}[cfg.state_init]
+    table = rec.loop_embed if cfg.loop_embed == "learned" else \
+        loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, e.device, e.dtype)
     for t in range(n_loops):
-        x = h + e + loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, e.device, e.dtype)[
-            min(t, cfg.max_loop_iters - 1)]
+        x = h + e + table[min(t, cfg.max_loop_iters - 1)]
         out = rec.block(x, rope) - x
         if rec.lora is not None:
             down, up = rec.lora.adapter(t)
@@ -199,6 +200,11 @@ def _reference_loop(model: OpenMythos, e: torch.Tensor, n_loops: int) -> torch.T
         if cfg.injection == "lti":
             A = rec.injection.get_A()
             h = A * h + torch.exp(rec.injection.log_dt) * rec.injection.B * e + out
+        elif cfg.injection == "parcae":
+            inj = rec.injection
+            step = torch.log1p(torch.exp(inj.dt_raw))  # softplus
+            A = torch.exp(-step * torch.exp(inj.log_A)) * (1 - torch.finfo(torch.float32).eps / 2)
+            h = A * h + step * (e @ inj.B.T) + out
         else:
             h = h + out
         if cfg.state_norm:
@@ -206,16 +212,22 @@ def _reference_loop(model: OpenMythos, e: torch.Tensor, n_loops: int) -> torch.T
     return rec.out_norm(h)
 
 
-@pytest.mark.parametrize("injection", ["lti", "residual"])
+@pytest.mark.parametrize("injection", ["lti", "residual", "parcae"])
 @pytest.mark.parametrize("state_init", ["zeros", "embed"])
 @pytest.mark.parametrize("state_norm", [False, True])
-def test_recurrent_block_equals_the_written_out_update(injection, state_init, state_norm):
+@pytest.mark.parametrize("loop_embed", ["sinusoid", "learned"])
+def test_recurrent_block_equals_the_written_out_update(injection, state_init, state_norm, loop_embed):
     model = OpenMythos(tiny_config(injection=injection, state_init=state_init, loop_embed_scale=0.3,
-                                   state_norm=state_norm)).eval()
+                                   state_norm=state_norm, loop_embed=loop_embed)).eval()
     with torch.no_grad():  # LoRA up-projections start at zero, the norm's gain at one: make them matter
         model.recurrent.lora.up.normal_(std=0.1)
         if state_norm:
             model.recurrent.state_norm.weight.uniform_(0.5, 1.5)
+        if injection == "parcae":  # B starts at the identity and the steps at 1: move both
+            model.recurrent.injection.B.add_(torch.randn_like(model.recurrent.injection.B) * 0.1)
+            model.recurrent.injection.dt_raw.normal_()
+        if loop_embed == "learned":  # starts as the sinusoid: a trained table differs from it
+            model.recurrent.loop_embed.normal_()
     e = torch.randn(2, 7, model.cfg.dim)
     rope = rope_angles(torch.arange(7), model.cfg.rope_dim, model.cfg.rope_theta)
     for n in (1, 2, 5):  # 5 > max_loop_iters: clamped embedding and adapter
@@ -280,3 +292,71 @@ def test_state_norm_holds_the_residual_states_scale_fixed():
     assert rms[False][-1] > 2 * rms[False][0]
     # gain 1 at init; below 1 only by norm_eps against a state of RMS ~0.01 before the norm
     assert all(0.95 < r <= 1.0 for r in rms[True]) and max(rms[True]) - min(rms[True]) < 0.03
+
+
+def test_parcae_injection_starts_as_lti_and_stays_a_contraction():
+    """At init (Δ = 1, B = I) Parcae's injection is the LTI one at its init; for any per-channel steps its A stays
+    in [0, 1) after rounding, and B mixes the channels of e."""
+    from open_mythos.recurrence import ParcaeInjection
+
+    lti, parcae = LTIInjection(32), ParcaeInjection(32)
+    h, e, out = torch.randn(3, 32), torch.randn(3, 32), torch.randn(3, 32)
+    torch.testing.assert_close(parcae(h, e, out), lti(h, e, out))
+    for dtype in (torch.float32, torch.bfloat16):
+        for scale in (0.1, 10.0, 80.0):
+            with torch.no_grad():
+                parcae.dt_raw.copy_(torch.randn(32) * scale)
+                parcae.log_A.copy_(torch.randn(32) * scale)
+            A = parcae.get_A(dtype)
+            assert A.dtype == dtype and 0.0 <= A.float().min() and A.float().max() < 1.0
+            if scale < 80:  # gradients are finite while the rate exp(log Δ + log_A) is (log-rate < 88 in fp32)
+                parcae.get_A().sum().backward()
+                assert torch.isfinite(parcae.dt_raw.grad).all() and torch.isfinite(parcae.log_A.grad).all()
+                parcae.zero_grad()
+    with torch.no_grad():  # softplus underflows to 0 below ~-104: log Δ must not become -inf (0 * inf in A)
+        parcae.dt_raw.copy_(torch.linspace(-200, 30, 32))
+        parcae.log_A.copy_(torch.linspace(100, -3, 32))  # exp(100) = inf in fp32
+    parcae.get_A().sum().backward()
+    assert torch.isfinite(parcae.dt_raw.grad).all() and torch.isfinite(parcae.get_A()).all()
+    with torch.no_grad():
+        parcae.dt_raw.zero_()
+        parcae.B.copy_(torch.eye(32).roll(1, dims=0))  # channel i of the injection reads channel i - 1 of e
+    e1 = torch.zeros(1, 32)
+    e1[0, 5] = 1.0
+    injected = parcae(torch.zeros(1, 32), e1, torch.zeros(1, 32))
+    assert injected[0, 6] > 0 and injected[0].count_nonzero() == 1
+
+
+def test_sandwich_norm_block_equals_the_written_out_block():
+    """sandwich_norm: u = x + norm(Attn(norm(x))), y = u + norm(FFN(norm(u))), in the recurrent block only."""
+    from open_mythos.layers import RMSNorm
+
+    model = OpenMythos(tiny_config(sandwich_norm=True)).eval()
+    block = model.recurrent.block
+    assert isinstance(block.attn_out_norm, RMSNorm) and isinstance(block.ffn_out_norm, RMSNorm)
+    assert not isinstance(model.prelude[0].attn_out_norm, RMSNorm)
+    with torch.no_grad():
+        block.attn_out_norm.weight.uniform_(0.5, 1.5)
+        block.ffn_out_norm.weight.uniform_(0.5, 1.5)
+
+    def rms(v, w):
+        return v * torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + model.cfg.norm_eps) * w
+
+    x = torch.randn(2, 5, model.cfg.dim)
+    rope = rope_angles(torch.arange(5), model.cfg.rope_dim, model.cfg.rope_theta)
+    a = rms(block.attn(block.attn_norm(x), rope), block.attn_out_norm.weight)
+    f = rms(block.ffn(block.ffn_norm(x + a)), block.ffn_out_norm.weight)
+    torch.testing.assert_close(block(x, rope), x + a + f)
+
+
+def test_learned_loop_embedding_starts_as_the_sinusoid_and_trains():
+    from open_mythos.training.optim import param_groups
+
+    model = OpenMythos(tiny_config(loop_embed="learned", loop_embed_scale=0.5))
+    cfg = model.cfg
+    table = model.recurrent.loop_embed
+    torch.testing.assert_close(table.detach(), loop_embeddings(cfg.max_loop_iters, cfg.dim, 0.5, table.device,
+                                                                table.dtype))
+    model(torch.randint(0, cfg.vocab_size, (2, 6)), cfg.max_loop_iters + 2).float().pow(2).mean().backward()
+    assert table.grad is not None and table.grad.abs().sum(-1).gt(0).all()  # every row used (the last clamped)
+    assert any(p is table for _, p in param_groups(model)["adamw_no_decay"])

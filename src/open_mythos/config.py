@@ -17,7 +17,8 @@ from .checks import check_finite
 
 ATTN_TYPES = ("mla", "gqa")
 LOOP_OUTPUTS = ("final", "act")
-INJECTIONS = ("lti", "residual")
+INJECTIONS = ("lti", "residual", "parcae")
+LOOP_EMBEDS = ("sinusoid", "learned")
 STATE_INITS = ("zeros", "embed", "random")
 RECURRENT_FFNS = ("moe", "dense")
 _FIELD_TYPES = {"int": int, "float": (int, float), "str": str, "bool": bool,
@@ -100,7 +101,15 @@ class MythosConfig:
     # open-mythos: the recurrent update (recurrence.py; evidence in docs/architecture.md, "Recurrence recipe").
     # "lti": h' = A h + B e + T(h + e) with every A_ii in [0, 1): what a loop writes decays at the next.
     # "residual": h' = h + T(h + e): the state is a residual stream, as in a deep transformer (A = I, B = 0).
+    # "parcae": h' = A h + Δ ⊙ (B e) + T(h + e), Parcae's constrained form: a step Δ = softplus(.) per channel and a
+    # full B started at the identity (recurrence.ParcaeInjection).
     injection: str = "lti"
+    # open-mythos: the loop-index embedding, "sinusoid" (fixed) or "learned" (a trained table of max_loop_iters rows,
+    # started as the sinusoid at loop_embed_scale; loops beyond use the last row).
+    loop_embed: str = "sinusoid"
+    # open-mythos: RMSNorm on the recurrent block's attention and FFN outputs before they join the state (Huginn's
+    # "sandwich" block), on top of the pre-norms.
+    sandwich_norm: bool = False
     # open-mythos: the state before the first loop, h_0: "zeros", "embed" (h_0 = e, the Prelude output)
     # or "random" (h_0 ~ N(0, init_std^2) per entry, Huginn).
     state_init: str = "zeros"
@@ -133,7 +142,7 @@ class MythosConfig:
         if self.loop_output not in LOOP_OUTPUTS:
             raise ValueError(f"loop_output must be one of {LOOP_OUTPUTS}, got {self.loop_output!r}")
         for name, allowed in (("injection", INJECTIONS), ("state_init", STATE_INITS),
-                              ("recurrent_ffn", RECURRENT_FFNS)):
+                              ("recurrent_ffn", RECURRENT_FFNS), ("loop_embed", LOOP_EMBEDS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         if self.init_loops is not None:

@@ -7,7 +7,11 @@ Recurrent update, for loop t = 0 .. n_loops-1, with e the Prelude output and h_0
     x_t     = h_t + e + loop_embeddings[min(t, L-1)]         L = max_loop_iters
     h_{t+1} = A h_t + B e + Transformer(x_t) + LoRA_min(t, L-1)(x_t)      (cfg.injection = "lti")
     h_{t+1} =     h_t     + Transformer(x_t) + LoRA_min(t, L-1)(x_t)      (cfg.injection = "residual")
+    h_{t+1} = A h_t + Δ ⊙ (B e) + Transformer(x_t) + LoRA(x_t)   (cfg.injection = "parcae"; B full, Δ per channel)
     h_{t+1} <- RMSNorm(h_{t+1})                                            (cfg.state_norm = True)
+
+The loop embedding is a fixed sinusoid (cfg.loop_embed = "sinusoid") or a trained table that starts as
+that sinusoid (cfg.loop_embed = "learned"); both are scaled by cfg.loop_embed_scale at init.
 
 From loop L-1 on, the map h_t -> h_{t+1} no longer depends on t: running more loops than
 ``max_loop_iters`` iterates one fixed map, which can settle at a fixed point instead of drifting.
@@ -63,6 +67,46 @@ class LTIInjection(nn.Module):
         A = self.get_A(h.dtype)
         B = (torch.exp(self.log_dt.float()) * self.B.float()).to(h.dtype)
         return A * h + B * e + transformer_out
+
+
+class ParcaeInjection(nn.Module):
+    """Parcae's constrained injection: h_{t+1} = A h_t + Δ ⊙ (B e) + transformer_out, with a per-channel step
+    Δ = softplus(δ) (D,), A = exp(-Δ ⊙ exp(log_A)) (diagonal, every entry in [0, 1)) and a full B (D, D)
+    started at the identity. Against ``LTIInjection``: one step per channel instead of one shared Δt, through
+    softplus instead of exp, and B mixes the channels of e. At init Δ = 1, so A and B match LTIInjection's."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.linspace(math.log(0.5), math.log(2.0), dim))
+        self.dt_raw = nn.Parameter(torch.full((dim,), math.log(math.e - 1)))  # softplus(dt_raw) = 1
+        self.B = nn.Parameter(torch.eye(dim))
+
+    def step(self) -> torch.Tensor:
+        """Δ = softplus(dt_raw), (dim,) fp32."""
+        return nn.functional.softplus(self.dt_raw.float())
+
+    def log_step(self) -> torch.Tensor:
+        """log Δ, (dim,) fp32, finite with finite gradients for any dt_raw (log softplus(x) = x below -20,
+        where softplus(x) = exp(x) to fp32 precision and would underflow to 0 further down)."""
+        x = self.dt_raw.float()
+        return torch.where(x < -20, x, torch.log(nn.functional.softplus(x.clamp(min=-20))))
+
+    def get_A(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Diagonal of A, (dim,): c * exp(-exp(log Δ + log_A)) with c = 1 - eps(dtype)/2 (see LTIInjection.get_A);
+        the rate is summed in log space, so no parameter values give 0 * inf."""
+        dtype = dtype or self.log_A.dtype
+        cap = 1.0 - torch.finfo(dtype).eps / 2
+        return (cap * torch.exp(-torch.exp(self.log_step() + self.log_A.float()))).to(dtype)
+
+    def spectral_radius(self, dtype: torch.dtype | None = None) -> float:
+        return self.get_A(dtype).abs().max().item()
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
+        injected = nn.functional.linear(e, self.B.to(e.dtype)) * self.step().to(e.dtype)
+        return self.get_A(h.dtype) * h + injected + transformer_out
+
+
+INJECTION_CLASSES = {"lti": LTIInjection, "parcae": ParcaeInjection}
 
 
 class ResidualInjection(nn.Module):
@@ -188,8 +232,13 @@ class RecurrentBlock(nn.Module):
     def __init__(self, cfg: MythosConfig):
         super().__init__()
         self.cfg = cfg
-        self.block = TransformerBlock(cfg, use_moe=cfg.recurrent_ffn == "moe")
-        self.injection = LTIInjection(cfg.dim) if cfg.injection == "lti" else ResidualInjection()
+        self.block = TransformerBlock(cfg, use_moe=cfg.recurrent_ffn == "moe", sandwich_norm=cfg.sandwich_norm)
+        self.injection = INJECTION_CLASSES[cfg.injection](cfg.dim) if cfg.injection in INJECTION_CLASSES \
+            else ResidualInjection()
+        # cfg.loop_embed = "learned": the loop-index table is a parameter, started as the sinusoid
+        self.loop_embed = nn.Parameter(loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale,
+                                                       torch.get_default_device(), torch.float32)) \
+            if cfg.loop_embed == "learned" else None
         self.act = ACTHalting(cfg.dim, cfg.act_threshold)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters, cfg.norm_eps, cfg.init_std) \
             if cfg.lora_rank > 0 else None
@@ -211,8 +260,11 @@ class RecurrentBlock(nn.Module):
         """Loop-index embeddings of the trained loop indices 0..max_loop_iters-1, (max_loop_iters, dim).
 
         Computed once per (device, dtype) and kept (not a buffer: it is derived, never saved); inside
-        torch.compile or a CUDA-graph capture a missing table is computed without being kept."""
+        torch.compile or a CUDA-graph capture a missing table is computed without being kept. With
+        ``loop_embed = "learned"`` it is the trained parameter (cast to ``dtype``)."""
         cfg = self.cfg
+        if self.loop_embed is not None:
+            return self.loop_embed.to(dtype)
         if torch.compiler.is_compiling():
             return loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale, device, dtype)
         key = (torch.device(device), dtype)
