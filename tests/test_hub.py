@@ -65,12 +65,12 @@ def test_every_config_field_is_known_to_a_format_version():
     assert max(FIELDS_ADDED) == FORMAT_VERSION
 
 
-@pytest.mark.parametrize("version", [0, 1, 2])
+@pytest.mark.parametrize("version", [0, 1, 2, 3])
 def test_old_format_files_migrate_by_the_documented_rule(tmp_path, version):
-    """A config.json of format 0 (no format_version, no loop_embed_scale), 1 (no recurrence-recipe fields) or 2
-    (no attn_window) loads the model those versions built: loop_embed_scale = 1, LTI injection, zero initial
-    state, out-norm, MoE, init depth from max_loop_iters, no attention window; other missing fields are still
-    errors."""
+    """A config.json of format 0 (no format_version, no loop_embed_scale), 1 (no recurrence-recipe fields), 2
+    (no attn_window) or 3 (no loop_embed, sandwich_norm) loads the model those versions built: loop_embed_scale
+    = 1, LTI injection, zero initial state, out-norm, MoE, init depth from max_loop_iters, no attention window,
+    the fixed loop table, pre-norm blocks; other missing fields are still errors."""
     model = OpenMythos(tiny_config(loop_embed_scale=1.0))
     model.save_pretrained(tmp_path)
     directory = tmp_path
@@ -160,3 +160,17 @@ def test_transformers_config_checks_missing_fields_too(saved):
     _edit_config(directory, lambda d: d.pop("n_experts"))
     with pytest.raises(ValueError, match="n_experts"):
         OpenMythosConfig.from_pretrained(directory)
+
+
+def test_recipe_options_with_their_own_parameters_round_trip(tmp_path):
+    """Parcae's full B and step, a learned loop table and the sandwich norms' gains are saved and loaded (no pickle)."""
+    model = OpenMythos(tiny_config(injection="parcae", loop_embed="learned", sandwich_norm=True)).eval()
+    with torch.no_grad():
+        for name in ("recurrent.injection.B", "recurrent.injection.dt_raw", "recurrent.loop_embed",
+                     "recurrent.block.ffn_out_norm.weight"):
+            p = model.get_parameter(name)
+            p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(tmp_path)
+    loaded = OpenMythos.from_pretrained(tmp_path)
+    ids = torch.randint(0, 97, (1, 6))
+    torch.testing.assert_close(loaded(ids, 3), model(ids, 3), rtol=0, atol=0)

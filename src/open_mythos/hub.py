@@ -4,7 +4,9 @@ a model card (``README.md``), and two shim modules that let
 ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` find our classes.
 
 config.json format versions (``format_version``):
-  3  every MythosConfig field is present (a missing one is an error, never a silent default).
+  4  every MythosConfig field is present (a missing one is an error, never a silent default).
+  3  before the learned loop embedding (``loop_embed``) and sandwich norms (``sandwich_norm``). Migration to 4:
+     ``FIELDS_ADDED[4]``.
   2  before sliding-window attention (``attn_window``) and the per-loop state norm (``state_norm``). Migration
      to 3: ``FIELDS_ADDED[3]``.
   1  before the recurrence-recipe fields (issue 27). Migration to 2: ``FIELDS_ADDED[2]``.
@@ -38,11 +40,12 @@ REMOTE_CODE = {
 }
 AUTO_MAP = {"AutoConfig": "configuration_open_mythos.OpenMythosConfig",
             "AutoModelForCausalLM": "modeling_open_mythos.OpenMythosForCausalLM"}
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FIELDS_ADDED = {  # format version -> the fields it added, at the values that reproduce older files' models
     1: {"loop_embed_scale": 1.0},  # before the field existed, the loop embedding had amplitude 1
     2: {"injection": "lti", "state_init": "zeros", "loop_out_norm": True, "recurrent_ffn": "moe", "init_loops": None},
     3: {"attn_window": None, "state_norm": False},  # every position saw its whole prefix; the state unnormalised
+    4: {"loop_embed": "sinusoid", "sandwich_norm": False},  # the fixed loop table; pre-norm blocks only
 }
 DIGEST_KEY = "open_mythos.sha256"  # safetensors metadata: sha256 of the tensors (tensor_digest)
 
