@@ -105,6 +105,19 @@ def test_train_mistakes_are_one_line_before_training(tmp_path, capsys):
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_override_mistakes_a_user_makes_are_one_line(tmp_path, capsys):
+    """A dotted key under a plain field (``steps.x=5``) used to raise TypeError with a traceback; an empty key
+    named nothing; ``data.task_args`` with a source other than ``task`` was silently ignored (a full run)."""
+    base = ["train", "--preset", "shakespeare-tiny", "--set", f"out_dir='{tmp_path}/run'"]
+    err = one_line_error(capsys, [*base, "--set", "steps.x=5"])
+    assert "steps.x" in err and "'steps'" in err
+    err = one_line_error(capsys, [*base, "--set", "=5"])
+    assert "'=5'" in err and "key=value" in err
+    err = one_line_error(capsys, [*base, "--set", "data.task_args.hops=3"])
+    assert "data.task_args" in err and "data.source" in err and "task" in err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_an_output_path_that_is_a_file_is_one_line(tmp_path, capsys):
     """--out / out_dir naming an existing file: one line naming it (they were FileExistsError / NotADirectoryError
     tracebacks)."""

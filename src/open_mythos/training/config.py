@@ -199,14 +199,18 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
-        key, value = item.split("=", 1)
+        key, eq, value = item.partition("=")
+        if not eq or not all(key.strip().split(".")):
+            raise ValueError(f"override {item!r} must look like key=value or section.field=value "
+                             "(e.g. steps=100, optim.muon_lr=0.01)")
         *path, last = key.strip().split(".")
         last = _new_key(".".join(path), last)
         node = tree
-        for part in path:
+        for depth, part in enumerate(path):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key.strip()!r}: {'.'.join(path[:depth + 1])!r} is a value, not a "
+                                 "section with fields")
         node[last] = _parse_value(value.strip())
     return tree
 
