@@ -93,6 +93,19 @@ def test_missing_model_dir_is_one_line(tmp_path, capsys, monkeypatch):
     assert serving  # imported: the [serve] extra is installed in this environment
 
 
+def test_a_run_directory_given_as_the_model_points_to_its_model(tmp_path, capsys):
+    """``--model runs/NAME`` (the run, not its ``model/``) is the likely slip after ``mythos train``: the error
+    names the directory to pass instead."""
+    from open_mythos import OpenMythos
+    from open_mythos.cli import demo_config
+
+    OpenMythos(demo_config()).save_pretrained(tmp_path / "run" / "model")
+    err = one_line_error(capsys, ["generate", "--model", str(tmp_path / "run"), "--prompt", "a"])
+    assert f"--model {tmp_path / 'run' / 'model'}" in err
+    err = one_line_error(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "a"])
+    assert "--model" not in err
+
+
 def test_train_mistakes_are_one_line_before_training(tmp_path, capsys):
     err = one_line_error(capsys, ["train"])
     assert "--preset NAME" in err and "shakespeare-tiny" in err
