@@ -463,6 +463,16 @@ def test_a_second_run_into_a_used_out_dir_needs_resume_or_overwrite(tmp_path, ca
     assert main([*args, "--resume", "--overwrite"]) == 2
 
 
+def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, capsys):
+    """--resume on an out_dir with no complete checkpoint (a typo in out_dir, a run killed before its first
+    save) trains from scratch: it says so, rather than looking like a resumed run."""
+    trainer = Trainer(load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=1")),
+                      resume=True, progress=False)
+    assert trainer.step == 0
+    out = capsys.readouterr().out
+    assert f"no complete checkpoint in {tmp_path / 'run'}" in out and "step 0" in out
+
+
 def test_activation_checkpointing_trains_identically(tmp_path):
     """The recomputation in backward re-runs the MoE; its expert load is counted once, so the router bias
     after 3 steps (and every weight) is the same with activation checkpointing on or off."""
