@@ -93,6 +93,16 @@ def test_missing_model_dir_is_one_line(tmp_path, capsys, monkeypatch):
     assert serving  # imported: the [serve] extra is installed in this environment
 
 
+def test_a_misspelt_config_key_gets_the_nearest_names(tmp_path, capsys):
+    base = ["train", "--preset", "shakespeare-tiny", "--set", f"out_dir='{tmp_path}/run'"]
+    err = one_line_error(capsys, [*base, "--set", "stepz=5"])
+    assert "stepz" in err and "did you mean steps?" in err
+    err = one_line_error(capsys, [*base, "--set", "model.dimm=64"])
+    assert "[model]: dimm" in err and "did you mean dim?" in err
+    err = one_line_error(capsys, [*base, "--set", "zzzz=1"])
+    assert "did you mean" not in err
+
+
 def test_a_run_directory_given_as_the_model_points_to_its_model(tmp_path, capsys):
     """``--model runs/NAME`` (the run, not its ``model/``) is the likely slip after ``mythos train``: the error
     names the directory to pass instead."""

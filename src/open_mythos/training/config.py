@@ -11,6 +11,7 @@ Every field is validated; unknown keys raise ``ValueError`` naming them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import warnings
@@ -219,7 +220,7 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
     top_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(tree) - top_fields)
     if unknown:
-        raise ValueError(f"unknown training config key(s): {', '.join(unknown)}")
+        raise ValueError(f"unknown training config key(s): {', '.join(unknown)}{_nearest(unknown, top_fields)}")
     kwargs: dict[str, Any] = {}
     for key, value in tree.items():
         if key in SECTIONS:
@@ -230,11 +231,17 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
             names = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(value) - names)
             if bad:
-                raise ValueError(f"unknown field(s) in [{key}]: {', '.join(bad)}")
+                raise ValueError(f"unknown field(s) in [{key}]: {', '.join(bad)}{_nearest(bad, names)}")
             kwargs[key] = MythosConfig.from_dict(value) if cls is MythosConfig else cls(**value)
         else:
             kwargs[key] = value
     return TrainConfig(**kwargs)
+
+
+def _nearest(unknown: list[str], known: set[str]) -> str:
+    """`` (did you mean steps?)`` for misspelt keys, or nothing."""
+    near = [m for key in unknown for m in difflib.get_close_matches(key, sorted(known), n=1)]
+    return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
 def _new_key(section: str, key: str) -> str:
