@@ -61,6 +61,15 @@ def test_config_presets_overrides_and_errors(tmp_path):
     assert cfg.steps == 3 and cfg.optim.adamw_lr == 0.001 and cfg.model.dim == 128
 
 
+@pytest.mark.parametrize("override,field", [("eval_every=-1", "eval_every"), ("ckpt_every=-5", "ckpt_every"),
+                                            ("sample_tokens=-1", "sample_tokens"), ("out_dir=''", "out_dir")])
+def test_negative_intervals_and_an_empty_out_dir_are_refused(override, field):
+    """eval_every=-1 passed validation and evaluated at every step (n % -1 == 0); out_dir='' meant the current
+    directory."""
+    with pytest.raises(ValueError, match=field):
+        load_config("shakespeare-tiny", overrides=[override])
+
+
 def test_trainer_end_to_end(tmp_path):
     cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=30", "eval_every=10",
                                                                    "sweep_loops=[1, 4]"))

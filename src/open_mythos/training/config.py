@@ -140,6 +140,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir must name a directory (e.g. runs/my-run), got an empty string")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.precision not in PRECISIONS:
