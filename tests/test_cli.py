@@ -93,6 +93,29 @@ def test_missing_model_dir_is_one_line(tmp_path, capsys, monkeypatch):
     assert serving  # imported: the [serve] extra is installed in this environment
 
 
+def test_a_misspelt_config_key_gets_the_nearest_names(tmp_path, capsys):
+    base = ["train", "--preset", "shakespeare-tiny", "--set", f"out_dir='{tmp_path}/run'"]
+    err = one_line_error(capsys, [*base, "--set", "stepz=5"])
+    assert "stepz" in err and "did you mean steps?" in err
+    err = one_line_error(capsys, [*base, "--set", "model.dimm=64"])
+    assert "[model]: dimm" in err and "did you mean dim?" in err
+    err = one_line_error(capsys, [*base, "--set", "zzzz=1"])
+    assert "did you mean" not in err
+
+
+def test_a_run_directory_given_as_the_model_points_to_its_model(tmp_path, capsys):
+    """``--model runs/NAME`` (the run, not its ``model/``) is the likely slip after ``mythos train``: the error
+    names the directory to pass instead."""
+    from open_mythos import OpenMythos
+    from open_mythos.cli import demo_config
+
+    OpenMythos(demo_config()).save_pretrained(tmp_path / "run" / "model")
+    err = one_line_error(capsys, ["generate", "--model", str(tmp_path / "run"), "--prompt", "a"])
+    assert f"--model {tmp_path / 'run' / 'model'}" in err
+    err = one_line_error(capsys, ["generate", "--model", str(tmp_path / "nope"), "--prompt", "a"])
+    assert "--model" not in err
+
+
 def test_train_mistakes_are_one_line_before_training(tmp_path, capsys):
     err = one_line_error(capsys, ["train"])
     assert "--preset NAME" in err and "shakespeare-tiny" in err
@@ -102,6 +125,19 @@ def test_train_mistakes_are_one_line_before_training(tmp_path, capsys):
     err = one_line_error(capsys, [*base, "--set", "data.source=files", "--set", "data.path=nope/"])
     assert "'nope'" in err and "data.path" in err
     assert "steps must be >= 1" in one_line_error(capsys, [*base, "--set", "steps=0"])
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_override_mistakes_a_user_makes_are_one_line(tmp_path, capsys):
+    """A dotted key under a plain field (``steps.x=5``) used to raise TypeError with a traceback; an empty key
+    named nothing; ``data.task_args`` with a source other than ``task`` was silently ignored (a full run)."""
+    base = ["train", "--preset", "shakespeare-tiny", "--set", f"out_dir='{tmp_path}/run'"]
+    err = one_line_error(capsys, [*base, "--set", "steps.x=5"])
+    assert "steps.x" in err and "'steps'" in err
+    err = one_line_error(capsys, [*base, "--set", "=5"])
+    assert "'=5'" in err and "key=value" in err
+    err = one_line_error(capsys, [*base, "--set", "data.task_args.hops=3"])
+    assert "data.task_args" in err and "data.source" in err and "task" in err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 

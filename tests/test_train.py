@@ -61,6 +61,15 @@ def test_config_presets_overrides_and_errors(tmp_path):
     assert cfg.steps == 3 and cfg.optim.adamw_lr == 0.001 and cfg.model.dim == 128
 
 
+@pytest.mark.parametrize("override,field", [("eval_every=-1", "eval_every"), ("ckpt_every=-5", "ckpt_every"),
+                                            ("sample_tokens=-1", "sample_tokens"), ("out_dir=''", "out_dir")])
+def test_negative_intervals_and_an_empty_out_dir_are_refused(override, field):
+    """eval_every=-1 passed validation and evaluated at every step (n % -1 == 0); out_dir='' meant the current
+    directory."""
+    with pytest.raises(ValueError, match=field):
+        load_config("shakespeare-tiny", overrides=[override])
+
+
 def test_trainer_end_to_end(tmp_path):
     cfg = load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=30", "eval_every=10",
                                                                    "sweep_loops=[1, 4]"))
@@ -461,6 +470,16 @@ def test_a_second_run_into_a_used_out_dir_needs_resume_or_overwrite(tmp_path, ca
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000001"]
     assert (run / "notes.txt").read_text() == "mine"  # only the run's own outputs are deleted
     assert main([*args, "--resume", "--overwrite"]) == 2
+
+
+def test_resume_without_a_checkpoint_says_it_starts_at_step_0(tmp_path, capsys):
+    """--resume on an out_dir with no complete checkpoint (a typo in out_dir, a run killed before its first
+    save) trains from scratch: it says so, rather than looking like a resumed run."""
+    trainer = Trainer(load_config("shakespeare-tiny", overrides=tiny_overrides(tmp_path, "steps=1")),
+                      resume=True, progress=False)
+    assert trainer.step == 0
+    out = capsys.readouterr().out
+    assert f"no complete checkpoint in {tmp_path / 'run'}" in out and "step 0" in out
 
 
 def test_activation_checkpointing_trains_identically(tmp_path):

@@ -63,6 +63,9 @@ def load_model(args: argparse.Namespace):
         return OpenMythos(demo_config()).to(device=device, dtype=dtype).eval(), ByteTokenizer()
     if not args.model:
         raise ValueError("give --model DIR (a save_pretrained / training run's model directory) or --demo")
+    inner = Path(args.model) / "model"
+    if not (Path(args.model) / "config.json").is_file() and (inner / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model} is a training run, not a saved model: pass --model {inner}")
     model = OpenMythos.from_pretrained(args.model, device=device, dtype=dtype)
     return model, tokenizer_for(args.model, model.cfg.vocab_size)
 

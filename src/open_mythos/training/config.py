@@ -11,6 +11,7 @@ Every field is validated; unknown keys raise ``ValueError`` naming them.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import sys
 import warnings
@@ -139,6 +140,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_batches", "keep_last", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "ckpt_every", "sample_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.out_dir.strip():
+            raise ValueError("out_dir must name a directory (e.g. runs/my-run), got an empty string")
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size ({self.batch_size}) must be divisible by grad_accum ({self.grad_accum})")
         if self.precision not in PRECISIONS:
@@ -199,14 +205,18 @@ def _parse_value(text: str) -> Any:
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r} must look like section.field=value")
-        key, value = item.split("=", 1)
+        key, eq, value = item.partition("=")
+        if not eq or not all(key.strip().split(".")):
+            raise ValueError(f"override {item!r} must look like key=value or section.field=value "
+                             "(e.g. steps=100, optim.muon_lr=0.01)")
         *path, last = key.strip().split(".")
         last = _new_key(".".join(path), last)
         node = tree
-        for part in path:
+        for depth, part in enumerate(path):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {key.strip()!r}: {'.'.join(path[:depth + 1])!r} is a value, not a "
+                                 "section with fields")
         node[last] = _parse_value(value.strip())
     return tree
 
@@ -215,7 +225,7 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
     top_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(tree) - top_fields)
     if unknown:
-        raise ValueError(f"unknown training config key(s): {', '.join(unknown)}")
+        raise ValueError(f"unknown training config key(s): {', '.join(unknown)}{_nearest(unknown, top_fields)}")
     kwargs: dict[str, Any] = {}
     for key, value in tree.items():
         if key in SECTIONS:
@@ -226,11 +236,17 @@ def config_from_dict(tree: dict[str, Any]) -> TrainConfig:
             names = {f.name for f in dataclasses.fields(cls)}
             bad = sorted(set(value) - names)
             if bad:
-                raise ValueError(f"unknown field(s) in [{key}]: {', '.join(bad)}")
+                raise ValueError(f"unknown field(s) in [{key}]: {', '.join(bad)}{_nearest(bad, names)}")
             kwargs[key] = MythosConfig.from_dict(value) if cls is MythosConfig else cls(**value)
         else:
             kwargs[key] = value
     return TrainConfig(**kwargs)
+
+
+def _nearest(unknown: list[str], known: set[str]) -> str:
+    """`` (did you mean steps?)`` for misspelt keys, or nothing."""
+    near = [m for key in unknown for m in difflib.get_close_matches(key, sorted(known), n=1)]
+    return f" (did you mean {', '.join(near)}?)" if near else ""
 
 
 def _new_key(section: str, key: str) -> str:

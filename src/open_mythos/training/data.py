@@ -66,6 +66,9 @@ class DataConfig:
             raise ValueError(f"data.task must be one of {sorted(TASKS)}, got {self.task!r}")
         if not isinstance(self.task_args, dict):
             raise ValueError(f"data.task_args must be a table, got {self.task_args!r}")
+        if self.source != "task" and self.task_args:
+            raise ValueError(f"data.task_args is read only when data.source = 'task' (here {self.source!r}): "
+                             "add --set data.source=task --set data.task=NAME, or drop data.task_args")
         if self.source == "files" and not self.path:
             raise ValueError("data.path is required when data.source = 'files'")
         if self.source != "files" and self.path is not None:

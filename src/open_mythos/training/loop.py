@@ -118,6 +118,7 @@ class Trainer:
             self._restore(ckpt)
         elif resume:  # nothing to continue from: records of an attempt killed before its first checkpoint go
             self._truncate_metrics(0)
+            self._log(f"--resume: no complete checkpoint in {self.run_dir}: starting at step 0")
         self.graphs = StepGraphs(self) if self.step_graph else None
 
     # ------------------------------------------------------------------ setup
