@@ -26,6 +26,7 @@ BAD = [
     (dict(kv_lora_rank=0), "kv_lora_rank"),
     (dict(injection="additive"), "injection"),
     (dict(loop_embed="table"), "loop_embed"),
+    (dict(init_std=2.0), "init_std"),
     (dict(state_init="ones"), "state_init"),
     (dict(recurrent_ffn="swiglu"), "recurrent_ffn"),
     (dict(init_loops=0), "init_loops"),

@@ -192,3 +192,20 @@ def test_dense_bound_equals_the_moe_when_every_token_picks_the_first_experts(mon
     torch.testing.assert_close(gx_bound, gx)
     for name in ("w1", "w2", "w3", "router.weight"):
         torch.testing.assert_close(gp_bound[name], gp[name])
+
+
+def test_gates_stay_finite_where_every_chosen_score_underflows():
+    """Router logits below ~-104 give sigmoid scores of exactly 0 in fp32; the gates are still s_i / sum_j s_j of the
+    exact scores (computed here in fp64), not 0/0 = NaN (found by the config property test at init_std = 102)."""
+    moe = MoE(tiny_config(n_experts=4, n_experts_per_tok=2))
+    dim = moe.router.weight.shape[1]
+    logits = torch.tensor([-200.0, -300.0, -200.5, -250.0])
+    with torch.no_grad():
+        for p in moe.parameters():
+            torch.nn.init.normal_(p, std=0.2)
+        moe.router.weight.copy_(logits[:, None].expand(4, dim) / dim)
+    x = torch.ones(3, dim)
+    ids, gates = moe.route(x)
+    exact = torch.sigmoid(logits.double())[ids]
+    torch.testing.assert_close(gates.double(), exact / exact.sum(-1, keepdim=True))
+    assert torch.isfinite(moe(x)).all()

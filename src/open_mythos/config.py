@@ -177,8 +177,8 @@ class MythosConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if not self.loop_embed_scale >= 0:
             raise ValueError(f"loop_embed_scale must be >= 0, got {self.loop_embed_scale}")
-        if not self.init_std > 0:
-            raise ValueError(f"init_std must be > 0, got {self.init_std}")
+        if not 0 < self.init_std <= 1:  # N(0, init_std^2) weights; far above 1 the first forward overflows fp32
+            raise ValueError(f"init_std must be in (0, 1] (the initial weights' std), got {self.init_std}")
         if self.dense_ffn_dim is not None:
             _positive(self, "dense_ffn_dim")
         if self.attn_window is not None:

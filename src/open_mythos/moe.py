@@ -151,16 +151,18 @@ class MoE(nn.Module):
         return n_tokens * self.top_k <= self.gather_max_assignments
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert ids (N, k) chosen with the bias, and their gates (N, k) without it."""
-        scores = torch.sigmoid(self.router(x).float())
+        """Top-k expert ids (N, k) chosen with the bias, and their gates (N, k) without it: the chosen experts'
+        sigmoid scores normalised to sum 1, g_i = s_i / sum_j s_j, computed as a softmax of log s over the k
+        (finite even where every chosen s_j underflows to 0, which the plain quotient turns into 0/0)."""
+        logits = self.router(x).float()
+        scores = torch.sigmoid(logits)
         biased = scores + self.router_bias
         if torch.compiler.is_compiling() and self._few(x.shape[0]):
             expert_ids = topk_by_rank(biased, self.top_k)  # decoding: one fused kernel instead of a sort
         else:
             # the gates need no order: skip the sort
             expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices
-        gates = scores.gather(-1, expert_ids)
-        return expert_ids, gates / gates.sum(-1, keepdim=True)
+        return expert_ids, torch.softmax(F.logsigmoid(logits).gather(-1, expert_ids), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
