@@ -360,3 +360,18 @@ def test_learned_loop_embedding_starts_as_the_sinusoid_and_trains():
     model(torch.randint(0, cfg.vocab_size, (2, 6)), cfg.max_loop_iters + 2).float().pow(2).mean().backward()
     assert table.grad is not None and table.grad.abs().sum(-1).gt(0).all()  # every row used (the last clamped)
     assert any(p is table for _, p in param_groups(model)["adamw_no_decay"])
+
+
+@pytest.mark.parametrize("recipe", [dict(loop_embed="learned"), dict(injection="parcae", sandwich_norm=True)])
+def test_new_recipe_parameters_take_the_default_dtype(recipe):
+    """Built under a bf16 default dtype (what AutoModelForCausalLM.from_pretrained(dtype=torch.bfloat16) does),
+    every parameter is bf16: one fp32 parameter left among bf16 ones breaks FSDP2 (fully_shard wants one dtype
+    per group)."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        model = OpenMythos(tiny_config(**recipe))
+    finally:
+        torch.set_default_dtype(old)
+    assert {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == {}
+

@@ -235,9 +235,10 @@ class RecurrentBlock(nn.Module):
         self.block = TransformerBlock(cfg, use_moe=cfg.recurrent_ffn == "moe", sandwich_norm=cfg.sandwich_norm)
         self.injection = INJECTION_CLASSES[cfg.injection](cfg.dim) if cfg.injection in INJECTION_CLASSES \
             else ResidualInjection()
-        # cfg.loop_embed = "learned": the loop-index table is a parameter, started as the sinusoid
+        # cfg.loop_embed = "learned": the loop-index table is a parameter, started as the sinusoid (computed in
+        # fp32, held in the default dtype like every other parameter)
         self.loop_embed = nn.Parameter(loop_embeddings(cfg.max_loop_iters, cfg.dim, cfg.loop_embed_scale,
-                                                       torch.get_default_device(), torch.float32)) \
+                                                       torch.get_default_device(), torch.get_default_dtype())) \
             if cfg.loop_embed == "learned" else None
         self.act = ACTHalting(cfg.dim, cfg.act_threshold)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters, cfg.norm_eps, cfg.init_std) \
