@@ -375,3 +375,11 @@ def test_new_recipe_parameters_take_the_default_dtype(recipe):
         torch.set_default_dtype(old)
     assert {n: p.dtype for n, p in model.named_parameters() if p.dtype != torch.bfloat16} == {}
 
+
+def test_flops_count_the_parcae_injections_full_B():
+    """Parcae's B is a (dim, dim) matmul every loop: 2 dim^2 forward FLOPs per token per loop, x3 in training."""
+    from open_mythos.flops import flops_per_token
+
+    cfg = tiny_config()
+    lti, parcae = (flops_per_token(tiny_config(injection=i), 10, 5) for i in ("lti", "parcae"))
+    assert parcae - lti == 3 * 2 * 5 * cfg.dim ** 2
