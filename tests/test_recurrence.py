@@ -383,3 +383,13 @@ def test_flops_count_the_parcae_injections_full_B():
     cfg = tiny_config()
     lti, parcae = (flops_per_token(tiny_config(injection=i), 10, 5) for i in ("lti", "parcae"))
     assert parcae - lti == 3 * 2 * 5 * cfg.dim ** 2
+
+
+def test_flops_count_one_depth_lora_adapter_per_loop():
+    """A loop runs one (D_t, U_t) pair of the max_loop_iters stacked ones: 2 * 2 rank dim forward FLOPs per token
+    per loop (all the stack was counted: max_loop_iters times too many)."""
+    from open_mythos.flops import flops_per_token
+
+    cfg = tiny_config(lora_rank=4, max_loop_iters=6)
+    with_lora, without = (flops_per_token(tiny_config(lora_rank=r, max_loop_iters=6), 10, 5) for r in (4, 0))
+    assert with_lora - without == 3 * 2 * 5 * 2 * cfg.lora_rank * cfg.dim

@@ -7,7 +7,7 @@ Forward FLOPs per token, for a sequence of T tokens run with L loops:
 
 * P_stages: matmul weights of the Prelude and Coda blocks (attention projections + dense FFN)
 * P_loop:   weights a token touches in one recurrent iteration: attention projections, router,
-            shared experts, k of the E routed experts, depth-wise LoRA, the injection's B where it is a
+            shared experts, k of the E routed experts, one depth-wise LoRA adapter, the injection's B where it is a
             full matrix (``injection="parcae"``)
 * P_head:   the LM head (vocab x dim); the embedding lookup costs no FLOPs
 * attention: q.k and p.v for H heads over on average (T+1)/2 keys (causal)
@@ -35,7 +35,8 @@ def flops_per_token(cfg: MythosConfig, seq_len: int, n_loops: int, training: boo
     ffn = model.recurrent.block.ffn  # routed experts: k of E run per token; a dense FFN (recurrent_ffn) runs whole
     routed = ffn.w1.numel() + ffn.w2.numel() + ffn.w3.numel() if cfg.recurrent_ffn == "moe" else 0
     loop = (_matmul_params(model.recurrent.block) - routed + routed * cfg.n_experts_per_tok // cfg.n_experts
-            + (_matmul_params(model.recurrent.lora) if model.recurrent.lora is not None else 0)
+            + (_matmul_params(model.recurrent.lora) // cfg.max_loop_iters  # one loop's adapter of the stack
+               if model.recurrent.lora is not None else 0)
             + _matmul_params(model.recurrent.injection))  # injection="parcae": the full B (dim, dim)
     head = cfg.vocab_size * cfg.dim
     if cfg.attn_type == "mla":
