@@ -393,3 +393,13 @@ def test_flops_count_one_depth_lora_adapter_per_loop():
     cfg = tiny_config(lora_rank=4, max_loop_iters=6)
     with_lora, without = (flops_per_token(tiny_config(lora_rank=r, max_loop_iters=6), 10, 5) for r in (4, 0))
     assert with_lora - without == 3 * 2 * 5 * 2 * cfg.lora_rank * cfg.dim
+
+
+def test_recipe_parameters_land_in_adamw_without_decay():
+    """Parcae's B (a full matrix started at I: neither Muon's nor weight decay's), its steps and the sandwich norms."""
+    from open_mythos.training.optim import param_groups
+
+    model = OpenMythos(tiny_config(injection="parcae", sandwich_norm=True))
+    names = {n for n, _ in param_groups(model)["adamw_no_decay"]}
+    assert {"recurrent.injection.B", "recurrent.injection.dt_raw", "recurrent.injection.log_A",
+            "recurrent.block.attn_out_norm.weight", "recurrent.block.ffn_out_norm.weight"} <= names

@@ -7,7 +7,9 @@ Parameter groups (``param_groups``), explicit and tested:
 * ``muon_experts`` stacked routed-expert weights (E, out, in) -> :class:`BatchedMuon` (one Newton-Schulz
   orthogonalisation per expert, batched)
 * ``adamw``       depth-wise LoRA (3-D stacks) and an untied LM head, with weight decay
-* ``adamw_no_decay`` embeddings, norms, biases, router, LTI injection (log_A, log_dt, B), ACT unit
+* ``adamw_no_decay`` embeddings (and the learned loop table), norms (and the sandwich norms), biases, router,
+  the injection (LTI: log_A, log_dt, B; Parcae: log_A, dt_raw and its full B, which weight decay would pull
+  from the identity it starts at towards 0), ACT unit
 """
 
 from __future__ import annotations
