@@ -132,3 +132,24 @@ def test_stages_compose_into_the_forward():
             h = model.iterate(h, e, torch.full((3,), t), rope)  # one index per row (here all equal)
         logits = model.coda_logits(model.readout(h), rope)
         torch.testing.assert_close(logits, model(ids, n), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_row_loop_indices_read_the_learned_table_and_clamp(dtype):
+    """iterate with one loop index per row (the engine's call) equals each row's own int-index call for a trained
+    loop table and Parcae injection, rows past max_loop_iters reading the last row of the table."""
+    model = OpenMythos(tiny_config(injection="parcae", loop_embed="learned", sandwich_norm=True, lora_rank=0)).eval()
+    with torch.no_grad():  # no LoRA: the table is the only thing that depends on the loop index
+        model.recurrent.loop_embed.normal_()
+        model.recurrent.injection.B.add_(torch.randn_like(model.recurrent.injection.B) * 0.1)
+    model.to(dtype)
+    rope = model.rope(torch.arange(5))
+    h, e = torch.randn(4, 5, model.cfg.dim, dtype=dtype), torch.randn(4, 5, model.cfg.dim, dtype=dtype)
+    t = torch.tensor([0, 1, model.cfg.max_loop_iters - 1, model.cfg.max_loop_iters + 4])
+    with torch.no_grad():
+        rows = model.iterate(h, e, t, rope)
+        for i, ti in enumerate(t.tolist()):
+            torch.testing.assert_close(rows[i:i + 1], model.iterate(h[i:i + 1], e[i:i + 1], ti, rope))
+        assert not torch.allclose(rows[3:], model.iterate(h[3:], e[3:], 0, rope))  # the table is read, not row 0
+        last = torch.tensor([model.cfg.max_loop_iters - 1])
+        torch.testing.assert_close(rows[3:], model.iterate(h[3:], e[3:], last, rope))  # clamped to the last row
