@@ -162,7 +162,7 @@ class MoE(nn.Module):
         else:
             # the gates need no order: skip the sort
             expert_ids = torch.topk(biased, self.top_k, dim=-1, sorted=False).indices
-        return expert_ids, torch.softmax(F.logsigmoid(logits).gather(-1, expert_ids), dim=-1)
+        return expert_ids, torch.softmax(F.logsigmoid(logits.gather(-1, expert_ids)), dim=-1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -38,30 +38,47 @@ from .layers import Linear, RMSNorm, sinusoid
 from .moe import MoE
 
 
-class LTIInjection(nn.Module):
-    """h_{t+1} = A h_t + B_disc e + transformer_out, with ρ(A) < 1 for any log_A, log_dt."""
+class ZOHDecay(nn.Module):
+    """The diagonal decay the contracting injections share: the system dh/dτ = -exp(log_A) h discretised by a
+    zero-order hold with step Δ gives A = exp(-Δ exp(log_A)), every entry in [0, 1). Subclasses give log Δ."""
 
     def __init__(self, dim: int):
         super().__init__()
         # decay rates exp(log_A) spread over [0.5, 2] (A in [0.14, 0.61]): channels start with different,
         # short memories, so the state settles within a few loops instead of growing for ~10
         self.log_A = nn.Parameter(torch.linspace(math.log(0.5), math.log(2.0), dim))
-        self.log_dt = nn.Parameter(torch.zeros(1))  # shape (1,), not a scalar: FSDP2 shards 1-D+
-        self.B = nn.Parameter(torch.ones(dim))
+
+    def log_step(self) -> torch.Tensor:
+        """log Δ, fp32, of shape (1,) or (dim,)."""
+        raise NotImplementedError
 
     def get_A(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Diagonal of the discrete transition matrix A, shape (dim,); ρ(A) = max_i |A_ii|.
 
-        Computed in fp32 as  A = c * exp(-exp(log_dt + log_A)) with c = 1 - eps(dtype)/2, the largest
-        value below 1 that ``dtype`` can represent, so that rounding to ``dtype`` can never reach 1.
+        Computed in fp32 as  A = c * exp(-exp(log Δ + log_A)) with c = 1 - eps(dtype)/2, the largest
+        value below 1 that ``dtype`` can represent, so that rounding to ``dtype`` can never reach 1; the rate is
+        summed in log space, so no parameter values give 0 * inf.
         """
         dtype = dtype or self.log_A.dtype
         cap = 1.0 - torch.finfo(dtype).eps / 2
-        rate = torch.exp(self.log_dt.float() + self.log_A.float())
+        rate = torch.exp(self.log_step() + self.log_A.float())
         return (cap * torch.exp(-rate)).to(dtype)
 
     def spectral_radius(self, dtype: torch.dtype | None = None) -> float:
         return self.get_A(dtype).abs().max().item()
+
+
+class LTIInjection(ZOHDecay):
+    """h_{t+1} = A h_t + B_disc e + transformer_out, with ρ(A) < 1 for any log_A, log_dt: one learned step
+    Δt = exp(log_dt) for every channel, B_disc = Δt B with B diagonal."""
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.log_dt = nn.Parameter(torch.zeros(1))  # shape (1,), not a scalar: FSDP2 shards 1-D+
+        self.B = nn.Parameter(torch.ones(dim))
+
+    def log_step(self) -> torch.Tensor:
+        return self.log_dt.float()
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
         A = self.get_A(h.dtype)
@@ -69,15 +86,14 @@ class LTIInjection(nn.Module):
         return A * h + B * e + transformer_out
 
 
-class ParcaeInjection(nn.Module):
+class ParcaeInjection(ZOHDecay):
     """Parcae's constrained injection: h_{t+1} = A h_t + Δ ⊙ (B e) + transformer_out, with a per-channel step
     Δ = softplus(δ) (D,), A = exp(-Δ ⊙ exp(log_A)) (diagonal, every entry in [0, 1)) and a full B (D, D)
     started at the identity. Against ``LTIInjection``: one step per channel instead of one shared Δt, through
     softplus instead of exp, and B mixes the channels of e. At init Δ = 1, so A and B match LTIInjection's."""
 
     def __init__(self, dim: int):
-        super().__init__()
-        self.log_A = nn.Parameter(torch.linspace(math.log(0.5), math.log(2.0), dim))
+        super().__init__(dim)
         self.dt_raw = nn.Parameter(torch.full((dim,), math.log(math.e - 1)))  # softplus(dt_raw) = 1
         self.B = nn.Parameter(torch.eye(dim))
 
@@ -90,16 +106,6 @@ class ParcaeInjection(nn.Module):
         where softplus(x) = exp(x) to fp32 precision and would underflow to 0 further down)."""
         x = self.dt_raw.float()
         return torch.where(x < -20, x, torch.log(nn.functional.softplus(x.clamp(min=-20))))
-
-    def get_A(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Diagonal of A, (dim,): c * exp(-exp(log Δ + log_A)) with c = 1 - eps(dtype)/2 (see LTIInjection.get_A);
-        the rate is summed in log space, so no parameter values give 0 * inf."""
-        dtype = dtype or self.log_A.dtype
-        cap = 1.0 - torch.finfo(dtype).eps / 2
-        return (cap * torch.exp(-torch.exp(self.log_step() + self.log_A.float()))).to(dtype)
-
-    def spectral_radius(self, dtype: torch.dtype | None = None) -> float:
-        return self.get_A(dtype).abs().max().item()
 
     def forward(self, h: torch.Tensor, e: torch.Tensor, transformer_out: torch.Tensor) -> torch.Tensor:
         injected = nn.functional.linear(e, self.B.to(e.dtype)) * self.step().to(e.dtype)
